@@ -1,0 +1,292 @@
+r"""Spectral measures of a Gram matrix: spectrum, truncated condition number, energy.
+
+Source: Liao, Drummond, Reid, Carneiro, "Approximate Fisher Information Matrix to
+Characterise the Training of Deep Neural Networks", IEEE TPAMI 42(1), 2020,
+arXiv 1810.06767.
+
+For the Gram matrix :math:`G_k = J_k J_k^\top` of iteration k (batch size :math:`B_k`,
+learning rate :math:`\alpha_k`):
+
+* truncated condition number (``convention="fisher"``, the default)
+
+  .. math:: c_k = \frac{\lambda_{\max}(G_k)}{\lambda_{\min}^{+}(G_k)},\qquad
+            \lambda_{\min}^{+} = \min\{\lambda_i : \lambda_i > \mathrm{rtol}\cdot\lambda_{\max}\},
+
+  with :math:`\mathrm{rtol} = B\cdot\varepsilon` of the per-sample gradients' dtype by
+  default (the ``matrix_rank`` rule). ``convention="jacobian"`` returns
+  :math:`\sqrt{c_k}`, the ratio of singular values of :math:`J_k` that the authors'
+  released code logs;
+* energy :math:`\operatorname{Tr} G_k = \|J_k\|_F^2` and the weighted energy term
+
+  .. math:: I_k = \frac{\alpha_k}{B_k}\sqrt{\operatorname{Tr} G_k}.
+
+Eigenvalues are computed in float64 whatever the Gram's dtype, where the backend has
+float64. JAX has it only with ``jax_enable_x64`` switched on; without it the core computes
+in float32 and says nothing (no warning is emitted; enable x64 for float64 results).
+Results stay in the caller's namespace and on the caller's device as 0-D or 1-D arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+
+from ._namespace import (
+    check_gram,
+    check_nonnegative_number,
+    check_positive_int,
+    check_values,
+    compute_dtype,
+    default_int_dtype,
+    eps_of,
+    is_concrete,
+    resolve_namespace,
+)
+
+__all__ = [
+    "default_rtol",
+    "energy",
+    "spectrum",
+    "truncated_condition_number",
+    "weighted_energy",
+]
+
+CONVENTIONS = ("fisher", "jacobian")
+
+
+def default_rtol(batch_size: int, dtype: Any, *, xp: Any = None) -> float:
+    r"""Default truncation tolerance :math:`\mathrm{rtol} = B\cdot\varepsilon(\text{dtype})`.
+
+    Eigenvalues at or below :math:`\mathrm{rtol}\cdot\lambda_{\max}` are treated as zero
+    (the ``matrix_rank`` rule). Pass the dtype of the per-sample *gradients*: a float64
+    Gram built from float32 gradients cannot resolve eigenvalues below float32's eps.
+
+    Args:
+        batch_size: B, the size of the Gram matrix.
+        dtype: a real floating dtype of any array library (numpy, torch, jax, ...).
+        xp: optional namespace whose ``finfo`` understands ``dtype``.
+
+    Returns:
+        B·eps(dtype) as a Python float.
+
+    Raises:
+        TypeError: if ``dtype`` is not a real floating dtype, or ``batch_size`` not an int.
+        ValueError: if ``batch_size`` < 1 or B·eps >= 1 (no eigenvalue could pass).
+
+    Example:
+        >>> import numpy as np
+        >>> from fimcore import default_rtol
+        >>> default_rtol(1, np.float64) == float(np.finfo(np.float64).eps)
+        True
+        >>> default_rtol(128, np.float32) == 128 * float(np.finfo(np.float32).eps)
+        True
+    """
+    batch_size = check_positive_int(batch_size, name="batch_size")
+    value = batch_size * eps_of(dtype, xp)
+    if value >= 1:
+        raise ValueError(
+            f"the default rtol = B·eps must be < 1; received B = {batch_size} with "
+            f"eps({dtype}) giving {value:.3g}. Use gradients of a wider dtype (float32 or "
+            "float64) or pass an explicit rtol."
+        )
+    return value
+
+
+def spectrum(gram: Any, /, *, xp: Any = None) -> Any:
+    r"""Eigenvalues of a Gram matrix, ascending, in float64, clamped at 0.
+
+    Args:
+        gram: symmetric (B, B) Gram matrix :math:`G = J J^\top` of any array library.
+        xp: array namespace; resolved from ``gram`` when None.
+
+    Returns:
+        A 1-D array of the B eigenvalues :math:`0 \le \lambda_1 \le \dots \le \lambda_B`
+        (float64; float32 in JAX without x64), in the Gram's namespace and device.
+
+    Raises:
+        ValueError: if ``gram`` is not 2-D or not square, holds NaN/inf, is asymmetric
+            beyond rounding (``max|G - Gᵀ| > sqrt(eps)·max|G|``), or has a negative diagonal.
+        TypeError: if its dtype is not real floating.
+
+    Example:
+        >>> import numpy as np
+        >>> from fimcore import spectrum
+        >>> spectrum(np.array([[2.0, 1.0], [1.0, 2.0]]))
+        array([1., 3.])
+    """
+    xp = resolve_namespace(gram, xp=xp)
+    check_gram(gram, xp)
+    check_values(gram, xp)
+    return _spectrum(gram, xp=xp)
+
+
+def truncated_condition_number(
+    gram: Any,
+    /,
+    *,
+    rtol: float | None = None,
+    convention: str = "fisher",
+    grad_dtype: Any = None,
+    xp: Any = None,
+) -> Any:
+    r"""Truncated condition number :math:`c_k = \lambda_{\max}/\lambda_{\min}^{+}` of a Gram.
+
+    Args:
+        gram: symmetric (B, B) Gram matrix.
+        rtol: eigenvalues :math:`\le \mathrm{rtol}\cdot\lambda_{\max}` count as zero;
+            ``0 <= rtol < 1``. Default :func:`default_rtol` (B, ``grad_dtype``).
+        convention: ``"fisher"`` for the eigenvalue ratio of G (the seeds' formula) or
+            ``"jacobian"`` for its square root (singular values of J).
+        grad_dtype: dtype of the per-sample gradients G was built from (sets the default
+            rtol); defaults to the Gram's dtype.
+        xp: array namespace; resolved from ``gram`` when None.
+
+    Returns:
+        A 0-D float64 array, :math:`c_k \ge 1`; B = 1 gives 1. Under ``jax.jit`` an
+        undefined value (all-zero Gram) is NaN: use :func:`fimcore.measure_update`, which
+        flags it, when tracing.
+
+    Raises:
+        ValueError: on a bad Gram (see :func:`spectrum`), an unknown ``convention``, an
+            ``rtol`` outside [0, 1), or an all-zero Gram (:math:`\lambda_{\max} = 0`:
+            no :math:`\lambda_{\min}^{+}` exists).
+        TypeError: if the Gram's dtype is not real floating.
+
+    Example:
+        >>> import numpy as np
+        >>> from fimcore import truncated_condition_number
+        >>> G = np.diag([4.0, 1.0, 0.0])
+        >>> float(truncated_condition_number(G))
+        4.0
+        >>> float(truncated_condition_number(G, convention="jacobian"))
+        2.0
+    """
+    xp = resolve_namespace(gram, xp=xp)
+    size = check_gram(gram, xp)
+    check_convention(convention)
+    rtol = resolve_rtol(rtol, size, grad_dtype if grad_dtype is not None else gram.dtype, xp)
+    check_values(gram, xp)
+    eigs = _spectrum(gram, xp=xp)
+    c, lam_max, _, _, _ = _condition(eigs, rtol=rtol, xp=xp)
+    if is_concrete(lam_max) and not float(lam_max) > 0:
+        raise ValueError(
+            "the truncated condition number needs λ_max > 0; received an all-zero Gram "
+            "(every per-sample gradient is zero), for which λ_min⁺ does not exist. Skip "
+            "this step, or use MeasureTracker, which records it as undefined."
+        )
+    return xp.sqrt(c) if convention == "jacobian" else c
+
+
+def energy(gram: Any, /, *, xp: Any = None) -> Any:
+    r"""Energy :math:`\operatorname{Tr} G = \sum_i \|J_i\|^2 = \|J\|_F^2` (0-D, float64).
+
+    Raises:
+        ValueError: if ``gram`` is not 2-D and square, or holds NaN/inf, is asymmetric, or
+            has a negative diagonal.
+        TypeError: if its dtype is not real floating.
+
+    Example:
+        >>> import numpy as np
+        >>> from fimcore import energy
+        >>> float(energy(np.array([[5.0, 1.0], [1.0, 9.0]])))
+        14.0
+    """
+    xp = resolve_namespace(gram, xp=xp)
+    check_gram(gram, xp)
+    check_values(gram, xp)
+    return _trace(gram, xp=xp)
+
+
+def weighted_energy(
+    gram: Any, /, *, lr: Any, batch_size: int | None = None, xp: Any = None
+) -> Any:
+    r"""Weighted energy term :math:`I_k = (\alpha_k/B_k)\sqrt{\operatorname{Tr} G_k}`.
+
+    Args:
+        gram: (B, B) Gram matrix of iteration k.
+        lr: the learning rate :math:`\alpha_k` in force at iteration k (>= 0).
+        batch_size: :math:`B_k`, the actual batch size; defaults to the Gram's size.
+        xp: array namespace; resolved from ``gram`` when None.
+
+    Returns:
+        :math:`I_k` as a 0-D float64 array.
+
+    Raises:
+        ValueError: on a bad Gram (see :func:`energy`), a negative or non-finite ``lr``, or
+            ``batch_size`` < 1.
+        TypeError: if ``batch_size`` is not an int or the dtype not real floating.
+
+    Example:
+        >>> import numpy as np
+        >>> from fimcore import weighted_energy
+        >>> float(weighted_energy(np.array([[5.0, 0.0], [0.0, 11.0]]), lr=0.1))
+        0.2
+    """
+    xp = resolve_namespace(gram, xp=xp)
+    size = check_gram(gram, xp)
+    check_nonnegative_number(lr, name="lr")
+    batch = size if batch_size is None else check_positive_int(batch_size, name="batch_size")
+    check_values(gram, xp)
+    trace = _trace(gram, xp=xp)
+    return (lr / batch) * xp.sqrt(trace)
+
+
+def check_convention(convention: str) -> None:
+    """Raise ``ValueError`` unless ``convention`` is "fisher" or "jacobian"."""
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"convention must be one of {CONVENTIONS}; received {convention!r}. Use "
+            "'fisher' for λ_max/λ_min⁺ of G or 'jacobian' for its square root."
+        )
+
+
+def resolve_rtol(rtol: float | None, size: int, dtype: Any, xp: Any) -> float:
+    """The explicit ``rtol`` (validated to lie in [0, 1)) or B·eps(dtype)."""
+    if rtol is None:
+        return default_rtol(size, dtype, xp=xp)
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)):
+        raise TypeError(
+            f"rtol must be a Python float in [0, 1) or None; received {rtol!r} of type "
+            f"{type(rtol).__name__}."
+        )
+    if not 0 <= rtol < 1:
+        raise ValueError(
+            f"rtol must satisfy 0 <= rtol < 1 (eigenvalues <= rtol·λ_max count as zero); "
+            f"received {rtol!r}. Pass None for the default B·eps."
+        )
+    return float(rtol)
+
+
+def _spectrum(gram: Any, *, xp: Any) -> Any:
+    """Ascending eigenvalues clamped at 0, in the compute dtype (no validation)."""
+    g = xp.astype(gram, compute_dtype(xp))
+    g = (g + xp.matrix_transpose(g)) / 2
+    eigs = xp.sort(xp.linalg.eigvalsh(g))
+    return xp.maximum(eigs, xp.zeros_like(eigs))
+
+
+def _trace(gram: Any, *, xp: Any) -> Any:
+    return xp.sum(xp.astype(xp.linalg.diagonal(gram), compute_dtype(xp)))
+
+
+def _condition(eigs: Any, *, rtol: float, xp: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """From ascending eigenvalues: (c, λ_max, λ_min⁺, rank, defined), jit-safe.
+
+    ``c`` and ``λ_min⁺`` are NaN where undefined (λ_max = 0 or non-finite input).
+    """
+    lam_max = eigs[-1]
+    above = eigs > rtol * lam_max
+    inf = xp.full_like(eigs, float("inf"))
+    lam_min = xp.min(xp.where(above, eigs, inf))
+    defined = xp.logical_and(lam_max > 0, xp.isfinite(lam_max))
+    one = xp.ones_like(lam_max)
+    nan = xp.full_like(lam_max, float("nan"))
+    c = xp.where(defined, lam_max / xp.where(defined, lam_min, one), nan)
+    lam_min = xp.where(defined, lam_min, nan)
+    rank = xp.sum(xp.astype(above, default_int_dtype(xp, device=_device(eigs))))
+    return c, lam_max, lam_min, rank, defined
+
+
+def _device(x: Any) -> Any:
+    return array_api_compat.device(x)

@@ -1,0 +1,443 @@
+r"""Running measures of training: :math:`\bar C_K` and :math:`L_K`.
+
+Source: Liao et al., IEEE TPAMI 2020, arXiv 1810.06767. Over the measured iterations
+:math:`\mathcal M` up to iteration K (K counts training iterations),
+
+.. math::
+
+    \bar C_K = \frac{1}{|\mathcal M|}\sum_{k\in\mathcal M} c_k, \qquad
+    L_K = \sum_{k\in\mathcal M} w_k\, I_k, \qquad
+    I_k = \frac{\alpha_k}{B_k}\sqrt{\operatorname{Tr} G_k},
+
+with :math:`c_k = \lambda_{\max}(G_k)/\lambda_{\min}^{+}(G_k)` and :math:`w_k` the number of
+training iterations measurement k stands for (itself and the unmeasured ones that follow
+it), so measuring every n-th step still estimates the full sum. ``C_bar_jacobian`` is the
+mean of :math:`\sqrt{c_k}` (the released code's convention); a mean of square roots is not
+the square root of a mean, so both are kept.
+
+Two layers, in the style of optax:
+
+* a pure pair :func:`measure_init` / :func:`measure_update` over the NamedTuple
+  :class:`MeasureState`. It never raises on values and never branches on them in Python,
+  so it works under ``jax.jit``; a non-finite Gram or an undefined :math:`c_k`
+  (all-zero Gram) is flagged in the state (``finite``, ``defined``) and counted;
+* the stateful :class:`MeasureTracker` on top, which raises (naming the step) or skips
+  as configured, keeps a JSON-friendly history of :class:`Measurement` records and
+  checkpoints through ``state_dict()`` / ``load_state_dict()``.
+
+An all-zero Gram has no :math:`\lambda_{\min}^{+}`: its :math:`c_k` is undefined
+(``None`` in records, NaN with ``defined=False`` in the pure state), it is counted in
+``skipped`` and excluded from :math:`\bar C_K`, and its :math:`I_k = 0` still enters
+:math:`L_K`. A non-finite Gram, when skipped, is counted in ``skipped`` and adds nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import array_api_compat
+
+from ._namespace import (
+    check_gram,
+    check_nonnegative_number,
+    check_positive_int,
+    check_positive_number,
+    check_values,
+    compute_dtype,
+    default_int_dtype,
+    is_concrete,
+    resolve_namespace,
+)
+from .record import Measurement
+from .spectral import _condition, _spectrum, resolve_rtol
+
+__all__ = ["MeasureState", "MeasureTracker", "measure_init", "measure_update"]
+
+ON_NONFINITE = ("raise", "skip")
+
+
+class MeasureState(NamedTuple):
+    r"""State of the pure running measures (every field a scalar or 0-D array).
+
+    Running totals: ``steps`` (updates so far, k of the last one), ``measured`` (steps with
+    a defined :math:`c_k`), ``skipped`` (steps without: undefined or non-finite),
+    ``nonfinite`` (of which non-finite), ``c_sum`` = :math:`\sum c_k`, ``c_jacobian_sum`` =
+    :math:`\sum\sqrt{c_k}` over defined steps, and ``L`` = :math:`L_K = \sum_k w_k I_k`.
+    Hence :math:`\bar C_K` = ``c_sum / measured``.
+
+    Last step: ``c_k``, ``c_k_jacobian`` (NaN when undefined), ``I_k``, ``trace``,
+    ``lambda_max``, ``rank`` (eigenvalues above rtol·λ_max), ``defined``, ``finite``
+    (NaN fields where the Gram was not finite).
+    """
+
+    steps: Any
+    measured: Any
+    skipped: Any
+    nonfinite: Any
+    c_sum: Any
+    c_jacobian_sum: Any
+    L: Any
+    c_k: Any
+    c_k_jacobian: Any
+    I_k: Any
+    trace: Any
+    lambda_max: Any
+    rank: Any
+    defined: Any
+    finite: Any
+
+
+def measure_init(*, xp: Any = None, device: Any = None) -> MeasureState:
+    """Initial :class:`MeasureState`: zero totals, no last step.
+
+    Args:
+        xp: namespace to build the state in (needed when the state is a ``lax.scan``
+            carry, whose dtypes must not change); Python scalars when None.
+        device: device of the arrays when ``xp`` is given.
+
+    Example:
+        >>> import numpy as np
+        >>> from fimcore import measure_init, measure_update
+        >>> state = measure_init()
+        >>> state = measure_update(state, np.diag([4.0, 1.0]), lr=0.1)
+        >>> int(state.steps), float(state.c_sum / state.measured), bool(state.defined)
+        (1, 4.0, True)
+    """
+    nan = float("nan")
+    fields = dict(
+        steps=0, measured=0, skipped=0, nonfinite=0, c_sum=0.0, c_jacobian_sum=0.0,
+        L=0.0, c_k=nan, c_k_jacobian=nan, I_k=nan, trace=nan, lambda_max=nan, rank=0,
+        defined=False, finite=True,
+    )
+    if xp is None:
+        return MeasureState(**fields)
+    fdt, idt = compute_dtype(xp), default_int_dtype(xp, device)
+    return MeasureState(
+        **{
+            name: xp.asarray(
+                value,
+                dtype=xp.bool if isinstance(value, bool) else idt if isinstance(value, int) else fdt,
+                device=device,
+            )
+            for name, value in fields.items()
+        }
+    )
+
+
+def measure_update(
+    state: MeasureState,
+    gram: Any,
+    /,
+    *,
+    lr: Any,
+    weight: Any = 1,
+    batch_size: int | None = None,
+    rtol: float | None = None,
+    grad_dtype: Any = None,
+    xp: Any = None,
+) -> MeasureState:
+    r"""Add one measured iteration to the running measures (pure, ``jax.jit``-safe).
+
+    Only metadata is validated (shape, dtype, option ranges of Python numbers); values are
+    never inspected on the host, so a traced Gram, ``lr`` or ``weight`` works.
+
+    Args:
+        state: the previous :class:`MeasureState`.
+        gram: (B, B) Gram matrix :math:`G_k` of the iteration.
+        lr: learning rate :math:`\alpha_k` in force (>= 0).
+        weight: :math:`w_k`, training iterations this measurement stands for (> 0).
+        batch_size: :math:`B_k`; defaults to the Gram's size.
+        rtol: truncation tolerance; default B·eps(``grad_dtype`` or the Gram's dtype).
+        grad_dtype: dtype of the per-sample gradients the Gram was built from.
+        xp: array namespace; resolved from ``gram`` when None.
+
+    Returns:
+        The new state; its last-step fields describe this iteration.
+
+    Raises:
+        ValueError, TypeError: on bad metadata (as :func:`fimcore.spectrum`,
+            :func:`fimcore.weighted_energy`), never on values.
+    """
+    xp = resolve_namespace(gram, xp=xp)
+    size, rtol, batch = _check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size,
+                                       rtol=rtol, grad_dtype=grad_dtype)
+    step = _step(gram, xp=xp, lr=lr, batch=batch, rtol=rtol)
+    zero = xp.zeros_like(step["c_k"])
+    int_dtype = getattr(state.steps, "dtype", None) or default_int_dtype(xp)
+
+    def one_if(flag: Any) -> Any:
+        return xp.astype(flag, int_dtype)
+
+    defined, finite = step["defined"], step["finite"]
+    return MeasureState(
+        steps=state.steps + 1,
+        measured=state.measured + one_if(defined),
+        skipped=state.skipped + one_if(xp.logical_not(defined)),
+        nonfinite=state.nonfinite + one_if(xp.logical_not(finite)),
+        c_sum=state.c_sum + xp.where(defined, step["c_k"], zero),
+        c_jacobian_sum=state.c_jacobian_sum + xp.where(defined, step["c_k_jacobian"], zero),
+        L=state.L + xp.where(finite, weight * step["I_k"], zero),
+        c_k=step["c_k"],
+        c_k_jacobian=step["c_k_jacobian"],
+        I_k=step["I_k"],
+        trace=step["trace"],
+        lambda_max=step["lambda_max"],
+        rank=step["rank"],
+        defined=defined,
+        finite=finite,
+    )
+
+
+def _check_options(gram, xp, *, lr, weight, batch_size, rtol, grad_dtype):
+    size = check_gram(gram, xp)
+    check_nonnegative_number(lr, name="lr")
+    check_positive_number(weight, name="weight")
+    batch = size if batch_size is None else check_positive_int(batch_size, name="batch_size")
+    rtol = resolve_rtol(rtol, size, grad_dtype if grad_dtype is not None else gram.dtype, xp)
+    return size, rtol, batch
+
+
+def _step(gram: Any, *, xp: Any, lr: Any, batch: int, rtol: float) -> dict[str, Any]:
+    """Per-iteration quantities, NaN-flagged instead of raising (no value branching)."""
+    g = xp.astype(gram, compute_dtype(xp))
+    finite = xp.all(xp.isfinite(g))
+    g = xp.where(finite, g, xp.zeros_like(g))
+    eigs = _spectrum(g, xp=xp)
+    c, lam_max, _, rank, defined = _condition(eigs, rtol=rtol, xp=xp)
+    nan = xp.full_like(c, float("nan"))
+    trace = xp.sum(xp.linalg.diagonal(g))
+    i_k = (lr / batch) * xp.sqrt(xp.maximum(trace, xp.zeros_like(trace)))
+    return {
+        "c_k": c,
+        "c_k_jacobian": xp.sqrt(c),
+        "I_k": xp.where(finite, i_k, nan),
+        "trace": xp.where(finite, trace, nan),
+        "lambda_max": xp.where(finite, lam_max, nan),
+        "rank": rank,
+        "defined": xp.logical_and(defined, finite),
+        "finite": finite,
+    }
+
+
+class MeasureTracker:
+    r"""Stateful tracker of :math:`c_k`, :math:`I_k`, :math:`\bar C_K` and :math:`L_K`.
+
+    Args:
+        rtol: truncation tolerance for :math:`\lambda_{\min}^{+}`; default
+            B·eps(grad_dtype) per step (see :func:`fimcore.default_rtol`).
+        on_nonfinite: ``"raise"`` (default) raises ``ValueError`` naming the step on a
+            Gram with NaN/inf; ``"skip"`` counts it in ``skipped`` and records it with
+            ``finite=False``.
+        keep_history: keep every :class:`Measurement` in ``history`` (and in
+            ``state_dict()``).
+
+    Raises:
+        ValueError: on an unknown ``on_nonfinite`` or an ``rtol`` outside [0, 1).
+
+    Example:
+        >>> import numpy as np
+        >>> from fimcore import MeasureTracker
+        >>> tracker = MeasureTracker()
+        >>> m = tracker.update(np.diag([4.0, 1.0]), lr=0.1, weight=2)
+        >>> m.k, m.c_k, m.c_k_jacobian, round(m.I_k, 12)
+        (1, 4.0, 2.0, 0.111803398875)
+        >>> m = tracker.update(np.zeros((2, 2)), lr=0.1)
+        >>> m.c_k is None, tracker.skipped, tracker.C_bar, round(tracker.L, 12)
+        (True, 1, 4.0, 0.22360679775)
+    """
+
+    def __init__(
+        self, *, rtol: float | None = None, on_nonfinite: str = "raise", keep_history: bool = True
+    ) -> None:
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"on_nonfinite must be one of {ON_NONFINITE}; received {on_nonfinite!r}. "
+                "Use 'raise' to stop on NaN/inf Grams or 'skip' to count and skip them."
+            )
+        if rtol is not None:
+            resolve_rtol(rtol, 1, None, None)
+        self.rtol = rtol
+        self.on_nonfinite = on_nonfinite
+        self.keep_history = bool(keep_history)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._steps = self._measured = self._skipped = self._nonfinite = 0
+        self._c_sum = self._c_jacobian_sum = self._L = 0.0
+        self._history: list[Measurement] = []
+
+    def update(
+        self,
+        gram: Any,
+        /,
+        *,
+        lr: float,
+        weight: float = 1,
+        batch_size: int | None = None,
+        grad_dtype: Any = None,
+    ) -> Measurement:
+        r"""Record one measured iteration and return its :class:`Measurement`.
+
+        Args:
+            gram: (B, B) Gram matrix :math:`G_k` of any array library.
+            lr: learning rate :math:`\alpha_k` in force at this iteration (>= 0).
+            weight: :math:`w_k`, training iterations this measurement stands for (> 0).
+            batch_size: :math:`B_k`, the actual batch size; defaults to the Gram's size.
+            grad_dtype: dtype of the per-sample gradients the Gram was built from (sets
+                the default rtol); defaults to the Gram's dtype.
+
+        Raises:
+            ValueError: on a bad Gram (not 2-D, not square, asymmetric, negative diagonal),
+                ``lr`` < 0, ``weight`` <= 0, ``batch_size`` < 1, or — with
+                ``on_nonfinite="raise"`` — a Gram with NaN/inf (the message names step k).
+            TypeError: on a non-floating dtype or a non-array Gram.
+        """
+        xp = resolve_namespace(gram)
+        size, rtol, batch = _check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size,
+                                           rtol=self.rtol, grad_dtype=grad_dtype)
+        k = self._steps + 1
+        if not is_concrete(gram):
+            raise TypeError(
+                "MeasureTracker.update needs a concrete Gram; received a value traced by a "
+                "JAX transformation. Use measure_init/measure_update inside jax.jit."
+            )
+        finite = bool(xp.all(xp.isfinite(gram)))
+        if not finite and self.on_nonfinite == "raise":
+            raise ValueError(
+                f"the Gram at step k={k} must be finite; received NaN or inf entries. Check "
+                "the loss and gradients for overflow (lower the learning rate, use float64), "
+                "or construct MeasureTracker(on_nonfinite='skip') to count and skip such steps."
+            )
+        if finite:
+            check_values(gram, xp, where=f"at step k={k}")
+        step = {name: _to_host(value) for name, value in
+                _step(gram, xp=xp, lr=lr, batch=batch, rtol=rtol).items()}
+        lr_f, weight_f = float(lr), float(weight)
+        self._steps = k
+        if step["defined"]:
+            self._measured += 1
+            self._c_sum += step["c_k"]
+            self._c_jacobian_sum += step["c_k_jacobian"]
+        else:
+            self._skipped += 1
+        if finite:
+            self._L += weight_f * step["I_k"]
+        else:
+            self._nonfinite += 1
+        record = Measurement(
+            k=k,
+            c_k=step["c_k"] if step["defined"] else None,
+            c_k_jacobian=step["c_k_jacobian"] if step["defined"] else None,
+            I_k=step["I_k"] if finite else None,
+            trace=step["trace"] if finite else None,
+            lambda_max=step["lambda_max"] if finite else None,
+            rank=int(step["rank"]) if finite else None,
+            defined=bool(step["defined"]),
+            finite=finite,
+            C_bar=self.C_bar,
+            C_bar_jacobian=self.C_bar_jacobian,
+            L=self._L,
+            lr=lr_f,
+            weight=weight_f,
+            batch_size=batch,
+        )
+        if self.keep_history:
+            self._history.append(record)
+        return record
+
+    @property
+    def C_bar(self) -> float | None:
+        r""":math:`\bar C_K`, mean of the defined :math:`c_k` (None before the first one)."""
+        return self._c_sum / self._measured if self._measured else None
+
+    @property
+    def C_bar_jacobian(self) -> float | None:
+        r"""Mean of :math:`\sqrt{c_k}` over the defined steps (None before the first one)."""
+        return self._c_jacobian_sum / self._measured if self._measured else None
+
+    @property
+    def L(self) -> float:
+        r""":math:`L_K = \sum_k w_k I_k` over the finite steps so far."""
+        return self._L
+
+    @property
+    def steps(self) -> int:
+        """Number of updates recorded (including skipped ones)."""
+        return self._steps
+
+    @property
+    def measured(self) -> int:
+        r"""Number of steps with a defined :math:`c_k` (the :math:`|\mathcal M|` of C̄_K)."""
+        return self._measured
+
+    @property
+    def skipped(self) -> int:
+        """Steps excluded from C̄_K: all-zero (undefined) and skipped non-finite Grams."""
+        return self._skipped
+
+    @property
+    def nonfinite(self) -> int:
+        """Skipped steps whose Gram held NaN or inf."""
+        return self._nonfinite
+
+    @property
+    def history(self) -> tuple[Measurement, ...]:
+        """All records so far (empty with ``keep_history=False``)."""
+        return tuple(self._history)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable snapshot (plain ints, floats, lists, dicts, None)."""
+        return {
+            "format": "fimcore.MeasureTracker/1",
+            "rtol": self.rtol,
+            "on_nonfinite": self.on_nonfinite,
+            "keep_history": self.keep_history,
+            "steps": self._steps,
+            "measured": self._measured,
+            "skipped": self._skipped,
+            "nonfinite": self._nonfinite,
+            "c_sum": self._c_sum,
+            "c_jacobian_sum": self._c_jacobian_sum,
+            "L": self._L,
+            "history": [m.to_dict() for m in self._history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` snapshot (configuration included).
+
+        Raises:
+            ValueError: if ``state`` is not a MeasureTracker state dict.
+        """
+        if not isinstance(state, dict) or state.get("format") != "fimcore.MeasureTracker/1":
+            raise ValueError(
+                "state must be a dict returned by MeasureTracker.state_dict() (format "
+                f"'fimcore.MeasureTracker/1'); received {type(state).__name__} with format "
+                f"{state.get('format') if isinstance(state, dict) else None!r}."
+            )
+        self.__init__(rtol=state["rtol"], on_nonfinite=state["on_nonfinite"],
+                      keep_history=state.get("keep_history", True))
+        self._steps = int(state["steps"])
+        self._measured = int(state["measured"])
+        self._skipped = int(state["skipped"])
+        self._nonfinite = int(state["nonfinite"])
+        self._c_sum = float(state["c_sum"])
+        self._c_jacobian_sum = float(state["c_jacobian_sum"])
+        self._L = float(state["L"])
+        self._history = [Measurement.from_dict(d) for d in state.get("history", [])]
+
+    def __repr__(self) -> str:
+        return (f"MeasureTracker(steps={self._steps}, C_bar={self.C_bar}, "
+                f"C_bar_jacobian={self.C_bar_jacobian}, L={self._L}, skipped={self._skipped})")
+
+
+def _to_host(value: Any) -> Any:
+    """A 0-D array as a Python bool/int/float (records only)."""
+    if array_api_compat.is_array_api_obj(value):
+        dtype = str(value.dtype)
+        if "bool" in dtype:
+            return bool(value)
+        if "int" in dtype:
+            return int(value)
+        return float(value)
+    return value
+
