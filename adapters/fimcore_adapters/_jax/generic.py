@@ -1,0 +1,189 @@
+"""Generic path: per-sample gradients of any per-example JAX loss via ``vmap(grad)``.
+
+The Gram ``G = J Jᵀ`` (B×B) is accumulated leaf by leaf, ``G = Σ_l J_l J_lᵀ`` with
+``J_l`` the (B, P_l) per-sample gradients of parameter leaf ``l``; the B×P matrix ``J`` is
+never concatenated. With ``chunk_size = c`` only ``c`` (diagonal blocks) or ``2c``
+(off-diagonal blocks) per-sample gradients are alive at once: the off-diagonal blocks
+``J_a J_bᵀ`` of chunks ``b < a`` are formed by recomputing chunk ``b``'s gradients, so the
+result is exact at the price of ``n(n+1)/2`` chunk gradient evaluations for ``n = ⌈B/c⌉``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._checks import (
+    accumulation_dtype,
+    batch_size,
+    check_finite_if_concrete,
+    check_params,
+)
+
+__all__ = ["per_sample_gram", "value_grad_and_gram"]
+
+
+def _leaf_gram(a, b, dtype):
+    """``Σ_leaves A_l B_lᵀ`` for two pytrees of per-sample gradients with leading axes."""
+    total = None
+    for la, lb in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        fa = jnp.reshape(la, (la.shape[0], -1)).astype(dtype)
+        fb = jnp.reshape(lb, (lb.shape[0], -1)).astype(dtype)
+        block = fa @ fb.T
+        total = block if total is None else total + block
+    return total
+
+
+def _check_loss_shape(per_example, params, batch, has_aux):
+    one = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+    out = jax.eval_shape(lambda p, b: per_example(p, *b), params, one)
+    loss = out[0] if has_aux else out
+    if has_aux and not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            "with has_aux=True the loss function must return a pair (loss, aux); "
+            f"received {type(out).__name__}. Return (loss, aux) or set has_aux=False."
+        )
+    if getattr(loss, "shape", None) != () or not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise ValueError(
+            "the loss function must return a real scalar for ONE example (shape ()), "
+            f"received shape {getattr(loss, 'shape', None)} and dtype "
+            f"{getattr(loss, 'dtype', type(loss).__name__)}. Write the loss of a single "
+            "example; value_grad_and_gram vmaps it over the batch."
+        )
+
+
+def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, check_finite=True):
+    """Transform a per-example loss into ``(params, *batch) -> (mean loss, mean gradient, Gram)``.
+
+    ``loss_fn(params, *example)`` is the loss ℓ_i of ONE example (the
+    ``jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, ...))`` idiom). The returned function
+    maps every batch leaf's leading axis (size B) and gives
+
+    - ``mean_loss = (1/B) Σ_i ℓ_i``,
+    - ``mean_grad = ∇_θ mean_loss`` (a pytree like ``params``, for the optimiser step),
+    - ``gram = J Jᵀ`` (B×B) with rows ``J_i = ∇_θ ℓ_i`` (``1ᵀ G 1 = B²·‖mean_grad‖²``).
+
+    With ``has_aux=True`` the loss returns ``(ℓ_i, aux_i)`` and the first output is
+    ``(mean_loss, aux)`` with ``aux`` stacked over the batch. The function is pure and
+    jit-able, and it composes with ``jax.vmap`` (e.g. over an ensemble of parameters).
+
+    Args:
+        loss_fn: per-example loss ``loss_fn(params, *example) -> scalar``.
+        has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+        chunk_size: process at most this many samples' gradients at once (exact; costs
+            ``n(n+1)/2`` chunk evaluations for ``n = ⌈B/chunk_size⌉``). ``None``: one chunk.
+        dtype: Gram dtype. ``None``: float64 if ``jax_enable_x64`` is on, otherwise the
+            gradients' dtype (float32). Per-sample gradients are cast to it before the products.
+        check_finite: outside ``jit``, raise if a parameter is NaN/Inf (one host sync).
+
+    Returns:
+        The transformed function.
+
+    Raises:
+        TypeError: integer (non-float) parameter leaves; ``has_aux`` mismatch; non-float dtype.
+        ValueError: non-scalar per-example loss, batch leaves with different leading sizes,
+            non-positive ``chunk_size``, float64 requested with x64 off, non-finite parameters
+            (outside ``jit``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from fimcore_adapters.jax import value_grad_and_gram
+        >>> def loss(w, x, y):
+        ...     return 0.5 * (x @ w - y) ** 2
+        >>> step = jax.jit(value_grad_and_gram(loss))
+        >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0]]); y = jnp.array([1.0, 0.0])
+        >>> mean_loss, grad, gram = step(jnp.zeros(2), x, y)
+        >>> gram.shape, float(gram[0, 0])
+        ((2, 2), 1.0)
+    """
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(
+            f"chunk_size must be a positive int or None; received {chunk_size!r}. "
+            "Pass e.g. chunk_size=32 to bound memory, or None for one chunk."
+        )
+    per_example = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+    @functools.wraps(loss_fn)
+    def step(params, *batch):
+        check_params(params)
+        if check_finite:
+            check_finite_if_concrete(params)
+        size = batch_size(batch)
+        _check_loss_shape(loss_fn, params, batch, has_aux)
+        acc = accumulation_dtype(dtype, params)
+        if chunk_size is None or chunk_size >= size:
+            out, grads = jax.vmap(per_example, in_axes=(None,) + (0,) * len(batch))(params, *batch)
+            gram = _leaf_gram(grads, grads, acc)
+            mean_grad = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
+        else:
+            out, mean_grad, gram = _chunked(per_example, params, batch, size, chunk_size, acc)
+        if has_aux:
+            losses, aux = out
+            return (jnp.mean(losses), aux), mean_grad, gram
+        return jnp.mean(out), mean_grad, gram
+
+    return step
+
+
+def _chunked(per_example, params, batch, size, chunk, acc):
+    n = -(-size // chunk)
+    padded = n * chunk
+    index = jnp.minimum(jnp.arange(padded), size - 1)  # pad with copies of the last sample
+    mask = (jnp.arange(padded) < size).reshape(n, chunk)
+    chunks = jax.tree_util.tree_map(
+        lambda x: jnp.take(x, index, axis=0).reshape((n, chunk) + x.shape[1:]), batch
+    )
+    in_axes = (None,) + (0,) * len(batch)
+
+    def chunk_grads(k):
+        example = jax.tree_util.tree_map(lambda x: lax.dynamic_index_in_dim(x, k, keepdims=False), chunks)
+        out, grads = jax.vmap(per_example, in_axes=in_axes)(params, *example)
+        m = mask[k]
+        grads = jax.tree_util.tree_map(
+            lambda g: g * m.reshape((chunk,) + (1,) * (g.ndim - 1)).astype(g.dtype), grads
+        )
+        return out, grads
+
+    zero_grad = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.result_type(p)), params)
+
+    def outer(carry, a):
+        gram, grad_sum = carry
+        out, ja = chunk_grads(a)
+        gram = lax.dynamic_update_slice(gram, _leaf_gram(ja, ja, acc), (a * chunk, a * chunk))
+
+        def inner(b, g):
+            _, jb = chunk_grads(b)
+            block = _leaf_gram(ja, jb, acc)
+            g = lax.dynamic_update_slice(g, block, (a * chunk, b * chunk))
+            return lax.dynamic_update_slice(g, block.T, (b * chunk, a * chunk))
+
+        gram = lax.fori_loop(0, a, inner, gram)
+        grad_sum = jax.tree_util.tree_map(lambda s, g: s + jnp.sum(g, axis=0), grad_sum, ja)
+        return (gram, grad_sum), out
+
+    init = (jnp.zeros((padded, padded), acc), zero_grad)
+    (gram, grad_sum), outs = lax.scan(outer, init, jnp.arange(n))
+    outs = jax.tree_util.tree_map(lambda o: o.reshape((padded,) + o.shape[2:])[:size], outs)
+    mean_grad = jax.tree_util.tree_map(lambda s: s / size, grad_sum)
+    return outs, mean_grad, gram[:size, :size]
+
+
+def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dtype=None):
+    """Gram ``G = J Jᵀ`` (B×B) of the per-sample gradients ``J_i = ∇_θ loss_fn(params, *example_i)``.
+
+    One-off form of :func:`value_grad_and_gram` (same arguments and errors); returns only
+    the Gram. Wrap it in ``jax.jit`` (with ``loss_fn`` static) for repeated use.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from fimcore_adapters.jax import per_sample_gram
+        >>> loss = lambda w, x: jnp.dot(w, x)      # gradient of sample i is x_i
+        >>> per_sample_gram(loss, jnp.ones(2), jnp.array([[1.0, 2.0], [3.0, 4.0]])).tolist()
+        [[5.0, 11.0], [11.0, 25.0]]
+    """
+    return value_grad_and_gram(loss_fn, has_aux=has_aux, chunk_size=chunk_size, dtype=dtype)(
+        params, *batch
+    )[2]
