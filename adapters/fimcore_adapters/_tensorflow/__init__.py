@@ -1,0 +1,1 @@
+"""Private implementation of :mod:`fimcore_adapters.tensorflow` (imports TensorFlow)."""

@@ -1,0 +1,86 @@
+"""Per-sample weight gradients of N-D convolutions from a strided-slice unfold.
+
+A convolution with kernel size k, stride s, dilation d and padding p reads, for kernel
+offset o and output position u, the padded input at ``u·s + o·d``. Stacking one strided
+slice of the padded input per kernel offset gives the patches (B, T, K, C_in) with
+T output positions and K = prod(k) offsets; the per-sample kernel gradient of sample i is
+then ``Σ_t patch_it ⊗ δ_it`` (a batched matrix product over T), grouped per channel group.
+Only slicing, padding and matmul are used, so it runs in float64 on CPU (unlike TensorFlow's
+grouped-convolution gradient) and under XLA.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import tensorflow as tf
+
+
+def _pads(size, out, kernel, stride, dilation, padding):
+    """(before, after) padding that makes ``out`` windows fit, for valid/same/causal."""
+    if padding == "valid":
+        return 0, 0
+    span = (kernel - 1) * dilation + 1
+    if padding == "causal":
+        return span - 1, 0
+    total = tf.maximum((out - 1) * stride + span - size, 0)
+    return total // 2, total - total // 2
+
+
+def unfold(x, *, out_shape, kernel_size, strides, dilation_rate, padding):
+    """Patches of a channels-last input.
+
+    Args:
+        x: (B, *S, C_in) input of the convolution.
+        out_shape: the output's spatial sizes (ints or scalar tensors).
+        kernel_size, strides, dilation_rate: tuples of length N = len(S).
+        padding: ``"valid"``, ``"same"`` or ``"causal"`` (Keras spelling).
+
+    Returns:
+        (B, T, K, C_in) patches, T = prod(out_shape), K = prod(kernel_size), offsets in
+        row-major kernel order (the order of a Keras kernel's leading axes).
+    """
+    rank = len(kernel_size)
+    shape = tf.shape(x)
+    pads = [[0, 0]]
+    for axis in range(rank):
+        pads.append(list(_pads(shape[axis + 1], out_shape[axis], kernel_size[axis],
+                               strides[axis], dilation_rate[axis], padding)))
+    pads.append([0, 0])
+    if padding != "valid":
+        x = tf.pad(x, tf.convert_to_tensor(pads))
+    slices = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        begin = [0] + [o * d for o, d in zip(offset, dilation_rate)] + [0]
+        end = [0] + [o * d + (n - 1) * s + 1 for o, d, n, s in
+                     zip(offset, dilation_rate, out_shape, strides)] + [0]
+        step = [1, *strides, 1]
+        slices.append(tf.strided_slice(x, tf.stack(begin), tf.stack(end), step,
+                                       begin_mask=1 | (1 << (rank + 1)),
+                                       end_mask=1 | (1 << (rank + 1))))
+    patches = tf.stack(slices, axis=-2)  # (B, *out, K, C_in)
+    batch = tf.shape(x)[0]
+    return tf.reshape(patches, tf.stack([batch, -1, len(slices), tf.shape(x)[-1]]))
+
+
+def per_sample_kernel_grads(patches, delta, *, groups: int, kernel_shape):
+    """Per-sample kernel gradients (B, *kernel_shape) from patches and output gradients.
+
+    Args:
+        patches: (B, T, K, C_in) from :func:`unfold`.
+        delta: (B, T, C_out) gradient of the loss at the convolution's pre-activation output.
+        groups: channel groups G (C_in and C_out split into G contiguous blocks).
+        kernel_shape: the Keras kernel shape (*k, C_in / G, C_out).
+    """
+    batch = tf.shape(patches)[0]
+    k = patches.shape[2]
+    c_in = patches.shape[3]
+    c_out = delta.shape[-1]
+    if groups == 1:
+        rows = tf.matmul(tf.reshape(patches, tf.stack([batch, -1, k * c_in])), delta,
+                         transpose_a=True)  # (B, K·C_in, C_out)
+        return tf.reshape(rows, tf.concat([[batch], kernel_shape], 0))
+    p = tf.reshape(patches, tf.stack([batch, -1, k, groups, c_in // groups]))
+    d = tf.reshape(delta, tf.stack([batch, -1, groups, c_out // groups]))
+    rows = tf.einsum("btkgc,btgo->bkcgo", p, d)
+    return tf.reshape(rows, tf.concat([[batch], kernel_shape], 0))

@@ -1,0 +1,338 @@
+"""GramTape: a ``tf.GradientTape`` that also returns the per-sample Gram of the step.
+
+Inside the context every trainable Keras layer's ``call`` is temporarily replaced (on the
+instance, for the duration of the ``with`` block) by a recorder: registered layers run their
+rule's forward and keep the tensors the rule needs, other layers with own trainable
+variables run unchanged and keep their outputs for the exact generic path. One backward
+to the recorded pre-activation outputs then yields, per layer, the Gram contribution *and*
+the batch weight gradient (the weight gradient is never computed twice).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import keras
+import tensorflow as tf
+
+from . import _linalg, _rules
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class _Generic(_rules.LayerRule):
+    """Exact fallback for layers without a rule: the rows of a layer's own variables θ are
+    :math:`\\partial_\\theta \\sum_t y_{it}\\cdot\\delta_{it}` (y its outputs, δ their loss
+    gradient held fixed), taken with ``GradientTape.jacobian`` through the recorded forward."""
+
+    name = "generic"
+
+    def variables(self, layer):
+        return _rules.own_trainable_variables(layer)
+
+    def forward(self, layer, call, args, kwargs):
+        out = call(*args, **kwargs)
+        watch = [t for t in tf.nest.flatten(out)
+                 if isinstance(t, tf.Tensor) and t.dtype.is_floating]
+        return out, {"watch": watch}
+
+
+GENERIC = _Generic()
+
+
+def check_built(model) -> None:
+    """Raise ValueError unless ``model`` is a built Keras layer/model."""
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            f"model must be a keras.Model or keras.layers.Layer; received {type(model).__name__}. "
+            "Wrap plain functions in a keras.Model."
+        )
+    if not model.built:
+        raise ValueError(
+            f"model {model.name!r} must be built before its per-sample Gram can be taken; "
+            "received an unbuilt model (no variables yet). Call model.build(input_shape) or "
+            "run the model once on a batch (e.g. model(x[:1])) first."
+        )
+
+
+def loss_target(loss, loss_reduction: str):
+    """Validate ``loss`` against ``loss_reduction``; return the scalar to differentiate."""
+    if loss_reduction not in REDUCTIONS:
+        raise ValueError(
+            f"loss_reduction must be one of {REDUCTIONS}; received {loss_reduction!r}. Use "
+            "'mean' for a batch-mean loss, 'sum' for a batch sum, 'none' for per-sample losses."
+        )
+    loss = tf.convert_to_tensor(loss)
+    if not loss.dtype.is_floating:
+        raise TypeError(f"the loss must be a floating tensor; received dtype {loss.dtype.name}.")
+    rank = loss.shape.rank
+    if loss_reduction == "none":
+        if rank != 1:
+            raise ValueError(
+                "loss_reduction='none' needs per-sample losses of shape (B,); received a loss "
+                f"of shape {tuple(loss.shape)}. Pass the unreduced per-sample losses (a Keras "
+                "loss with reduction='none'), or a scalar loss with loss_reduction='mean'."
+            )
+        return tf.reduce_sum(loss)
+    if rank != 0:
+        raise ValueError(
+            f"loss_reduction={loss_reduction!r} needs a scalar loss; received a loss of shape "
+            f"{tuple(loss.shape)} (per-sample values?). Reduce it over the batch "
+            "(tf.reduce_mean, or a Keras loss with reduction='sum_over_batch_size'), or pass "
+            "loss_reduction='none' to hand over per-sample losses."
+        )
+    return loss
+
+
+def _layer_selector(layers) -> Callable[[Any], bool]:
+    if layers is None:
+        return lambda layer: True
+    if callable(layers):
+        return layers
+    names = {x for x in layers if isinstance(x, str)}
+    ids = {id(x) for x in layers if not isinstance(x, str)}
+    return lambda layer: layer.name in names or id(layer) in ids
+
+
+class GramTape:
+    r"""A gradient tape that returns the batch gradients *and* the per-sample Gram ``G = J Jᵀ``.
+
+    Rows of J are B × each sample's contribution to the gradient of the batch loss
+    (``loss_reduction="mean"``), so :math:`\mathbf 1^\top G \mathbf 1 = B^2\|\nabla L\|^2`.
+    Works eagerly and inside ``tf.function`` / a Keras ``train_step`` (also under XLA);
+    the Gram stays a (B, B) tensor on the step's device.
+
+    Args:
+        model: a built Keras model (or layer) whose layers are called inside the block.
+        layers: which layers' variables enter G: None (all trainable), a list of layers or
+            layer names, or a predicate ``layer -> bool``. Other variables still get their
+            ordinary gradient.
+        dtype: dtype of the Gram (factors are cast before the products); default the
+            per-sample gradients' dtype.
+        mode: ``"registry"`` (registered rules, generic path for the rest) or ``"generic"``
+            (every layer through the generic ``GradientTape.jacobian`` path; a reference).
+
+    Example:
+        >>> import numpy as np, keras, tensorflow as tf
+        >>> from fimcore_adapters.tensorflow import GramTape
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
+        >>> with GramTape(model) as tape:
+        ...     loss = tf.reduce_mean(tf.reduce_sum((model(x) - y) ** 2, axis=1))
+        >>> grads, gram = tape.gradient_and_gram(loss, model.trainable_variables)
+        >>> tuple(gram.shape), [tuple(g.shape) for g in grads]
+        ((4, 4), [(3, 2), (2,)])
+        >>> tape.report[0][1:]
+        ('Dense', 'factored')
+    """
+
+    def __init__(self, model, *, layers=None, dtype=None, mode: str = "registry") -> None:
+        check_built(model)
+        if mode not in ("registry", "generic"):
+            raise ValueError(f"mode must be 'registry' or 'generic'; received {mode!r}.")
+        self.model = model
+        self.mode = mode
+        self.dtype = tf.as_dtype(dtype) if dtype is not None else None
+        self._select = _layer_selector(layers)
+        self._tape: tf.GradientTape | None = None
+        self._records: list[tuple[Any, _rules.LayerRule, dict]] = []
+        self._patched: list[Any] = []
+        self._recording = False
+        self.report: list[tuple[str, str, str]] = []
+        self.layer_grams: dict[str, Any] = {}
+        self.grad_dtype = None
+
+    # ----------------------------------------------------------------- recording
+
+    def _plan(self):
+        plan, excluded = [], set()
+        for layer in self.model._flatten_layers(include_self=True, recursive=True):
+            own = _rules.own_trainable_variables(layer)
+            if not own:
+                continue
+            if not self._select(layer):
+                excluded.update(id(v) for v in own)
+                continue
+            rule = _rules.rule_for(layer) if self.mode == "registry" else None
+            plan.append((layer, rule or GENERIC))
+        return plan, excluded
+
+    def _wrap(self, layer, rule):
+        original = type(layer).call.__get__(layer)
+
+        def call(*args, **kwargs):
+            if not self._recording:
+                return original(*args, **kwargs)
+            out, capture = rule.forward(layer, original, args, kwargs)
+            used = rule
+            if capture is None:
+                used, capture = GENERIC, {"watch": [t for t in tf.nest.flatten(out)
+                                                    if isinstance(t, tf.Tensor) and t.dtype.is_floating]}
+            for t in capture["watch"]:
+                self._tape.watch(t)
+            self._records.append((layer, used, capture))
+            return out
+
+        return call
+
+    def __enter__(self) -> "GramTape":
+        self._records = []
+        plan, self._excluded = self._plan()
+        self._tape = tf.GradientTape(persistent=True)
+        self._tape.__enter__()
+        try:
+            for layer, rule in plan:
+                object.__setattr__(layer, "call", self._wrap(layer, rule))
+                self._patched.append(layer)
+        except BaseException:
+            self._unpatch()
+            self._tape.__exit__(None, None, None)
+            raise
+        self._recording = True
+        return self
+
+    def _unpatch(self):
+        for layer in self._patched:
+            layer.__dict__.pop("call", None)
+        self._patched = []
+
+    def __exit__(self, *exc) -> None:
+        self._recording = False
+        self._unpatch()
+        self._tape.__exit__(*exc)
+
+    def watch(self, tensor) -> None:
+        """Watch an extra tensor (as ``tf.GradientTape.watch``)."""
+        self._tape.watch(tensor)
+
+    def gradient(self, target, sources, **kwargs):
+        """Ordinary ``tf.GradientTape.gradient`` on the underlying (persistent) tape."""
+        return self._tape.gradient(target, sources, **kwargs)
+
+    # ----------------------------------------------------------------- gradient + Gram
+
+    def gradient_and_gram(self, loss, variables: Iterable | None = None, *,
+                          loss_reduction: str = "mean", extra_loss=None):
+        r"""Batch gradients of ``loss (+ extra_loss)`` and the (B, B) per-sample Gram of ``loss``.
+
+        Args:
+            loss: the data loss: a scalar batch mean (``"mean"``, default), a scalar batch
+                sum (``"sum"``), or per-sample losses of shape (B,) (``"none"``; the
+                gradient is that of their sum).
+            variables: variables to return gradients for (default the model's trainable
+                variables), in this order; None where a variable does not affect the loss.
+            loss_reduction: how ``loss`` reduces the batch; rows of J are scaled by B for
+                ``"mean"`` so that they are per-sample gradients, not 1/B of them.
+            extra_loss: a scalar added to the loss for the gradients only (e.g. Keras
+                regularisation losses); like weight decay it is not part of J.
+
+        Returns:
+            ``(grads, gram)``: a list aligned with ``variables`` and a (B, B) tensor.
+
+        Raises:
+            ValueError: on a loss whose shape does not match ``loss_reduction``, when no
+                layer was recorded, or when a variable that should enter G is read outside
+                the ``call`` of the layer that owns it (the Gram would miss it).
+            TypeError: on a non-floating loss.
+        """
+        target = loss_target(loss, loss_reduction)
+        if self._recording:
+            raise ValueError("gradient_and_gram must be called after the `with GramTape(...)` "
+                             "block has closed; received a call inside it. Dedent the call.")
+        if not self._records:
+            raise ValueError(
+                f"no trainable layer of model {self.model.name!r} was called inside the "
+                "GramTape block; received nothing to take a Gram of. Call the model inside "
+                "`with GramTape(model) as tape:`."
+            )
+        variables = list(self.model.trainable_variables if variables is None else variables)
+        by_layer: dict[int, list] = {}
+        for layer, rule, capture in self._records:
+            by_layer.setdefault(id(layer), []).append((layer, rule, capture))
+        claimed = {}
+        for calls in by_layer.values():
+            layer, rule = calls[0][0], calls[0][1]
+            for v in (rule.variables(layer) if rule is not GENERIC else
+                      _rules.own_trainable_variables(layer)):
+                claimed[id(v)] = v
+        watched = [t for _, _, c in self._records for t in c["watch"]]
+        unclaimed = [v for v in variables if id(v) not in claimed]
+        found = self._tape.gradient(target, watched + unclaimed)
+        deltas, free = found[:len(watched)], found[len(watched):]
+        deltas = [tf.zeros_like(t) if d is None else d for t, d in zip(watched, deltas)]
+        missed = [v.path if hasattr(v, "path") else v.name for v, g in zip(unclaimed, free)
+                  if g is not None and id(v) not in self._excluded]
+        if missed:
+            raise ValueError(
+                "every variable that enters the Gram must be used inside the call of the layer "
+                f"that owns it; received variables used elsewhere: {missed}. Register a rule for "
+                "the layer using them (register_layer_rule), or leave them out of G with "
+                "GramTape(..., layers=...)."
+            )
+        self.grad_dtype = deltas[0].dtype if deltas else None
+        batch = tf.shape(watched[0])[0]
+        position = 0
+        grads_by_id: dict[int, Any] = {}
+        gram = None
+        self.report, self.layer_grams = [], {}
+        for calls in by_layer.values():
+            layer, rule = calls[0][0], calls[0][1]
+            per_call = []
+            for _, _, capture in calls:
+                n = len(capture["watch"])
+                per_call.append((self._cast(capture), [self._cast_t(d) for d in deltas[position:position + n]]))
+                position += n
+            with tf.name_scope(f"fimcore_{rule.name}"):
+                contribution, grads, path = self._layer(layer, rule, calls, per_call)
+            self.report.append((layer.name, type(layer).__name__, path))
+            self.layer_grams[layer.name] = contribution
+            gram = contribution if gram is None else gram + contribution
+            owned = rule.variables(layer)
+            for v, g in zip(owned, grads):
+                grads_by_id[id(v)] = tf.cast(g, v.dtype)
+        if loss_reduction == "mean":
+            gram = gram * tf.cast(batch, gram.dtype) ** 2
+        result = [grads_by_id.get(id(v)) for v in variables]
+        for i, v in enumerate(variables):
+            if id(v) not in claimed:
+                result[i] = free[unclaimed.index(v)]
+        if extra_loss is not None:
+            extra = self._tape.gradient(extra_loss, variables)
+            result = [e if g is None else (g if e is None else g + tf.cast(e, g.dtype))
+                      for g, e in zip(result, extra)]
+        return result, gram
+
+    def _cast_t(self, t):
+        if self.dtype is not None and t.dtype.is_floating and t.dtype != self.dtype:
+            return tf.cast(t, self.dtype)
+        return t
+
+    def _cast(self, capture):
+        return {k: (self._cast_t(v) if isinstance(v, tf.Tensor) else v) for k, v in capture.items()}
+
+    def _layer(self, layer, rule, calls, per_call):
+        if rule is GENERIC:
+            return self._generic(layer, calls, per_call)
+        if len(per_call) == 1:
+            return rule.gram_and_grads(layer, *per_call[0])
+        blocks = None
+        for capture, ds in per_call:  # a layer called several times: sum per-sample blocks
+            b = rule.per_sample(layer, capture, ds)
+            blocks = b if blocks is None else [x + y for x, y in zip(blocks, b)]
+        rows = tf.concat([_linalg.flat_rows(b) for b in blocks], axis=1)
+        return _linalg.gram_of_rows(rows), [tf.reduce_sum(b, 0) for b in blocks], "materialised"
+
+    def _generic(self, layer, calls, per_call):
+        own = _rules.own_trainable_variables(layer)
+        with self._tape:  # re-enter the persistent tape: s_i = Σ_t y_it·δ_it
+            s = None
+            for (_, _, capture), (_, ds) in zip(calls, per_call):
+                for y, d in zip(capture["watch"], ds):
+                    term = y * tf.stop_gradient(tf.cast(d, y.dtype))
+                    term = tf.reduce_sum(tf.reshape(term, tf.stack([tf.shape(term)[0], -1])), axis=1)
+                    s = term if s is None else s + term
+        blocks = self._tape.jacobian(s, own, unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                                     experimental_use_pfor=True)
+        blocks = [self._cast_t(b) for b in blocks]
+        rows = tf.concat([_linalg.flat_rows(b) for b in blocks], axis=1)
+        return _linalg.gram_of_rows(rows), [tf.reduce_sum(b, 0) for b in blocks], "generic"
