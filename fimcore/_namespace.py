@@ -14,9 +14,11 @@ caller hands over (``array_api_compat`` does this through ``sys.modules``).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
@@ -32,8 +34,31 @@ __all__ = [
     "default_int_dtype",
     "eps_of",
     "is_concrete",
+    "jit_for",
     "resolve_namespace",
 ]
+
+_JIT_CACHE: dict[tuple[Callable[..., Any], tuple[str, ...]], Callable[..., Any]] = {}
+
+
+def jit_for(fn: Callable[..., Any], xp: Any, *, static: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """``fn`` with ``xp`` bound; in JAX compiled once per shape with ``jax.jit``.
+
+    Eager JAX compiles every operation separately for each new shape, which makes a
+    dozen small array operations cost seconds; one compiled body costs one compilation.
+    Inside a caller's ``jax.jit`` the inner one is inlined. ``static`` names keyword
+    arguments that are Python values fixing shapes (e.g. a batch size). Other namespaces
+    get ``fn`` unchanged.
+    """
+    if not array_api_compat.is_jax_namespace(xp):
+        return functools.partial(fn, xp=xp)
+    key = (fn, static)
+    compiled = _JIT_CACHE.get(key)
+    if compiled is None:
+        jax = sys.modules["jax"]
+        compiled = jax.jit(functools.partial(fn, xp=xp), static_argnames=static)
+        _JIT_CACHE[key] = compiled
+    return compiled
 
 
 def resolve_namespace(*arrays: Any, xp: Any = None) -> Any:
@@ -116,14 +141,15 @@ def check_values(gram: Any, xp: Any, *, name: str = "gram", where: str = "") -> 
     if not is_concrete(gram):
         return
     at = f" {where}" if where else ""
-    if not bool(xp.all(xp.isfinite(gram))):
+    finite, scale, asym, diag_min = (
+        float(v) for v in jit_for(_value_stats, xp)(gram)
+    )
+    if not finite:
         raise ValueError(
             f"{name}{at} must be finite; received a Gram with NaN or inf entries. Check the "
             "loss and gradients for overflow (lower the learning rate, use float64), or pass "
             "on_nonfinite='skip' to a MeasureTracker to count and skip such steps."
         )
-    scale = float(xp.max(xp.abs(gram)))
-    asym = float(xp.max(xp.abs(gram - xp.matrix_transpose(gram))))
     tol = symmetry_tolerance(gram.dtype, xp)
     if asym > tol * scale:
         raise ValueError(
@@ -131,12 +157,19 @@ def check_values(gram: Any, xp: Any, *, name: str = "gram", where: str = "") -> 
             f"max|G - Gᵀ| = {asym:.3e} with max|G| = {scale:.3e}. Pass G = J Jᵀ "
             "(fimcore.gram(J)); symmetrise a Gram assembled by hand with (G + Gᵀ)/2."
         )
-    diag_min = float(xp.min(xp.linalg.diagonal(gram)))
     if diag_min < 0:
         raise ValueError(
             f"{name}{at} must have a non-negative diagonal (G_ii = ‖J_i‖² >= 0); received a "
             f"diagonal entry {diag_min:.3e}. Pass the Gram G = J Jᵀ of per-sample gradients."
         )
+
+
+def _value_stats(gram: Any, *, xp: Any) -> tuple[Any, Any, Any, Any]:
+    """(all finite, max|G|, max|G - Gᵀ|, min diag G) as 0-D arrays."""
+    finite = xp.all(xp.isfinite(gram))
+    scale = xp.max(xp.abs(gram))
+    asym = xp.max(xp.abs(gram - xp.matrix_transpose(gram)))
+    return finite, scale, asym, xp.min(xp.linalg.diagonal(gram))
 
 
 def symmetry_tolerance(dtype: Any, xp: Any) -> float:

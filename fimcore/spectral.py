@@ -41,6 +41,7 @@ from ._namespace import (
     default_int_dtype,
     eps_of,
     is_concrete,
+    jit_for,
     resolve_namespace,
 )
 
@@ -118,7 +119,7 @@ def spectrum(gram: Any, /, *, xp: Any = None) -> Any:
     xp = resolve_namespace(gram, xp=xp)
     check_gram(gram, xp)
     check_values(gram, xp)
-    return _spectrum(gram, xp=xp)
+    return jit_for(_spectrum, xp)(gram)
 
 
 def truncated_condition_number(
@@ -167,8 +168,7 @@ def truncated_condition_number(
     check_convention(convention)
     rtol = resolve_rtol(rtol, size, grad_dtype if grad_dtype is not None else gram.dtype, xp)
     check_values(gram, xp)
-    eigs = _spectrum(gram, xp=xp)
-    c, lam_max, _, _, _ = _condition(eigs, rtol=rtol, xp=xp)
+    c, lam_max = jit_for(_condition_of_gram, xp)(gram, rtol)
     if is_concrete(lam_max) and not float(lam_max) > 0:
         raise ValueError(
             "the truncated condition number needs λ_max > 0; received an all-zero Gram "
@@ -195,7 +195,7 @@ def energy(gram: Any, /, *, xp: Any = None) -> Any:
     xp = resolve_namespace(gram, xp=xp)
     check_gram(gram, xp)
     check_values(gram, xp)
-    return _trace(gram, xp=xp)
+    return jit_for(_trace, xp)(gram)
 
 
 def weighted_energy(
@@ -228,7 +228,7 @@ def weighted_energy(
     check_nonnegative_number(lr, name="lr")
     batch = size if batch_size is None else check_positive_int(batch_size, name="batch_size")
     check_values(gram, xp)
-    trace = _trace(gram, xp=xp)
+    trace = jit_for(_trace, xp)(gram)
     return (lr / batch) * xp.sqrt(trace)
 
 
@@ -264,6 +264,11 @@ def _spectrum(gram: Any, *, xp: Any) -> Any:
     g = (g + xp.matrix_transpose(g)) / 2
     eigs = xp.sort(xp.linalg.eigvalsh(g))
     return xp.maximum(eigs, xp.zeros_like(eigs))
+
+
+def _condition_of_gram(gram: Any, rtol: Any, *, xp: Any) -> tuple[Any, Any]:
+    c, lam_max, _, _, _ = _condition(_spectrum(gram, xp=xp), rtol=rtol, xp=xp)
+    return c, lam_max
 
 
 def _trace(gram: Any, *, xp: Any) -> Any:

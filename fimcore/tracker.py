@@ -46,6 +46,7 @@ from ._namespace import (
     compute_dtype,
     default_int_dtype,
     is_concrete,
+    jit_for,
     resolve_namespace,
 )
 from .record import Measurement
@@ -161,7 +162,7 @@ def measure_update(
     xp = resolve_namespace(gram, xp=xp)
     size, rtol, batch = _check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size,
                                        rtol=rtol, grad_dtype=grad_dtype)
-    step = _step(gram, xp=xp, lr=lr, batch=batch, rtol=rtol)
+    step = jit_for(_step, xp, static=("batch",))(gram, lr, rtol, batch=batch)
     zero = xp.zeros_like(step["c_k"])
     int_dtype = getattr(state.steps, "dtype", None) or default_int_dtype(xp)
 
@@ -197,7 +198,7 @@ def _check_options(gram, xp, *, lr, weight, batch_size, rtol, grad_dtype):
     return size, rtol, batch
 
 
-def _step(gram: Any, *, xp: Any, lr: Any, batch: int, rtol: float) -> dict[str, Any]:
+def _step(gram: Any, lr: Any, rtol: Any, *, batch: int, xp: Any) -> dict[str, Any]:
     """Per-iteration quantities, NaN-flagged instead of raising (no value branching)."""
     g = xp.astype(gram, compute_dtype(xp))
     finite = xp.all(xp.isfinite(g))
@@ -311,7 +312,7 @@ class MeasureTracker:
         if finite:
             check_values(gram, xp, where=f"at step k={k}")
         step = {name: _to_host(value) for name, value in
-                _step(gram, xp=xp, lr=lr, batch=batch, rtol=rtol).items()}
+                jit_for(_step, xp, static=("batch",))(gram, lr, rtol, batch=batch).items()}
         lr_f, weight_f = float(lr), float(weight)
         self._steps = k
         if step["defined"]:

@@ -1,0 +1,207 @@
+"""spectrum, truncated_condition_number, energy, weighted_energy, default_rtol.
+
+References are plain NumPy float64 computed by other means (singular values of J,
+eigenvalues of the P×P matrix Jᵀ J, the spectrum an SPD matrix was built from).
+Tolerances are absolute on eigenvalues, c·n·eps·λ_max, so relative tolerances on small
+eigenvalues and on c_k grow with the condition number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fimcore
+from tests.core.helpers import EPS64, reference_sorted_eigs_from_svd, same_library, to_numpy
+from tests.strategies import j_matrices, spd_with_spectrum
+
+EIG_SLACK = 64  # constant in front of n·eps·λ_max
+
+
+@given(case=j_matrices())
+def test_nonzero_spectrum_of_JJt_equals_that_of_JtJ(xp, case):
+    J = case.J
+    B, P = J.shape
+    eigs = fimcore.spectrum(fimcore.gram(xp.asarray(J)))
+    assert same_library(eigs, xp) and eigs.dtype == xp.float64
+    got = to_numpy(eigs)
+    assert np.all(np.diff(got) >= 0) and np.all(got >= 0)
+    lam_max = float(np.linalg.norm(J, 2) ** 2)
+    atol = EIG_SLACK * max(B, P) * EPS64 * lam_max
+    # P×P side: the r = min(B, P) largest eigenvalues of Jᵀ J, the rest of G's are 0
+    r = min(B, P)
+    jtj = np.sort(np.linalg.eigvalsh(J.T @ J))[::-1][:r]
+    expected = np.concatenate([np.zeros(B - r), np.sort(np.clip(jtj, 0, None))])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
+    np.testing.assert_allclose(got, reference_sorted_eigs_from_svd(J), rtol=0, atol=atol)
+
+
+@given(case=spd_with_spectrum())
+def test_spectrum_matches_known_spectrum(xp, case):
+    got = to_numpy(fimcore.spectrum(xp.asarray(case.G)))
+    atol = EIG_SLACK * case.G.shape[0] * EPS64 * case.eigs[-1]
+    np.testing.assert_allclose(got, case.eigs, rtol=0, atol=atol)
+
+
+def _oracle_condition(eigs: np.ndarray, rtol: float) -> float:
+    lam_max = max(eigs)
+    return lam_max / min(v for v in eigs if v > rtol * lam_max)
+
+
+RTOL_ORACLE = 1e-10  # far above float64 noise, far below the oracle's smallest ratio 1e-6
+
+
+@given(case=spd_with_spectrum(), log_scale=st.integers(-3, 3), seed=st.integers(0, 2**16))
+def test_condition_number_oracle_and_invariances(xp, case, log_scale, seed):
+    B = case.G.shape[0]
+    expected = _oracle_condition(case.eigs, RTOL_ORACLE)
+    tol = EIG_SLACK * B * EPS64 * expected
+
+    def c(G):
+        return float(fimcore.truncated_condition_number(xp.asarray(G), rtol=RTOL_ORACLE))
+
+    base = c(case.G)
+    assert base >= 1.0
+    assert math.isclose(base, expected, rel_tol=tol)
+    perm = np.random.default_rng(seed).permutation(B)
+    assert math.isclose(c(case.G[np.ix_(perm, perm)]), expected, rel_tol=tol)
+    assert math.isclose(c(case.G * 10.0**log_scale), expected, rel_tol=tol)
+    jac = float(
+        fimcore.truncated_condition_number(xp.asarray(case.G), rtol=RTOL_ORACLE, convention="jacobian")
+    )
+    assert math.isclose(jac, math.sqrt(base), rel_tol=4 * EPS64)
+
+
+@given(case=j_matrices())
+def test_condition_number_at_least_one_with_default_rtol(xp, case):
+    G = fimcore.gram(xp.asarray(case.J))
+    if not np.any(case.J):
+        return
+    c = fimcore.truncated_condition_number(G)
+    assert same_library(c, xp) and c.dtype == xp.float64 and tuple(c.shape) == ()
+    assert float(c) >= 1.0
+    assert float(fimcore.truncated_condition_number(G, convention="jacobian")) >= 1.0
+
+
+def test_batch_of_one_gives_one(xp):
+    for value in (1e-12, 3.0, 1e12):
+        assert float(fimcore.truncated_condition_number(xp.asarray([[value]]))) == 1.0
+
+
+def test_default_rtol_truncates_at_B_eps_of_grad_dtype(xp):
+    eps32 = float(np.finfo(np.float32).eps)
+    # B = 2: float64 threshold 2·eps64·λ_max; float32 threshold 2·eps32·λ_max ≈ 2.4e-7
+    G = xp.asarray(np.diag([1.0, 1e-7]))
+    assert float(fimcore.truncated_condition_number(G)) == pytest.approx(1e7, rel=1e-12)
+    assert float(fimcore.truncated_condition_number(G, grad_dtype=xp.float32)) == 1.0
+    G32 = xp.asarray(np.diag([1.0, 1e-7]), dtype=xp.float32)  # judged by float32's eps
+    assert float(fimcore.truncated_condition_number(G32)) == 1.0
+    G32 = xp.asarray(np.diag([1.0, 4 * eps32]), dtype=xp.float32)
+    assert float(fimcore.truncated_condition_number(G32)) == pytest.approx(1 / (4 * eps32), rel=1e-6)
+    # explicit rtol=0 keeps every strictly positive eigenvalue
+    G = xp.asarray(np.diag([1.0, 1e-20, 0.0]))
+    assert float(fimcore.truncated_condition_number(G)) == 1.0
+    assert float(fimcore.truncated_condition_number(G, rtol=0.0)) == pytest.approx(1e20)
+
+
+def test_default_rtol_values(xp):
+    assert fimcore.default_rtol(1, xp.float64) == EPS64
+    assert fimcore.default_rtol(128, xp.float32) == 128 * float(np.finfo(np.float32).eps)
+    assert fimcore.default_rtol(7, "float64") == 7 * EPS64
+
+
+def test_float32_gram_eigenvalues_in_float64(xp):
+    J = np.random.default_rng(1).standard_normal((6, 4)).astype(np.float32)
+    G32 = fimcore.gram(xp.asarray(J))
+    eigs = fimcore.spectrum(G32)
+    assert eigs.dtype == xp.float64
+    expected = np.sort(np.linalg.eigvalsh(to_numpy(G32)))
+    np.testing.assert_allclose(to_numpy(eigs), np.clip(expected, 0, None), rtol=0,
+                               atol=EIG_SLACK * 6 * EPS64 * expected[-1])
+
+
+@given(case=j_matrices(), lr=st.floats(0.0, 10.0), batch=st.none() | st.integers(1, 512))
+def test_energy_and_weighted_energy_against_row_norms(xp, case, lr, batch):
+    J = case.J
+    G = fimcore.gram(xp.asarray(J))
+    trace_ref = math.fsum(float(v) ** 2 for v in J.ravel())
+    trace = fimcore.energy(G)
+    assert same_library(trace, xp) and trace.dtype == xp.float64
+    assert math.isclose(float(trace), trace_ref, rel_tol=8 * J.shape[1] * EPS64)
+    b = J.shape[0] if batch is None else batch
+    i_k = float(fimcore.weighted_energy(G, lr=lr, batch_size=batch))
+    assert math.isclose(i_k, lr / b * math.sqrt(trace_ref), rel_tol=8 * J.shape[1] * EPS64, abs_tol=0)
+
+
+def test_zero_gram_has_no_condition_number(xp):
+    G = xp.zeros((3, 3), dtype=xp.float64)
+    with pytest.raises(ValueError, match="all-zero Gram"):
+        fimcore.truncated_condition_number(G)
+    assert float(fimcore.energy(G)) == 0.0
+    assert float(fimcore.weighted_energy(G, lr=0.1)) == 0.0
+    assert np.all(to_numpy(fimcore.spectrum(G)) == 0.0)
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+FUNCTIONS = [
+    fimcore.spectrum,
+    fimcore.truncated_condition_number,
+    fimcore.energy,
+    lambda g: fimcore.weighted_energy(g, lr=0.1),
+]
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS, ids=["spectrum", "cond", "energy", "weighted"])
+def test_bad_grams_are_rejected(xp, fn):
+    with pytest.raises(ValueError, match="2-D \\(B, B\\) matrix"):
+        fn(xp.ones((3,), dtype=xp.float64))
+    with pytest.raises(ValueError, match="must be square"):
+        fn(xp.ones((2, 3), dtype=xp.float64))
+    with pytest.raises(TypeError, match="real floating-point dtype"):
+        fn(xp.ones((2, 2), dtype=xp.int64))
+    with pytest.raises(TypeError, match="real floating-point dtype"):
+        fn(xp.ones((2, 2), dtype=xp.complex128))
+    with pytest.raises(ValueError, match="must be symmetric"):
+        fn(xp.asarray([[1.0, 0.5], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="must be finite"):
+        fn(xp.asarray([[1.0, float("nan")], [float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match="non-negative diagonal"):
+        fn(xp.asarray([[-1.0, 0.0], [0.0, 1.0]]))
+
+
+def test_symmetry_tolerance_accepts_rounding(xp):
+    G = np.array([[2.0, 1.0], [1.0 + 1e-12, 2.0]])
+    assert float(fimcore.truncated_condition_number(xp.asarray(G))) == pytest.approx(3.0)
+    G32 = np.array([[2.0, 1.0], [1.0 + 1e-6, 2.0]], dtype=np.float32)
+    assert float(fimcore.truncated_condition_number(xp.asarray(G32))) == pytest.approx(3.0, rel=1e-5)
+
+
+def test_bad_options_are_rejected(xp):
+    G = xp.asarray(np.eye(2))
+    with pytest.raises(ValueError, match="convention must be one of"):
+        fimcore.truncated_condition_number(G, convention="svd")
+    for rtol in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="0 <= rtol < 1"):
+            fimcore.truncated_condition_number(G, rtol=rtol)
+    with pytest.raises(TypeError, match="rtol must be a Python float"):
+        fimcore.truncated_condition_number(G, rtol="small")
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        fimcore.weighted_energy(G, lr=-0.1)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        fimcore.weighted_energy(G, lr=0.1, batch_size=0)
+    with pytest.raises(TypeError, match="batch_size must be a positive integer"):
+        fimcore.weighted_energy(G, lr=0.1, batch_size=2.0)
+
+
+def test_default_rtol_errors():
+    with pytest.raises(TypeError, match="real floating-point dtype"):
+        fimcore.default_rtol(4, np.int32)
+    with pytest.raises(ValueError, match="B·eps must be < 1"):
+        fimcore.default_rtol(2048, np.float16)
+    with pytest.raises(ValueError, match="positive integer"):
+        fimcore.default_rtol(0, np.float64)
