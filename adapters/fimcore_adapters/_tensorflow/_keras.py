@@ -1,0 +1,346 @@
+"""Keras integration: a ``train_step`` that returns the Gram every n-th step, and callbacks.
+
+The Gram is formed inside the compiled step (``tf.function``, XLA allowed); the callback
+turns it into measures on the host with :class:`fimcore.MeasureTracker` (the core does not
+run inside a compiled function) and writes ``c_k``, ``I_k``, ``C_bar``, ``L`` into the logs
+that ``fit`` hands to its ``History``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ._functional import _KERAS_REDUCTIONS
+from ._tape import GramTape
+
+GRAM_KEYS = ("fimcore_gram", "fimcore_measured", "fimcore_lr")
+
+
+class GramStepMixin:
+    """Mixin for ``keras.Model`` subclasses whose ``train_step`` also returns the Gram.
+
+    Every ``gram_every``-th step (within-epoch index n with n % gram_every == 0, the counter
+    being reset by :class:`GramMeasureCallback` at each epoch) the step runs under a
+    :class:`GramTape`: one forward, one backward, the optimizer update from the same
+    gradients, and extra logs ``fimcore_gram`` (B×B), ``fimcore_measured`` and ``fimcore_lr``
+    (the learning rate in force). Other steps run the plain step. Regularisation losses
+    enter the gradients, not J. Place it before ``keras.Model`` in the bases:
+    ``class Net(GramStepMixin, keras.Model): ...``; set options with :meth:`set_gram_options`.
+    """
+
+    gram_every = 1
+    gram_layers = None
+    gram_dtype = None
+    gram_mode = "registry"
+
+    def set_gram_options(self, *, every: int = 1, layers=None, dtype=None, mode: str = "registry"):
+        """Measure every ``every`` steps over ``layers`` (see :class:`GramTape`)."""
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every must be a positive int; received {every!r}. Use 1 to "
+                             "measure every step, 50 for the paper's sampling.")
+        object.__setattr__(self, "gram_every", every)
+        object.__setattr__(self, "gram_layers", layers)
+        object.__setattr__(self, "gram_dtype", dtype)
+        object.__setattr__(self, "gram_mode", mode)
+        return self
+
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        if getattr(self, "_fimcore_counter", None) is None:
+            object.__setattr__(self, "_fimcore_counter",
+                               tf.Variable(0, dtype=tf.int64, trainable=False, name="fimcore_step"))
+        object.__setattr__(self, "_fimcore_grad_dtype", None)
+
+    def _gram_loss_reduction(self) -> str:
+        loss = getattr(self, "loss", None)
+        if isinstance(loss, keras.losses.Loss):
+            return _KERAS_REDUCTIONS.get(loss.reduction, "mean")
+        return "mean"
+
+    def _one_step(self, x, y, sample_weight, with_gram: bool):
+        variables = self.trainable_variables
+        split = type(self).compute_loss is keras.Model.compute_loss and self._compile_loss is not None
+        context = (GramTape(self, layers=self.gram_layers, dtype=self.gram_dtype, mode=self.gram_mode)
+                   if with_gram else tf.GradientTape())
+        with context as tape:
+            y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
+            if split:
+                data_loss = self._compile_loss(y, y_pred, sample_weight)
+                extra = [self._aggregate_additional_loss(v) for v in self.losses]
+                extra = tf.add_n(extra) if extra else None
+            else:
+                data_loss = self._compute_loss(x=x, y=y, y_pred=y_pred,
+                                               sample_weight=sample_weight, training=True)
+                extra = None
+            total = data_loss if extra is None else data_loss + extra
+        batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+        self._loss_tracker.update_state(total, sample_weight=batch)
+        lr = tf.cast(self.optimizer.learning_rate, tf.float64)
+        if with_gram:
+            reduction = self._gram_loss_reduction() if split else "mean"
+            grads, gram = tape.gradient_and_gram(data_loss, variables, loss_reduction=reduction,
+                                                 extra_loss=extra)
+            object.__setattr__(self, "_fimcore_grad_dtype", tape.grad_dtype.name)
+        else:
+            grads = tape.gradient(total, variables)
+            gram = None
+        self.optimizer.apply_gradients(zip(grads, variables))
+        logs = dict(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+        return logs, gram, lr, batch
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        counter = getattr(self, "_fimcore_counter", None)
+        if counter is None:
+            raise ValueError("compile() the model before training; the Gram step counter is "
+                             "created by GramStepMixin.compile.")
+        measure = tf.equal(counter % self.gram_every, 0)
+        counter.assign_add(1)
+
+        def with_gram():
+            logs, gram, lr, _ = self._one_step(x, y, sample_weight, True)
+            return {**logs, "fimcore_gram": tf.cast(gram, tf.float64),
+                    "fimcore_measured": tf.constant(1.0, tf.float64), "fimcore_lr": lr}
+
+        def plain():
+            logs, _, lr, batch = self._one_step(x, y, sample_weight, False)
+            return {**logs, "fimcore_gram": tf.zeros(tf.stack([batch, batch]), tf.float64),
+                    "fimcore_measured": tf.constant(0.0, tf.float64), "fimcore_lr": lr}
+
+        if self.gram_every == 1:
+            return with_gram()
+        return tf.cond(measure, with_gram, plain)
+
+
+class GramModel(GramStepMixin, keras.Model):
+    """Wrap a built Keras model so that ``fit`` also returns the Gram every ``every`` steps.
+
+    Args:
+        model: the built model to train (its layers and variables are used as they are).
+        every: measure the within-epoch steps n with n % every == 0.
+        layers, dtype, mode: as for :class:`GramTape`.
+
+    Example:
+        >>> import numpy as np, keras
+        >>> from fimcore_adapters.tensorflow import GramModel, GramMeasureCallback
+        >>> net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> model = GramModel(net, every=2)
+        >>> model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        >>> x, y = np.ones((8, 3), "float32"), np.zeros((8, 2), "float32")
+        >>> h = model.fit(x, y, batch_size=4, epochs=2, verbose=0,
+        ...               callbacks=[GramMeasureCallback()])
+        >>> sorted(k for k in h.history if k in ("c_k", "I_k", "C_bar", "L"))
+        ['C_bar', 'I_k', 'L', 'c_k']
+    """
+
+    def __init__(self, model, *, every: int = 1, layers=None, dtype=None, mode: str = "registry",
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not getattr(model, "built", False):
+            raise ValueError(
+                f"model {getattr(model, 'name', model)!r} must be built before wrapping; "
+                "received an unbuilt model. Give it an Input or call model.build(input_shape)."
+            )
+        self.inner = model
+        self.set_gram_options(every=every, layers=layers, dtype=dtype, mode=mode)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        return self.inner(inputs, training=training)
+
+
+class GramMeasureCallback(keras.callbacks.Callback):
+    """Feed the Grams of a :class:`GramStepMixin` model to a :class:`fimcore.MeasureTracker`.
+
+    On each measured step it calls ``tracker.update(G, lr=α_k, weight=w_k, batch_size=B_k,
+    grad_dtype=...)`` with :math:`w_k` the iterations the measurement stands for (itself and
+    the unmeasured steps up to the next measurement or the epoch's end), removes the Gram from
+    the logs, adds ``c_k``, ``I_k``, ``C_bar``, ``L`` (and ``C_bar_jacobian``) to the batch
+    logs and puts the epoch's last values into the epoch logs (so into ``History``; NaN
+    when undefined). Put it before other callbacks that read the logs.
+
+    Args:
+        tracker: a :class:`fimcore.MeasureTracker` (default: a new one with ``rtol`` and
+            ``on_nonfinite``); it persists across ``fit`` calls.
+
+    Raises:
+        TypeError: when the model does not use :class:`GramStepMixin`.
+        ValueError: when ``steps_per_execution`` > 1 (only the last step's logs would reach
+            the host).
+    """
+
+    def __init__(self, tracker=None, *, rtol=None, on_nonfinite: str = "raise") -> None:
+        super().__init__()
+        if tracker is None:
+            import fimcore
+
+            tracker = fimcore.MeasureTracker(rtol=rtol, on_nonfinite=on_nonfinite)
+        self.tracker = tracker
+        self.last = None
+        self._pending = None
+
+    def on_train_begin(self, logs=None):
+        if not isinstance(self.model, GramStepMixin):
+            raise TypeError(
+                "GramMeasureCallback needs a model whose train_step returns the Gram; received "
+                f"{type(self.model).__name__}. Wrap it: GramModel(model, every=...), or mix "
+                "GramStepMixin into its class."
+            )
+        spe = getattr(self.model, "steps_per_execution", 1)
+        if int(spe) != 1:
+            raise ValueError(
+                f"steps_per_execution must be 1 for per-step measures; received {spe}. "
+                "Compile with steps_per_execution=1."
+            )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model._fimcore_counter.assign(0)
+        self._pending, self._last_batch = None, -1
+        self._epoch_last = None
+
+    def _update(self, gram, lr, weight):
+        grad_dtype = getattr(self.model, "_fimcore_grad_dtype", None)
+        self.last = self.tracker.update(gram, lr=lr, weight=weight, batch_size=gram.shape[0],
+                                        grad_dtype=np.dtype(grad_dtype) if grad_dtype else None)
+        self._epoch_last = self.last
+
+    def _measures(self):
+        m = self._epoch_last
+        nan = float("nan")
+        if m is None:
+            return {}
+        return {"c_k": nan if m.c_k is None else m.c_k, "I_k": nan if m.I_k is None else m.I_k,
+                "C_bar": nan if m.C_bar is None else m.C_bar, "L": m.L,
+                "C_bar_jacobian": nan if m.C_bar_jacobian is None else m.C_bar_jacobian}
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs if logs is not None else {}
+        gram = logs.pop("fimcore_gram", None)
+        measured = logs.pop("fimcore_measured", 0.0)
+        lr = logs.pop("fimcore_lr", None)
+        self._last_batch = batch
+        if not measured or gram is None:
+            return
+        gram = np.asarray(gram)
+        steps = (self.params or {}).get("steps")
+        every = self.model.gram_every
+        if steps:
+            self._update(gram, float(lr), min(every, steps - batch))
+        else:  # unknown epoch length: weight known at the next measurement or epoch end
+            self._flush(batch)
+            self._pending = (gram, float(lr), batch)
+        logs.update(self._measures())
+
+    def _flush(self, end):
+        if self._pending is not None:
+            gram, lr, start = self._pending
+            self._pending = None
+            self._update(gram, lr, max(end - start, 1))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._flush(self._last_batch + 1)
+        if logs is not None:
+            for key in GRAM_KEYS:
+                logs.pop(key, None)
+            logs.update(self._measures())
+
+
+class StagedBatchSize(keras.callbacks.Callback):
+    """Apply a :class:`fimcore.StagedBatchSchedule` between epochs.
+
+    Keras ``fit`` fixes the batch size of one call, so the switch is a loop of ``fit``
+    calls, one per stage (:func:`fit_staged` runs it): this callback stops ``fit`` after
+    the last epoch of a stage, records ``batch_size`` and ``stage`` in the epoch logs, and
+    tells the loop the next epoch and batch size. Model, optimizer state, BatchNorm
+    statistics and trackers carry over unchanged, as in the paper's stop-and-resume runs.
+
+    Raises:
+        ValueError: when ``fit`` runs an epoch with a batch size other than the schedule's
+            (checked when ``fit`` knows its batch size).
+    """
+
+    def __init__(self, schedule) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.next_epoch = 0
+        self.stage_end = False
+
+    @property
+    def batch_size(self) -> int:
+        """Batch size for ``next_epoch``."""
+        return self.schedule.batch_size(self.next_epoch)
+
+    @property
+    def done(self) -> bool:
+        """Whether every epoch of the schedule has run."""
+        return self.next_epoch >= self.schedule.total_epochs
+
+    def on_train_begin(self, logs=None):
+        self.stage_end = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        expected = self.schedule.batch_size(epoch)
+        given = (self.params or {}).get("batch_size")
+        if given is not None and int(given) != expected:
+            raise ValueError(
+                f"epoch {epoch} must run with batch size {expected} (stage "
+                f"{self.schedule.stage(epoch)} of the schedule); received fit(batch_size={given}). "
+                "Run the stages with fit_staged(), or re-batch to StagedBatchSize.batch_size."
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["batch_size"] = float(self.schedule.batch_size(epoch))
+            logs["stage"] = float(self.schedule.stage(epoch))
+        self.next_epoch = epoch + 1
+        if not self.done and self.schedule.batch_size(epoch + 1) != self.schedule.batch_size(epoch):
+            self.stage_end = True
+            self.model.stop_training = True
+
+
+def fit_staged(model, x, y=None, *, schedule, callbacks=(), **fit_kwargs):
+    """Train with a :class:`fimcore.StagedBatchSchedule`: one ``model.fit`` per stage.
+
+    Args:
+        model: a compiled Keras model.
+        x: arrays (batched by ``fit`` with the stage's ``batch_size``), or an **unbatched**
+            ``tf.data.Dataset`` (re-batched per stage; shuffle it before passing, e.g.
+            ``ds.shuffle(n, reshuffle_each_iteration=True)``).
+        y: targets when ``x`` is an array.
+        schedule: the batch-size schedule; its ``total_epochs`` is the number of epochs.
+        callbacks: further callbacks (e.g. :class:`GramMeasureCallback`), shared by all stages.
+        **fit_kwargs: passed to every ``fit`` call (not ``epochs``/``initial_epoch``/``batch_size``).
+
+    Returns:
+        ``keras.callbacks.History`` whose ``history`` spans all epochs (with ``batch_size`` and
+        ``stage`` per epoch).
+
+    Raises:
+        ValueError: when ``fit_kwargs`` sets ``epochs``, ``initial_epoch`` or ``batch_size``.
+    """
+    for key in ("epochs", "initial_epoch", "batch_size"):
+        if key in fit_kwargs:
+            raise ValueError(f"fit_staged sets {key} from the schedule; received {key}="
+                             f"{fit_kwargs[key]!r}. Remove it (the schedule has total_epochs).")
+    stages = StagedBatchSize(schedule)
+    merged = keras.callbacks.History()
+    merged.history = {}
+    merged.epoch = []
+    dataset = isinstance(x, tf.data.Dataset)
+    while not stages.done:
+        size = stages.batch_size
+        data = x.batch(size) if dataset else x
+        extra = {} if dataset else {"batch_size": size}
+        history = model.fit(data, y, initial_epoch=stages.next_epoch, epochs=schedule.total_epochs,
+                            callbacks=[stages, *callbacks], **extra, **fit_kwargs)
+        for key, values in history.history.items():
+            merged.history.setdefault(key, []).extend(values)
+        merged.epoch.extend(history.epoch)
+        if not stages.stage_end:  # stopped by another callback (or finished)
+            break
+    merged.set_model(model)
+    return merged

@@ -1,0 +1,59 @@
+"""TensorFlow / Keras adapter: per-sample Gram ``G = J Jᵀ`` inside a ``GradientTape`` or ``fit``.
+
+Importing this module imports TensorFlow and Keras (that import is the opt-in); Keras must
+run on its TensorFlow backend. Two roles, as in every fimcore adapter:
+
+* in-step: :class:`GramTape` replaces ``tf.GradientTape`` in a training step and returns the
+  ordinary gradients together with the (B, B) Gram, from one forward and one backward;
+  :class:`GramModel` / :class:`GramStepMixin` put it into a Keras ``train_step`` every n-th
+  step, :class:`GramMeasureCallback` turns it into ``c_k``, ``I_k``, ``C_bar``, ``L`` in the
+  ``fit`` logs, :class:`StagedBatchSize` / :func:`fit_staged` apply a
+  :class:`fimcore.StagedBatchSchedule`;
+* functional: :func:`per_sample_gram` for one model, loss and batch (returns NumPy:
+  TensorFlow has no array-API namespace yet).
+
+Per layer the Gram contribution is exact: factored ``(A Aᵀ) ⊙ (Gₒ Gₒᵀ)`` for dense layers,
+materialised per-layer per-sample gradients for convolutions, affine rows for norm layers,
+and an exact ``GradientTape.jacobian`` path for layers without a rule (:class:`LayerRule`,
+:func:`register_layer_rule`). ``GramTape.report`` says which path each layer took.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf  # noqa: F401  (the opt-in import)
+
+if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "fimcore_adapters.tensorflow needs Keras on its TensorFlow backend; received "
+        f"KERAS_BACKEND={keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow before "
+        "importing keras."
+    )
+
+from ._tensorflow._functional import per_sample_gram  # noqa: E402
+from ._tensorflow._keras import (  # noqa: E402
+    GramMeasureCallback,
+    GramModel,
+    GramStepMixin,
+    StagedBatchSize,
+    fit_staged,
+)
+from ._tensorflow._rules import (  # noqa: E402
+    LayerRule,
+    register_layer_rule,
+    rule_for,
+)
+from ._tensorflow._tape import GramTape  # noqa: E402
+
+__all__ = [
+    "GramMeasureCallback",
+    "GramModel",
+    "GramStepMixin",
+    "GramTape",
+    "LayerRule",
+    "StagedBatchSize",
+    "fit_staged",
+    "per_sample_gram",
+    "register_layer_rule",
+    "rule_for",
+]
