@@ -1,0 +1,157 @@
+"""Per-sample convolution weight gradients, two exact ways, chosen per layer shape.
+
+For sample i, ``J_i[o, c, k] = Σ_t g_i[o, t] · x_i[c, t·stride + k·dilation]`` (within a group).
+
+* ``"grouped"``: one convolution backward over the batch folded into channels (groups = B·groups):
+  the input (1, B·C, …) and output gradient (1, B·O, …) give a weight gradient of shape
+  (B·O, C/groups, k…), i.e. every sample's weight gradient in one library call.
+* ``"unfold"``: a strided view of the padded input as patches (no copy until the reshape), then
+  one batched GEMM ``J_i = G_i X_iᵀ`` per sample and group.
+
+Which is faster depends on the shape (grouped wins on large maps, unfold on some small ones), so
+``"auto"`` times both once per shape and caches the winner for the process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ConvSpec", "per_sample", "patches", "pick_method", "channel_chunks", "METHOD_CACHE"]
+
+METHOD_CACHE: dict = {}
+
+
+@dataclass
+class ConvSpec:
+    dim: int
+    kernel: tuple
+    stride: list
+    dilation: list
+    groups: int
+    in_channels: int
+    out_channels: int
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel)
+
+
+def channel_chunks(spec: ConvSpec, per_channel_bytes: int, budget: int | None):
+    """Output-channel ranges whose per-sample gradients fit ``budget`` (whole groups if groups > 1)."""
+    O = spec.out_channels
+    if budget is None or per_channel_bytes * O <= budget:
+        return [(0, O)]
+    unit = 1 if spec.groups == 1 else O // spec.groups
+    step = max(unit, (budget // max(per_channel_bytes, 1)) // unit * unit)
+    return [(o, min(o + step, O)) for o in range(0, O, step)]
+
+
+def _grouped(x, go, spec: ConvSpec, padding, o0, o1):
+    B = x.shape[0]
+    g = spec.groups
+    opg = spec.out_channels // g
+    ipg = spec.in_channels // g
+    if g == 1:
+        xs, ng = x, 1
+    else:
+        g0, g1 = o0 // opg, o1 // opg
+        xs, ng = x[:, g0 * ipg:g1 * ipg], g1 - g0
+    n_o = o1 - o0
+    gos = go[:, o0:o1]
+    dummy = x.new_empty(()).expand(B * n_o, ipg, *spec.kernel)
+    gw = torch.ops.aten.convolution_backward(
+        gos.reshape(1, B * n_o, *go.shape[2:]), xs.reshape(1, -1, *x.shape[2:]), dummy, None,
+        spec.stride, padding, spec.dilation, False, [0] * spec.dim, B * ng,
+        [False, True, False])[1]
+    return gw.view(B, n_o, ipg, *spec.kernel)
+
+
+def _unfold_view(x, spec: ConvSpec, padding, out_shape):
+    """(B, C, *out_spatial, *kernel) strided view of the zero-padded input."""
+    if any(padding):
+        pads = []
+        for p in reversed(padding):
+            pads += [p, p]
+        x = F.pad(x, pads)
+    x = x.contiguous()
+    st = x.stride()
+    d = spec.dim
+    sizes = tuple(x.shape[:2]) + tuple(out_shape) + tuple(spec.kernel)
+    strides = (st[0], st[1]) + tuple(st[2 + k] * spec.stride[k] for k in range(d)) \
+        + tuple(st[2 + k] * spec.dilation[k] for k in range(d))
+    return x.as_strided(sizes, strides)
+
+
+def patches(x, go, spec: ConvSpec, padding):
+    """Per-group patches A (groups, B, T, C/groups·K) and output gradients (groups, B, T, O/groups)."""
+    B = x.shape[0]
+    d = spec.dim
+    g = spec.groups
+    v = _unfold_view(x, spec, padding, go.shape[2:])
+    perm = (0,) + tuple(range(2, 2 + d)) + (1,) + tuple(range(2 + d, 2 + 2 * d))
+    T = go[0, 0].numel()
+    A = v.permute(perm).reshape(B, T, g, -1).permute(2, 0, 1, 3)
+    Gg = go.reshape(B, g, spec.out_channels // g, T).permute(1, 0, 3, 2)
+    return A, Gg
+
+
+def _unfold(x, go, spec: ConvSpec, padding, o0, o1):
+    B = x.shape[0]
+    g = spec.groups
+    opg = spec.out_channels // g
+    ipg = spec.in_channels // g
+    d = spec.dim
+    T = go[0, 0].numel()
+    v = _unfold_view(x, spec, padding, go.shape[2:])
+    if g > 1:
+        g0, g1 = o0 // opg, o1 // opg
+        v = v[:, g0 * ipg:g1 * ipg]
+        ng, n_pg = g1 - g0, opg
+    else:
+        ng, n_pg = 1, o1 - o0
+    perm = (0,) + tuple(range(2, 2 + d)) + (1,) + tuple(range(2 + d, 2 + 2 * d))
+    X = v.permute(perm).reshape(B, T, ng, ipg * spec.kernel_numel).transpose(1, 2)   # (B, ng, T, CK)
+    Gg = go[:, o0:o1].reshape(B, ng, n_pg, T)
+    J = torch.matmul(Gg, X)                                                             # (B, ng, n_pg, CK)
+    return J.view(B, o1 - o0, ipg, *spec.kernel)
+
+
+def per_sample(method: str, x, go, spec: ConvSpec, padding, o0: int, o1: int) -> torch.Tensor:
+    """Per-sample weight gradients of output channels [o0, o1): shape (B, o1-o0, C/groups, *kernel)."""
+    if method == "grouped":
+        return _grouped(x, go, spec, padding, o0, o1)
+    return _unfold(x, go, spec, padding, o0, o1)
+
+
+def _time(fn, device) -> float:
+    best = math.inf
+    for _ in range(2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def pick_method(requested: str, x, go, spec: ConvSpec, padding) -> str:
+    """``requested`` unless ``"auto"``: then the faster method for this shape, timed once and cached."""
+    if requested != "auto":
+        return requested
+    key = (tuple(x.shape), tuple(go.shape), spec.kernel, tuple(spec.stride), tuple(padding),
+           tuple(spec.dilation), spec.groups, x.dtype, x.device.type)
+    method = METHOD_CACHE.get(key)
+    if method is None:
+        O = spec.out_channels
+        t_grouped = _time(lambda: _grouped(x, go, spec, padding, 0, O), x.device)
+        t_unfold = _time(lambda: _unfold(x, go, spec, padding, 0, O), x.device)
+        method = "grouped" if t_grouped <= t_unfold else "unfold"
+        METHOD_CACHE[key] = method
+    return method

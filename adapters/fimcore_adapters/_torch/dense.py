@@ -1,0 +1,292 @@
+"""Exact rules for ``nn.Linear`` and ``nn.Conv1d/2d/3d``, fused into the layer's own backward.
+
+The layer's forward is routed through a custom autograd function for the duration of a step. Its
+backward receives the output gradient g (B, T, d_out) of the ordinary batch backward, computes the
+input gradient as usual, adds this layer's share of G by the cheaper exact form, and returns the
+batch weight gradient — as the sum Σ_i J_i of the per-sample gradients when those were formed
+anyway, so autograd never computes the weight gradient a second time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import convps
+from .cost import choose
+from .units import Unit, override_forward
+
+__all__ = ["LinearUnit", "ConvUnit"]
+
+_DEFAULT_WORK = 1 << 27   # bytes of temporaries for the factored form when no budget is given
+
+
+def _chunks(total: int, per_item_bytes: int, budget: int | None):
+    if budget is None or per_item_bytes * total <= budget:
+        return [(0, total)]
+    step = max(1, budget // max(per_item_bytes, 1))
+    return [(i, min(i + step, total)) for i in range(0, total, step)]
+
+
+def factored_sum(acc: torch.Tensor, A: torch.Tensor, G: torch.Tensor, budget: int | None) -> None:
+    """``acc_ij += Σ_{t,s} (a_it·a_js)(g_it·g_js)`` for A (B, T, d_a), G (B, T, d_g), in sample chunks.
+
+    Grouped layers pass a leading group dimension: A (k, B, T, d_a), G (k, B, T, d_g), summed over k.
+    """
+    if A.dim() == 3:
+        A, G = A.unsqueeze(0), G.unsqueeze(0)
+    k, B, T, _ = A.shape
+    A2 = A.reshape(k, B * T, -1).to(acc.dtype)
+    G2 = G.reshape(k, B * T, -1).to(acc.dtype)
+    per_sample = 2 * k * T * B * T * acc.element_size()
+    for i0, i1 in _chunks(B, per_sample, budget or _DEFAULT_WORK):
+        KA = torch.bmm(A2[:, i0 * T:i1 * T], A2.transpose(1, 2))
+        KG = torch.bmm(G2[:, i0 * T:i1 * T], G2.transpose(1, 2))
+        KA.mul_(KG)
+        acc[i0:i1] += KA.view(k, i1 - i0, T, B, T).sum(dim=(0, 2, 4))
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, unit):
+        ctx.save_for_backward(x, weight)
+        ctx.unit = unit
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, go):
+        x, w = ctx.saved_tensors
+        unit = ctx.unit
+        gx = go.matmul(w) if ctx.needs_input_grad[0] else None
+        gw, gb = unit.backward(x, go, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        return gx, gw, gb, None
+
+
+class LinearUnit(Unit):
+    """``nn.Linear`` on inputs (B, *, d_in): T = product of the middle dimensions."""
+
+    kind = "linear"
+
+    def install(self, rec):
+        self.rec = rec
+        m = self.module
+
+        def forward(x):
+            rec._forward(self, x.shape[0], m.weight.dtype)
+            try:
+                return _LinearFn.apply(x, m.weight, m.bias, self)
+            finally:
+                rec._forward_done(self)
+
+        return [override_forward(m, forward)]
+
+    def backward(self, x, go, need_w, need_b):
+        rec = self.rec
+        rec._backward(self)
+        m = self.module
+        B = x.shape[0]
+        d_in, d_out = m.in_features, m.out_features
+        A = x.reshape(B, -1, d_in)
+        G = go.reshape(B, -1, d_out)
+        T = A.shape[1]
+        w_sel, b_sel = self.is_selected(m.weight), self.is_selected(m.bias)
+        multi = rec._multi_use(self)
+        path, reason = choose(self.strategy, B, T, d_in if w_sel else 0, d_out,
+                              d_in * d_out if w_sel else 0)
+        if multi:
+            path, reason = "materialize", "parameters reused in this step: per-sample gradients summed over uses"
+        self.set_path(path, reason)
+        gw = gb = None
+        Sb = G.sum(1) if (b_sel or need_b) and T > 1 else (G[:, 0] if (b_sel or need_b) else None)
+        if path == "factored":
+            acc = rec._acc(G)
+            if T == 1:
+                if w_sel:
+                    a = A[:, 0].to(acc.dtype)
+                    K = a @ a.T
+                    if b_sel:
+                        K += 1
+                    g = G[:, 0].to(acc.dtype)
+                    K.mul_(g @ g.T)
+                    acc.add_(K)
+                elif b_sel:
+                    g = G[:, 0].to(acc.dtype)
+                    acc.addmm_(g, g.T)
+            else:
+                if w_sel:
+                    factored_sum(acc, A, G, rec.memory_budget)
+                if b_sel:
+                    s = Sb.to(acc.dtype)
+                    acc.addmm_(s, s.T)
+            rec._mark(self)
+            if need_w:
+                gw = G.reshape(-1, d_out).T.mm(A.reshape(-1, d_in))
+        else:
+            blocks = []
+            if w_sel:
+                per = B * d_in * x.element_size()
+                parts = []
+                for o0, o1 in _chunks(d_out, per, rec.memory_budget):
+                    J = torch.bmm(G[:, :, o0:o1].transpose(1, 2), A)      # (B, o, d_in)
+                    if multi:
+                        parts.append(J)
+                    else:
+                        rec._add_rows(self, [(m.weight, J.reshape(B, -1))])
+                    if need_w:
+                        if gw is None:
+                            gw = x.new_empty(d_out, d_in)
+                        gw[o0:o1] = J.sum(0)
+                    del J
+                if multi:
+                    blocks.append((m.weight, torch.cat(parts, 1).reshape(B, -1)))
+            elif need_w:
+                gw = G.reshape(-1, d_out).T.mm(A.reshape(-1, d_in))
+            if b_sel:
+                blocks.append((m.bias, Sb))
+            if blocks:
+                rec._add_rows(self, blocks)
+        if need_b:
+            gb = Sb.sum(0)
+        return gw, gb
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, unit, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.unit = unit
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+        spec = unit.spec
+        return torch.ops.aten.convolution(x, weight, bias, spec.stride, padding, spec.dilation,
+                                          False, [0] * spec.dim, spec.groups)
+
+    @staticmethod
+    def backward(ctx, go):
+        x, w = ctx.saved_tensors
+        unit = ctx.unit
+        spec = unit.spec
+        go = go.contiguous()
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(
+                go, x, w, None, spec.stride, ctx.padding, spec.dilation, False, [0] * spec.dim,
+                spec.groups, [True, False, False])[0]
+        gw, gb = unit.backward(x, go, ctx.padding, ctx.needs_input_grad[1],
+                               ctx.has_bias and ctx.needs_input_grad[2])
+        return gx, gw, gb, None, None
+
+
+class ConvUnit(Unit):
+    """``nn.Conv1d/2d/3d`` (stride, padding incl. "same"/"valid", dilation, groups, any padding_mode)."""
+
+    kind = "conv"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        m = self.module
+        self.spec = convps.ConvSpec(
+            dim=len(m.kernel_size), kernel=tuple(m.kernel_size), stride=list(m.stride),
+            dilation=list(m.dilation), groups=m.groups,
+            in_channels=m.in_channels, out_channels=m.out_channels)
+
+    def _padding(self):
+        """(explicit F.pad list or None, symmetric conv padding)."""
+        m = self.module
+        d = self.spec.dim
+        if m.padding_mode != "zeros":
+            return m._reversed_padding_repeated_twice, [0] * d, m.padding_mode
+        if m.padding == "valid":
+            return None, [0] * d, None
+        if m.padding == "same":
+            left, right = [], []
+            for k, dil in zip(m.kernel_size, m.dilation):
+                total = dil * (k - 1)
+                left.append(total // 2)
+                right.append(total - total // 2)
+            if left == right:
+                return None, left, None
+            pads = []
+            for lo, hi in zip(reversed(left), reversed(right)):
+                pads += [lo, hi]
+            return pads, [0] * d, "constant"
+        return None, list(m.padding), None
+
+    def install(self, rec):
+        self.rec = rec
+        m = self.module
+        pre, pad, mode = self._padding()
+
+        def forward(x):
+            rec._forward(self, x.shape[0], m.weight.dtype)
+            try:
+                if pre is not None:
+                    x = F.pad(x, pre, mode=mode)
+                return _ConvFn.apply(x, m.weight, m.bias, self, pad)
+            finally:
+                rec._forward_done(self)
+
+        return [override_forward(m, forward)]
+
+    def backward(self, x, go, padding, need_w, need_b):
+        rec = self.rec
+        rec._backward(self)
+        m = self.module
+        spec = self.spec
+        B = x.shape[0]
+        T = go[0, 0].numel()
+        w_sel, b_sel = self.is_selected(m.weight), self.is_selected(m.bias)
+        multi = rec._multi_use(self)
+        d_a = spec.in_channels * spec.kernel_numel
+        p_w = m.weight.numel() if w_sel else 0
+        path, reason = choose(self.strategy, B, T, d_a if w_sel else 0, spec.out_channels, p_w)
+        if multi:
+            path, reason = "materialize", "parameters reused in this step: per-sample gradients summed over uses"
+        Sb = go.reshape(B, spec.out_channels, -1).sum(2) if (b_sel or need_b) else None
+        gw = None
+        if path == "factored":
+            self.set_path(path, reason)
+            acc = rec._acc(go)
+            if w_sel:
+                A, Gg = convps.patches(x, go, spec, padding)
+                factored_sum(acc, A, Gg, rec.memory_budget)
+            if b_sel:
+                s = Sb.to(acc.dtype)
+                acc.addmm_(s, s.T)
+            rec._mark(self)
+            if need_w:
+                gw = torch.ops.aten.convolution_backward(
+                    go, x, m.weight, None, spec.stride, padding, spec.dilation, False,
+                    [0] * spec.dim, spec.groups, [False, True, False])[1]
+        else:
+            blocks = []
+            if w_sel:
+                method = convps.pick_method(rec.conv_method, x, go, spec, padding)
+                self.set_path(path, f"{reason}; per-sample weights by {method}")
+                per_channel = B * (spec.in_channels // spec.groups) * spec.kernel_numel * x.element_size()
+                parts = []
+                gw = x.new_empty(m.weight.shape) if need_w else None
+                for o0, o1 in convps.channel_chunks(spec, per_channel, rec.memory_budget):
+                    J = convps.per_sample(method, x, go, spec, padding, o0, o1)   # (B, o, ...)
+                    if multi:
+                        parts.append(J)
+                    else:
+                        rec._add_rows(self, [(m.weight, J.reshape(B, -1))])
+                    if need_w:
+                        gw[o0:o1] = J.sum(0).view_as(gw[o0:o1])
+                    del J
+                if multi:
+                    blocks.append((m.weight, torch.cat(parts, 1).reshape(B, -1)))
+            else:
+                self.set_path(path, reason)
+                if need_w:
+                    gw = torch.ops.aten.convolution_backward(
+                        go, x, m.weight, None, spec.stride, padding, spec.dilation, False,
+                        [0] * spec.dim, spec.groups, [False, True, False])[1]
+            if b_sel:
+                blocks.append((m.bias, Sb))
+            if blocks:
+                rec._add_rows(self, blocks)
+        gb = Sb.sum(0) if need_b else None
+        return gw, gb

@@ -1,0 +1,125 @@
+"""Affine parameters of BatchNorm, GroupNorm, LayerNorm and InstanceNorm.
+
+With x̂ the normalised input (batch statistics for BatchNorm in train mode, running statistics in
+eval mode, per-sample statistics for GroupNorm/LayerNorm/InstanceNorm) and δ the gradient arriving
+at the layer's output in the ordinary batch backward, sample i contributes
+
+    γ_i = Σ_t x̂_it ⊙ δ_it,    β_i = Σ_t δ_it,
+
+summed over the positions t that share one affine entry. For BatchNorm in train mode δ already
+carries the coupling through the batch statistics, so these are the per-sample contributions of
+the batch backward (they sum to the batch gradient), as architecture.md §3 requires.
+
+The layer's own forward and backward run unchanged; a forward hook keeps a reference to the
+input (autograd keeps it anyway) and the statistics, a hook on the output tensor receives δ.
+For channel-wise layers ``Σ_t x̂ δ = invstd·(Σ_t x δ − μ Σ_t δ)`` avoids forming x̂.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .units import Unit
+
+__all__ = ["NormUnit"]
+
+
+def _family(m: nn.Module) -> str:
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return "batch"
+    if isinstance(m, nn.GroupNorm):
+        return "group"
+    if isinstance(m, nn.LayerNorm):
+        return "layer"
+    return "instance"
+
+
+class NormUnit(Unit):
+    kind = "norm"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.family = _family(self.module)
+
+    def install(self, rec):
+        self.rec = rec
+        m = self.module
+
+        def pre(module, args):
+            x = args[0]
+            rec._forward(self, x.shape[0], x.dtype)
+
+        def post(module, args, out):
+            rec._forward_done(self)
+            if not rec._active or not isinstance(out, torch.Tensor) or not out.requires_grad:
+                return None
+            ctx = self._stats(args[0])
+            out.register_hook(lambda g: self._grad(ctx, g))
+            return None
+
+        return [m.register_forward_pre_hook(pre), m.register_forward_hook(post, always_call=True)]
+
+    def _stats(self, x):
+        """(x, mean, invstd) broadcastable to the (B, C, S) or (B, T, D) view used in backward."""
+        m = self.module
+        B = x.shape[0]
+        with torch.no_grad():
+            if self.family == "layer":
+                D = 1
+                for s in m.normalized_shape:
+                    D *= s
+                xr = x.reshape(B, -1, D)
+                var, mean = torch.var_mean(xr, dim=2, keepdim=True, correction=0)
+                return xr, mean, torch.rsqrt(var + m.eps)
+            C = x.shape[1] if x.dim() > 1 else 1
+            xr = x.reshape(B, C, -1)
+            if self.family == "group":
+                G = m.num_groups
+                var, mean = torch.var_mean(xr.reshape(B, G, -1), dim=2, correction=0)
+                reps = C // G
+                return xr, mean.repeat_interleave(reps, 1), torch.rsqrt(var + m.eps).repeat_interleave(reps, 1)
+            use_batch = m.training or m.running_mean is None
+            if self.family == "batch":
+                if use_batch:
+                    var, mean = torch.var_mean(xr, dim=(0, 2), correction=0)
+                else:
+                    mean, var = m.running_mean, m.running_var
+                return xr, mean.unsqueeze(0), torch.rsqrt(var + m.eps).unsqueeze(0)
+            # instance norm
+            if use_batch:
+                var, mean = torch.var_mean(xr, dim=2, correction=0)
+                return xr, mean, torch.rsqrt(var + m.eps)
+            return xr, m.running_mean.unsqueeze(0), torch.rsqrt(m.running_var + m.eps).unsqueeze(0)
+
+    def _grad(self, ctx, g):
+        rec = self.rec
+        rec._backward(self)
+        m = self.module
+        xr, mean, invstd = ctx
+        B = xr.shape[0]
+        w_sel, b_sel = self.is_selected(m.weight), self.is_selected(getattr(m, "bias", None))
+        with torch.no_grad():
+            gr = g.reshape(xr.shape)
+            blocks = []
+            if self.family == "layer":
+                if w_sel:
+                    xhat = (xr - mean) * invstd
+                    blocks.append((m.weight, (xhat * gr).sum(1)))
+                if b_sel:
+                    blocks.append((m.bias, gr.sum(1)))
+            else:
+                s0 = gr.sum(2)
+                if w_sel:
+                    s1 = torch.einsum("bcs,bcs->bc", xr, gr)
+                    blocks.append((m.weight, invstd * (s1 - mean * s0)))
+                if b_sel:
+                    blocks.append((m.bias, s0))
+            self.set_path("norm", f"{self.family} norm, {'batch' if self._coupled() else 'per-sample'} "
+                                  "statistics; per-sample affine terms (B×C)")
+            rec._add_rows(self, [(p, J.reshape(B, -1)) for p, J in blocks])
+        return None
+
+    def _coupled(self) -> bool:
+        m = self.module
+        return self.family == "batch" and (m.training or m.running_mean is None)
