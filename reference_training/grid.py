@@ -1,0 +1,140 @@
+"""The beacon grid (batch sizes × base LRs) and the dynamic-sampling runs, over seeds.
+
+Every run lives in ``OUT/<model>-<dataset>/<label>_lr<lr>_seed<seed>/`` and is executed as its own
+``python -m reference_training run ... --resume`` subprocess, so a grid can be interrupted and
+started again with the same command: finished runs (``summary.json`` present) are skipped,
+partial ones resume from their last checkpoint, and a diverged run is recorded as such in its
+summary instead of stopping the grid. ``--jobs`` runs several subprocesses side by side (use
+``--threads`` so that jobs × threads does not exceed the cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .train import SUMMARY_FILE, RunConfig, run_label
+
+__all__ = ["GridRun", "PAPER_BATCH_SIZES", "PAPER_LRS", "plan_grid", "run_grid"]
+
+PAPER_BATCH_SIZES = (8, 16, 32, 64, 128, 256)
+PAPER_LRS = (0.025, 0.05, 0.1, 0.2, 0.4)
+PAPER_DYNAMIC = ("s32-to-128", "s32-to-128-MS")
+
+
+@dataclass
+class GridRun:
+    config: RunConfig
+    out_dir: Path
+
+    @property
+    def finished(self) -> bool:
+        p = self.out_dir / SUMMARY_FILE
+        if not p.exists():
+            return False
+        try:
+            return bool(json.loads(p.read_text()).get("finished"))
+        except (OSError, ValueError):
+            return False
+
+
+def _fmt_lr(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def plan_grid(
+    out: str | os.PathLike,
+    *,
+    models=("liao-densenet",),
+    dataset: str = "cifar10",
+    batch_sizes=PAPER_BATCH_SIZES,
+    lrs=PAPER_LRS,
+    dynamic=PAPER_DYNAMIC,
+    dynamic_lrs=(0.1,),
+    seeds=(0,),
+    **common,
+) -> list[GridRun]:
+    """List the runs of a grid (nothing is executed).
+
+    Args:
+        out: root folder of the grid.
+        models: model names (``build_model``).
+        dataset: dataset name.
+        batch_sizes, lrs: the fixed-batch grid (every pair is one run per seed).
+        dynamic: dynamic-sampling schedule names (``sA-to-B``, ``sA-to-B-MS``), each run at every
+            LR of ``dynamic_lrs`` and every seed.
+        seeds: repeats.
+        **common: other ``RunConfig`` fields shared by all runs (epochs, subset, measure_every, ...).
+    """
+    runs: list[GridRun] = []
+    root = Path(out)
+    for model in models:
+        for seed in seeds:
+            settings = [(dict(batch_size=int(b)), float(lr)) for lr in lrs for b in batch_sizes]
+            settings += [(dict(batch_schedule=str(s)), float(lr)) for lr in dynamic_lrs
+                         for s in dynamic]
+            for batch, lr in settings:
+                cfg = RunConfig(model=model, dataset=dataset, lr=lr, seed=int(seed), **batch,
+                                **common)
+                cfg.validate()
+                name = f"{run_label(cfg)}_lr{_fmt_lr(lr)}_seed{seed}"
+                runs.append(GridRun(cfg, root / f"{model}-{dataset}" / name))
+    return runs
+
+
+def _command(run: GridRun, threads: int | None) -> list[str]:
+    c = run.config
+    cmd = [sys.executable, "-m", "reference_training", "run", "--resume", "--quiet",
+           "--out", str(run.out_dir), "--model", c.model, "--dataset", c.dataset,
+           "--epochs", str(c.epochs), "--lr", repr(c.lr), "--seed", str(c.seed),
+           "--measure-every", str(c.measure_every), "--stages", str(c.stages),
+           "--device", c.device, "--norm", c.norm, "--gram-strategy", c.gram_strategy,
+           "--conv-method", c.conv_method]
+    if c.batch_schedule:
+        cmd += ["--batch-schedule", c.batch_schedule]
+    else:
+        cmd += ["--batch-size", str(c.batch_size)]
+    for flag, value in (("--data-dir", c.data_dir), ("--subset", c.subset),
+                        ("--depth", c.depth), ("--width", c.width), ("--threads", threads)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None,
+             log=print) -> dict[str, int]:
+    """Execute the runs that are not finished; returns counts of done/skipped/failed/diverged."""
+    todo = [r for r in runs if not r.finished]
+    counts = {"planned": len(runs), "skipped": len(runs) - len(todo), "done": 0, "failed": 0,
+              "diverged": 0}
+    log(f"grid: {len(runs)} runs, {counts['skipped']} already finished, {len(todo)} to do")
+
+    def execute(run: GridRun) -> tuple[GridRun, int, float]:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with open(run.out_dir / "run.log", "a") as logf:
+            rc = subprocess.call(_command(run, threads), stdout=logf, stderr=subprocess.STDOUT)
+        return run, rc, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for run, rc, dt in pool.map(execute, todo):
+            name = f"{run.out_dir.parent.name}/{run.out_dir.name}"
+            if rc != 0 or not run.finished:
+                counts["failed"] += 1
+                log(f"  FAILED {name} (exit {rc}; see {run.out_dir / 'run.log'})")
+                continue
+            summary = json.loads((run.out_dir / SUMMARY_FILE).read_text())
+            counts["done"] += 1
+            if summary.get("diverged"):
+                counts["diverged"] += 1
+                log(f"  diverged {name} ({dt:.0f}s)")
+            else:
+                log(f"  done {name}: test_error={summary['test_error']:.4f} "
+                    f"C_bar={summary['C_bar']:.4g} L={summary['L']:.4g} ({dt:.0f}s)")
+    return counts

@@ -1,0 +1,513 @@
+"""One training run of the reproduction: SGD on a model, measured through the per-sample Gram.
+
+Setup (spec §3.3): SGD with Nesterov momentum 0.9, weight decay 1e-4, base learning rate ×0.1 at
+``fimcore.paper_lr_milestones(E)`` = (⌊0.5E⌋, ⌊0.75E⌋) (0-based epochs); a fresh random
+permutation every epoch, sequential batches, last partial batch kept. The batch size follows a
+``fimcore.StagedBatchSchedule`` (a fixed size is a one-stage schedule); a stage switch happens in
+the same process with the same model and optimiser objects (momentum buffers kept).
+
+Measures (architecture.md §3): at every iteration whose 0-based within-epoch index n satisfies
+n % measure_every == 0, the forward/backward pass runs inside a
+``fimcore_adapters.torch.GramRecorder`` and the B×B Gram G goes to a ``fimcore.MeasureTracker``
+with weight w = the iterations it stands for (itself and the unmeasured ones that follow, up to
+the next measurement or the end of the epoch), so
+
+    c_k = λ_max(G_k) / λ_min⁺(G_k),   C̄_K = mean of measured c_k,
+    I_k = (α_k / B_k) · sqrt(Tr G_k), L_K = Σ_measured w_k · I_k.
+
+Outputs in the run directory: ``config.json``, ``metrics.jsonl`` (one ``"measure"`` line per
+measured iteration, one ``"epoch"`` line per epoch), ``checkpoint.pt`` (written atomically after
+every epoch: model, optimiser, schedule, tracker, RNG states and the byte offset of
+``metrics.jsonl``) and ``summary.json`` at the end. ``resume=True`` continues from the checkpoint,
+first cutting ``metrics.jsonl`` back to the checkpoint's offset, so a run killed at any point
+resumes to the same numbers as an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import fimcore
+from fimcore_adapters.torch import GramRecorder
+
+from .data import ImageDataset, augment, load_dataset, normalise
+from .models import build_model, count_parameters
+
+__all__ = ["RunConfig", "lr_at", "make_schedule", "parse_batch_schedule", "run_label", "train"]
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+EVAL_BATCH = 500
+
+_SCHEDULE_RE = re.compile(r"^s(\d+)(?:-to-(\d+))?(-MS)?$", re.IGNORECASE)
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run (written to ``config.json``).
+
+    Exactly one of ``batch_size`` and ``batch_schedule`` is used: ``batch_schedule`` ("s32",
+    "s32-to-128", "s32-to-128-MS" or a comma list "32,45,64,91,128") wins when given.
+    """
+
+    model: str = "resnet20"
+    dataset: str = "mnist5k"
+    data_dir: str | None = None
+    epochs: int = 10
+    lr: float = 0.1
+    batch_size: int | None = 128
+    batch_schedule: str | None = None
+    stages: int = 5
+    measure_every: int = 50
+    seed: int = 0
+    subset: int | None = None
+    device: str = "cpu"
+    depth: int | None = None
+    width: int | None = None
+    norm: str = "batch"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    gram_strategy: str = "auto"
+    # A fixed method keeps runs bitwise reproducible: "auto" times the candidates in each
+    # process, and the measured step's batch gradient is the sum of the per-sample ones.
+    conv_method: str = "grouped"
+
+    def validate(self) -> None:
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite float, got {self.lr!r}.")
+        if not (isinstance(self.measure_every, int) and self.measure_every >= 1):
+            raise ValueError(
+                f"measure_every must be an int >= 1 (1 = every iteration), got {self.measure_every!r}."
+            )
+        if self.batch_schedule is None and not (
+            isinstance(self.batch_size, int) and self.batch_size >= 1
+        ):
+            raise ValueError(
+                f"batch_size must be an int >= 1 when no batch_schedule is given, got {self.batch_size!r}."
+            )
+        parse_batch_schedule(self.schedule_spec)
+
+    @property
+    def schedule_spec(self) -> str:
+        return self.batch_schedule if self.batch_schedule else f"s{self.batch_size}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def parse_batch_schedule(spec: str) -> tuple[str, list[int] | tuple[int, int]]:
+    """Parse a batch-schedule name.
+
+    Returns ``("fixed", [b])``, ``("range", (start, end))``, ``("ms", (start, end))`` or
+    ``("list", sizes)``.
+
+    Raises:
+        ValueError: the name is not of the form ``sB``, ``sA-to-B``, ``sA-to-B-MS`` or a comma
+            list of positive ints.
+    """
+    s = str(spec).strip()
+    m = _SCHEDULE_RE.match(s)
+    if m:
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) else None
+        ms = bool(m.group(3))
+        if a < 1 or (b is not None and b < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {spec!r}.")
+        if b is None:
+            if ms:
+                raise ValueError(f"'-MS' needs a range 'sA-to-B-MS', got {spec!r}.")
+            return "fixed", [a]
+        return ("ms" if ms else "range"), (a, b)
+    try:
+        sizes = [int(p) for p in s.split(",") if p.strip()]
+    except ValueError:
+        sizes = []
+    if sizes and all(v >= 1 for v in sizes):
+        return "list", sizes
+    raise ValueError(
+        f"batch schedule must look like 's64', 's16-to-64', 's16-to-64-MS' or '16,32,64', got {spec!r}."
+    )
+
+
+def make_schedule(spec: str, *, epochs: int, stages: int = 5) -> "fimcore.StagedBatchSchedule":
+    """Build the ``fimcore.StagedBatchSchedule`` for a schedule name and epoch budget.
+
+    ``sA-to-B`` grows geometrically over ``stages`` equal stages (spec §6 A7);
+    ``sA-to-B-MS`` repeats the ramp inside each LR phase (hypothesis of spec §6 A6).
+    """
+    kind, value = parse_batch_schedule(spec)
+    if kind == "fixed":
+        return fimcore.StagedBatchSchedule(list(value), total_epochs=epochs)
+    if kind == "list":
+        return fimcore.StagedBatchSchedule(list(value), total_epochs=epochs)
+    start, end = value
+    if kind == "range":
+        return fimcore.StagedBatchSchedule.from_range(start, end, stages=stages, total_epochs=epochs)
+    return fimcore.StagedBatchSchedule.multi_stage(
+        start, end, stages=stages, total_epochs=epochs,
+        lr_milestones=fimcore.paper_lr_milestones(epochs),
+    )
+
+
+def run_label(config: RunConfig) -> str:
+    """Short name of the batch setting, e.g. ``s64`` or ``s16-to-64`` (the paper's naming)."""
+    kind, value = parse_batch_schedule(config.schedule_spec)
+    if kind == "fixed":
+        return f"s{value[0]}"
+    if kind == "list":
+        return "s" + "-".join(str(v) for v in value)
+    return f"s{value[0]}-to-{value[1]}" + ("-MS" if kind == "ms" else "")
+
+
+def lr_at(epoch: int, *, base_lr: float, epochs: int) -> float:
+    """Base LR ×0.1 for every milestone of ``fimcore.paper_lr_milestones(epochs)`` reached."""
+    drops = sum(1 for m in fimcore.paper_lr_milestones(epochs) if epoch >= m)
+    return base_lr * (0.1 ** drops)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        v = v.item()
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _dumps(d: dict[str, Any]) -> str:
+    return json.dumps({k: _json_value(v) for k, v in d.items()}, allow_nan=False)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    total = 0.0
+    for p in model.parameters():
+        if p.grad is not None:
+            total += float(p.grad.detach().double().pow(2).sum())
+    return math.sqrt(total)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ds: ImageDataset, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 error on the test set (eval mode, BN running statistics)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, wrong, n = 0.0, 0, len(ds.test_y)
+    for start in range(0, n, EVAL_BATCH):
+        x = normalise(ds.test_x[start:start + EVAL_BATCH], ds.mean, ds.std).to(device)
+        y = ds.test_y[start:start + EVAL_BATCH].to(device)
+        out = model(x)
+        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+        wrong += int((out.argmax(1) != y).sum())
+    model.train(was_training)
+    return loss_sum / n, wrong / n
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, leave=False, disable=disable, dynamic_ncols=True)
+
+
+def _rng_state(data_gen: torch.Generator) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "data": data_gen.get_state(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], data_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    data_gen.set_state(state["data"])
+
+
+def _make_recorder(model: torch.nn.Module, config: "RunConfig") -> GramRecorder:
+    return GramRecorder(model, loss_reduction="mean", strategy=config.gram_strategy,
+                        conv_method=config.conv_method)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(
+    config: RunConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    dataset: ImageDataset | None = None,
+    log=None,
+    on_epoch_end=None,
+) -> dict[str, Any]:
+    """Train one run and write its outputs to ``out_dir``; returns the summary dict.
+
+    Args:
+        config: the run's settings.
+        out_dir: run directory (created).
+        resume: continue from ``checkpoint.pt`` if present; a finished run is returned as is.
+        quiet: no progress bars and no per-epoch lines.
+        dataset: an already loaded dataset (skips loading; ``config.subset`` is still applied).
+        log: callable taking a line of text (default: print to stderr unless quiet).
+        on_epoch_end: optional callable ``(epoch, model, optimizer, record)`` run after each
+            epoch's checkpoint (for tests and monitoring).
+
+    Raises:
+        FileExistsError: ``out_dir`` already holds a run and ``resume`` is False.
+        ValueError: a bad configuration, or ``resume`` with a different configuration.
+    """
+    config.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if log is None:
+        log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    cfg_path, met_path = out / CONFIG_FILE, out / METRICS_FILE
+    sum_path, ckpt_path = out / SUMMARY_FILE, out / CHECKPOINT_FILE
+
+    if not resume and any(p.exists() for p in (met_path, ckpt_path, sum_path)):
+        raise FileExistsError(
+            f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out."
+        )
+    if resume and cfg_path.exists():
+        stored = RunConfig.from_dict(json.loads(cfg_path.read_text()))
+        if stored.to_dict() != config.to_dict():
+            diff = {k: (v, config.to_dict()[k]) for k, v in stored.to_dict().items()
+                    if config.to_dict()[k] != v}
+            raise ValueError(
+                f"--resume needs the same settings as the stored run in {str(out)!r}; these differ "
+                f"(stored, given): {diff}. Use another --out for a different run."
+            )
+    if resume and sum_path.exists():
+        summary = json.loads(sum_path.read_text())
+        if summary.get("finished"):
+            return summary
+
+    device = torch.device(config.device)
+    ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+    if config.subset is not None:
+        ds = ds.subset(config.subset, seed=config.seed)
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % (2**32))
+    random.seed(config.seed)
+    data_gen = torch.Generator().manual_seed(config.seed + 1)
+
+    model = build_model(config.model, in_channels=ds.channels, num_classes=ds.num_classes,
+                        image_size=ds.image_size, depth=config.depth, norm=config.norm,
+                        width=config.width).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=True, weight_decay=config.weight_decay)
+    schedule = make_schedule(config.schedule_spec, epochs=config.epochs, stages=config.stages)
+    tracker = fimcore.MeasureTracker(keep_history=False)
+    recorder = _make_recorder(model, config)
+
+    start_epoch, iteration, elapsed, train_elapsed = 0, 0, 0.0, 0.0
+    epochs_log: list[dict[str, Any]] = []
+    offset = 0
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        tracker.load_state_dict(ckpt["tracker"])
+        _set_rng_state(ckpt["rng"], data_gen)
+        start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
+        elapsed, train_elapsed = ckpt["wall_time_s"], ckpt["train_time_s"]
+        epochs_log, offset = ckpt["epochs_log"], ckpt["metrics_offset"]
+        log(f"resuming {out} after epoch {start_epoch} (iteration {iteration})")
+    if not cfg_path.exists() or not resume:
+        _atomic_write_text(cfg_path, json.dumps(config.to_dict(), indent=2) + "\n")
+    # Cut lines written after the last checkpoint (or everything, on a fresh start).
+    with open(met_path, "ab") as f:
+        f.truncate(offset)
+
+    n_train = len(ds.train_y)
+    diverged = False
+    metrics = open(met_path, "a")
+    try:
+        model.train()
+        for epoch in range(start_epoch, config.epochs):
+            lr = lr_at(epoch, base_lr=config.lr, epochs=config.epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            b = int(schedule.batch_size(epoch))
+            n_iters = math.ceil(n_train / b)
+            perm = torch.randperm(n_train, generator=data_gen)
+            t0 = time.perf_counter()
+            loss_sum, wrong = 0.0, 0
+            bar = _progress(n_iters, f"epoch {epoch + 1}/{config.epochs} b={b}", quiet)
+            for n in range(n_iters):
+                idx = perm[n * b:(n + 1) * b]
+                x = normalise(ds.train_x[idx], ds.mean, ds.std)
+                x = augment(x, flip=ds.flip, pad=ds.pad, generator=data_gen).to(device)
+                y = ds.train_y[idx].to(device)
+                measured = n % config.measure_every == 0
+                with recorder(measure=measured):  # unmeasured: a plain step, no hooks
+                    out_logits = model(x)
+                    loss = F.cross_entropy(out_logits, y)
+                    loss.backward()
+                loss_v = loss.detach().item()
+                if not math.isfinite(loss_v):
+                    diverged = True
+                    log(f"diverged at epoch {epoch}, iteration {iteration}: loss {loss_v}")
+                    break
+                if measured:
+                    try:
+                        gram = recorder.gram()
+                    except FloatingPointError as exc:
+                        gram = torch.full((1, 1), math.nan)
+                        log(f"non-finite per-sample gradients: {exc}")
+                    if not bool(torch.isfinite(gram).all()):
+                        diverged = True
+                        log(f"diverged at epoch {epoch}, iteration {iteration}: non-finite Gram")
+                        break
+                    weight = min(config.measure_every, n_iters - n)
+                    m = tracker.update(gram, lr=lr, weight=weight, batch_size=len(idx),
+                                       grad_dtype=recorder.grad_dtype)
+                    metrics.write(_dumps({
+                        "type": "measure", "k": m.k, "iteration": iteration, "epoch": epoch,
+                        "lr": lr, "batch_size": len(idx), "weight": weight,
+                        "c_k": m.c_k, "c_k_jacobian": m.c_k_jacobian, "I_k": m.I_k,
+                        "trace": m.trace, "C_bar": m.C_bar, "C_bar_jacobian": m.C_bar_jacobian,
+                        "L": m.L, "grad_norm": _grad_norm(model), "lambda_max": m.lambda_max,
+                        "rank": m.rank,
+                    }) + "\n")
+                    metrics.flush()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss_v * len(idx)
+                wrong += int((out_logits.detach().argmax(1) != y).sum())
+                iteration += 1
+                bar.update(1)
+                if n % 10 == 0 or n == n_iters - 1:
+                    bar.set_postfix(loss=f"{loss_v:.3f}", err=f"{wrong / min(n_train, (n + 1) * b):.3f}",
+                                    C=f"{_fmt(tracker.C_bar)}", L=f"{_fmt(tracker.L)}")
+            bar.close()
+            t_train = time.perf_counter() - t0
+            if diverged:
+                elapsed += t_train
+                train_elapsed += t_train
+                break
+            t1 = time.perf_counter()
+            test_loss, test_error = evaluate(model, ds, device)
+            t_test = time.perf_counter() - t1
+            elapsed += t_train + t_test
+            train_elapsed += t_train
+            rec = {
+                "type": "epoch", "epoch": epoch, "lr": lr, "batch_size": b,
+                "stage": int(schedule.stage(epoch)), "iterations": iteration,
+                "train_loss": loss_sum / n_train, "train_error": wrong / n_train,
+                "test_loss": test_loss, "test_error": test_error,
+                "train_time_s": t_train, "test_time_s": t_test, "wall_time_s": elapsed,
+                "C_bar": tracker.C_bar, "C_bar_jacobian": tracker.C_bar_jacobian, "L": tracker.L,
+            }
+            metrics.write(_dumps(rec) + "\n")
+            metrics.flush()
+            epochs_log.append({k: _json_value(v) for k, v in rec.items()})
+            log(f"[{out.name}] epoch {epoch + 1}/{config.epochs} b={b} lr={lr:g} "
+                f"train_err={rec['train_error']:.4f} test_err={test_error:.4f} "
+                f"C_bar={_fmt(tracker.C_bar)} L={_fmt(tracker.L)} ({t_train + t_test:.1f}s)")
+            _atomic_torch_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "tracker": tracker.state_dict(),
+                "rng": _rng_state(data_gen), "epoch": epoch, "iteration": iteration,
+                "wall_time_s": elapsed, "train_time_s": train_elapsed,
+                "epochs_log": epochs_log, "metrics_offset": metrics.tell(),
+            }, ckpt_path)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model, optimizer, rec)
+    finally:
+        metrics.close()
+
+    summary = _summary(config, model, schedule, tracker, epochs_log, iteration, elapsed,
+                       train_elapsed, diverged)
+    _atomic_write_text(sum_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return summary
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
+
+
+def _summary(config, model, schedule, tracker, epochs_log, iteration, elapsed, train_elapsed,
+             diverged) -> dict[str, Any]:
+    last = epochs_log[-1] if epochs_log else {}
+    finished_epochs = len(epochs_log)
+    test_errors = [e["test_error"] for e in epochs_log]
+    return {
+        "finished": True,
+        "diverged": diverged,
+        "label": run_label(config),
+        "model": config.model,
+        "dataset": config.dataset,
+        "lr": config.lr,
+        "seed": config.seed,
+        "batch_sizes": [int(b) for b in schedule.sizes],
+        "epochs": finished_epochs,
+        "epochs_planned": config.epochs,
+        "iterations": iteration,
+        "measurements": int(tracker.steps),
+        "skipped_measurements": int(tracker.skipped),
+        "parameters": count_parameters(model),
+        "C_bar": _json_value(tracker.C_bar),
+        "C_bar_jacobian": _json_value(tracker.C_bar_jacobian),
+        "L": _json_value(tracker.L),
+        "test_error": None if diverged else last.get("test_error"),
+        "best_test_error": min(test_errors) if test_errors and not diverged else None,
+        "train_error": None if diverged else last.get("train_error"),
+        "test_loss": None if diverged else last.get("test_loss"),
+        "train_loss": None if diverged else last.get("train_loss"),
+        "wall_time_s": elapsed,
+        "train_time_s": train_elapsed,
+    }
