@@ -1,0 +1,496 @@
+"""Timing and memory utilities shared by the framework benchmarks.
+
+Nothing here imports a deep-learning framework: a benchmark passes plain callables (one training
+step each) and gets back wall times, peak memory and Markdown text.
+
+The measurement protocol follows ``../shared/design/performance.md``:
+
+* **Time.** A configuration (model, batch size B, method) is timed against the plain training step
+  in one process, interleaved — plain, method, plain, method, … — after one warm-up of each; the
+  figure is the median over the repetitions of the paired ratio ``t_method / t_plain``. Every
+  configuration has a time cap, checked between repetitions: when the remaining repetitions cannot
+  fit, the configuration stops and is reported as skipped (cap). A single step that may itself
+  exceed the cap is handled by running the configuration in a child process with a timeout
+  (:class:`IsolatedRunner`).
+* **Memory.** One fresh process per configuration with ``MALLOC_MMAP_THRESHOLD_=65536`` (large
+  freed blocks go back to the OS, so the resident set tracks live memory), two warm-up steps, then
+  the peak resident set over three steps (``VmHWM``, reset by writing ``5`` to
+  ``/proc/self/clear_refs``) minus the resident set just before them: the extra memory of a step.
+
+Children are forked from a fork server (:mod:`multiprocessing`, ``"forkserver"``) that imported
+the heavy modules once, so a fresh process per configuration costs milliseconds instead of the
+seconds of a framework import; memory children set the malloc threshold with ``mallopt``, which is
+what glibc does with the environment variable at start-up. ``start_method="spawn"`` gives a fresh
+interpreter per child instead (the environment variable is then also set), e.g. for frameworks that
+must not be forked even before first use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as _dt
+import gc
+import importlib
+import importlib.metadata
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+MMAP_THRESHOLD_BYTES = 65536
+"""Value of ``MALLOC_MMAP_THRESHOLD_`` used for memory measurements (performance.md)."""
+
+_M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+
+
+# ---------------------------------------------------------------------------------------------
+# Time
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairedTimes:
+    """Interleaved wall times of a baseline step and a candidate step, in seconds.
+
+    Attributes:
+        baseline: Times of the baseline (plain) step, one per repetition, warm-up excluded.
+        candidate: Times of the candidate step, paired with ``baseline`` by index.
+        capped: True when the time cap stopped the measurement before ``reps`` repetitions.
+        elapsed: Wall time spent, warm-up included.
+        warmup: ``(baseline, candidate)`` times of the warm-up steps.
+    """
+
+    baseline: list[float] = field(default_factory=list)
+    candidate: list[float] = field(default_factory=list)
+    capped: bool = False
+    elapsed: float = 0.0
+    warmup: tuple[float, float] = (float("nan"), float("nan"))
+
+    @property
+    def reps(self) -> int:
+        """Number of completed repetitions."""
+        return len(self.candidate)
+
+    @property
+    def ratio(self) -> float:
+        """Median of the paired ratios ``candidate[i] / baseline[i]`` (nan without repetitions)."""
+        return median_ratio(self.baseline, self.candidate)
+
+
+def median_ratio(baseline: Sequence[float], candidate: Sequence[float]) -> float:
+    """Median of the paired ratios ``candidate[i] / baseline[i]``.
+
+    Pairing adjacent measurements cancels slow drifts of a shared machine's speed.
+
+    Args:
+        baseline: Baseline times.
+        candidate: Candidate times, same length.
+
+    Returns:
+        The median ratio, or ``nan`` for empty inputs.
+
+    Raises:
+        ValueError: If the two sequences differ in length.
+
+    Example:
+        >>> median_ratio([1.0, 2.0, 4.0], [2.0, 3.0, 12.0])
+        2.0
+    """
+    if len(baseline) != len(candidate):
+        raise ValueError(
+            f"baseline and candidate times must pair up one to one; received {len(baseline)} "
+            f"and {len(candidate)} values. Pass the times of the same repetitions."
+        )
+    if not baseline:
+        return float("nan")
+    return statistics.median(c / b for b, c in zip(baseline, candidate))
+
+
+def _timed(fn: Callable[[], Any], clock: Callable[[], float]) -> float:
+    t0 = clock()
+    fn()
+    return clock() - t0
+
+
+def interleaved_times(
+    baseline: Callable[[], Any],
+    candidate: Callable[[], Any],
+    *,
+    reps: int,
+    cap_seconds: float,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> PairedTimes:
+    """Times ``baseline`` and ``candidate`` alternately under a time cap.
+
+    Runs ``warmup`` untimed pairs, then up to ``reps`` pairs ``baseline(); candidate()``. Before
+    each repetition the elapsed time plus the remaining repetitions (at the median cost of the
+    pairs so far; before the first one, only that one pair at the warm-up's cost) is compared with
+    ``cap_seconds``; if they cannot fit, it stops and sets ``capped``. A step that never returns
+    is not interrupted here: run the whole measurement in :class:`IsolatedRunner` with a timeout.
+
+    Args:
+        baseline: The plain step.
+        candidate: The step under test.
+        reps: Repetitions wanted (≥ 1).
+        cap_seconds: Time budget of the whole measurement, warm-up included (> 0).
+        warmup: Untimed pairs before the repetitions.
+        clock: Monotonic clock in seconds.
+
+    Returns:
+        The paired times (possibly fewer than ``reps`` when capped).
+
+    Raises:
+        ValueError: If ``reps < 1`` or ``cap_seconds <= 0``.
+
+    Example:
+        >>> t = interleaved_times(lambda: None, lambda: None, reps=3, cap_seconds=10.0)
+        >>> t.reps, t.capped
+        (3, False)
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be at least 1; received {reps}. Ask for ≥ 5 for a median.")
+    if not cap_seconds > 0:
+        raise ValueError(f"cap_seconds must be positive; received {cap_seconds}.")
+    out = PairedTimes()
+    start = clock()
+    warm_pair = 0.0
+    for i in range(warmup):
+        tb, tc = _timed(baseline, clock), _timed(candidate, clock)
+        if i == 0:
+            out.warmup = (tb, tc)
+        warm_pair = tb + tc
+    while out.reps < reps:
+        # the warm-up may carry first-call costs: before the first repetition, only ask that one
+        # more pair fits; afterwards, that all remaining pairs fit at their median cost so far
+        if out.reps:
+            pairs = [b + c for b, c in zip(out.baseline, out.candidate)]
+            needed = statistics.median(pairs) * (reps - out.reps)
+        else:
+            needed = warm_pair
+        if clock() - start + needed > cap_seconds:
+            out.capped = True
+            break
+        out.baseline.append(_timed(baseline, clock))
+        out.candidate.append(_timed(candidate, clock))
+    out.elapsed = clock() - start
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepMemory:
+    """Resident-set figures of a measured step, in MB (10⁶ bytes).
+
+    Attributes:
+        extra_mb: Peak resident set over the measured steps minus the resident set before them.
+        rss_before_mb: Resident set just before the measured steps.
+        peak_mb: Peak resident set (``VmHWM``) over the measured steps.
+    """
+
+    extra_mb: float
+    rss_before_mb: float
+    peak_mb: float
+
+
+def set_malloc_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Sets glibc's mmap threshold, as ``MALLOC_MMAP_THRESHOLD_`` does at start-up.
+
+    Returns:
+        True if glibc accepted it, False where there is no glibc ``mallopt``.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):
+        return False
+
+
+def _status_kb(name: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {name} line; memory needs Linux procfs.")
+
+
+def reset_peak_rss() -> None:
+    """Resets this process's peak resident set (``VmHWM``) to the current resident set."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def step_memory(step: Callable[[], Any], *, warmup: int = 2, steps: int = 3) -> StepMemory:
+    """Extra resident memory of ``step``: peak over ``steps`` calls minus the set before them.
+
+    Call it in a fresh process with the mmap threshold set (:func:`set_malloc_mmap_threshold`,
+    done for you by ``IsolatedRunner.run(..., memory=True)``), or freed blocks kept by malloc
+    hide the step's own peak.
+
+    Args:
+        step: One training step.
+        warmup: Unmeasured calls first (buffers, caches, lazy initialisation).
+        steps: Measured calls.
+
+    Returns:
+        The step's memory figures.
+    """
+    for _ in range(warmup):
+        step()
+    gc.collect()
+    before = _status_kb("VmRSS")
+    reset_peak_rss()
+    for _ in range(steps):
+        step()
+    peak = _status_kb("VmHWM")
+    return StepMemory(extra_mb=(peak - before) * 1024 / 1e6, rss_before_mb=before * 1024 / 1e6,
+                      peak_mb=peak * 1024 / 1e6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes with a timeout
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IsolatedResult:
+    """Outcome of a job run in a child process.
+
+    Attributes:
+        status: ``"ok"``, ``"timeout"`` (killed at the deadline) or ``"error"``.
+        value: What the job returned (``status == "ok"``).
+        error: Traceback text or exit description otherwise.
+        seconds: Wall time from start to result, kill or exit.
+    """
+
+    status: str
+    value: Any = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def resolve(target: str) -> Callable[..., Any]:
+    """Returns the function named by ``"package.module:function"``."""
+    module, _, name = target.partition(":")
+    if not module or not name:
+        raise ValueError(f"target must look like 'package.module:function'; received {target!r}.")
+    return getattr(importlib.import_module(module), name)
+
+
+def _child_main(conn: multiprocessing.connection.Connection, target: str, kwargs: dict,
+                memory: bool) -> None:
+    try:
+        if memory:
+            set_malloc_mmap_threshold()
+        conn.send(("ok", resolve(target)(**kwargs)))
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        conn.send(("error", traceback.format_exc(limit=8)))
+    finally:
+        conn.close()
+
+
+class IsolatedRunner:
+    """Runs one job per fresh child process, with a timeout.
+
+    Args:
+        preload: Modules the fork server imports once, before forking any child (forkserver
+            only). Name the framework and the benchmark module so children start in milliseconds.
+        start_method: ``"forkserver"`` (default) or ``"spawn"`` (a fresh interpreter per child).
+
+    Example:
+        >>> runner = IsolatedRunner(start_method="spawn")
+        >>> runner.run("builtins:dict", {"a": 1}, timeout=60).value
+        {'a': 1}
+    """
+
+    def __init__(self, *, preload: Iterable[str] = (), start_method: str = "forkserver") -> None:
+        if start_method not in ("forkserver", "spawn"):
+            raise ValueError(f"start_method must be 'forkserver' or 'spawn'; received {start_method!r}.")
+        self._ctx = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            self._ctx.set_forkserver_preload(list(preload))
+        self.start_method = start_method
+
+    def run(self, target: str, kwargs: dict | None = None, *, timeout: float,
+            memory: bool = False) -> IsolatedResult:
+        """Runs ``target(**kwargs)`` in a child and waits at most ``timeout`` seconds.
+
+        Args:
+            target: ``"package.module:function"``, importable in the child; it must return a
+                picklable value.
+            kwargs: Picklable keyword arguments.
+            timeout: Seconds before the child is killed and ``status`` is ``"timeout"``.
+            memory: Set the malloc mmap threshold in the child (for :func:`step_memory`).
+
+        Returns:
+            The outcome; the child is always gone when this returns.
+        """
+        recv, send = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(target=_child_main, args=(send, target, dict(kwargs or {}), memory),
+                                 daemon=True)
+        saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        if memory and self.start_method == "spawn":
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD_BYTES)
+        t0 = time.perf_counter()
+        try:
+            proc.start()
+        finally:
+            if memory and self.start_method == "spawn":
+                if saved is None:
+                    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+                else:
+                    os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+        send.close()
+        try:
+            if not recv.poll(timeout):
+                proc.kill()
+                proc.join()
+                return IsolatedResult("timeout", error=f"killed after {timeout:.0f} s",
+                                      seconds=time.perf_counter() - t0)
+            try:
+                status, payload = recv.recv()
+            except EOFError:
+                proc.join()
+                return IsolatedResult("error", error=f"child exited with code {proc.exitcode} "
+                                      "without a result", seconds=time.perf_counter() - t0)
+            proc.join()
+            seconds = time.perf_counter() - t0
+            if status == "ok":
+                return IsolatedResult("ok", value=payload, seconds=seconds)
+            return IsolatedResult("error", error=payload, seconds=seconds)
+        finally:
+            recv.close()
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, str]:
+    """CPU model, cores, memory, OS, Python, load average and UTC date of this machine."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = "unknown"
+    try:
+        mem = f"{_meminfo_kb('MemTotal') / 1024 ** 2:.1f} GiB"
+    except (OSError, RuntimeError):
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    try:
+        load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "unknown"
+    return {
+        "CPU": cpu,
+        "cores": f"{os.cpu_count()} logical, {usable} usable by this process",
+        "memory": mem,
+        "OS": f"{platform.system()} {platform.release()}",
+        "Python": platform.python_version(),
+        "load average (1/5/15 min) at start": load,
+        "date (UTC)": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def _meminfo_kb(name: str) -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/meminfo has no {name} line.")
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str]:
+    """Installed distribution versions (``"not installed"`` when absent), without importing them."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; ``|`` inside cells is escaped.
+
+    Example:
+        >>> print(markdown_table(["a", "b"], [[1, "x|y"]]))
+        | a | b |
+        | --- | --- |
+        | 1 | x\\|y |
+    """
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+             "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def key_value_table(items: dict[str, str]) -> str:
+    """A two-column Markdown table (item, value) of ``items``."""
+    return markdown_table(["item", "value"], items.items())
+
+
+def command_line() -> str:
+    """The command that started this process, as one would type it from the repository root."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    args = " ".join(sys.argv[1:])
+    if spec is not None and spec.name:
+        name = spec.name.removesuffix(".__main__")
+        return f"python -m {name} {args}".strip()
+    return f"python {' '.join(sys.argv)}".strip()
+
+
+def write_report(path: str | os.PathLike, text: str) -> Path:
+    """Writes ``text`` to ``path`` (parents created) and returns the path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    return p
+
+
+def fmt_ratio(x: float | None, digits: int = 2) -> str:
+    """``1.42×``; ``–`` for None or nan."""
+    if x is None or x != x:
+        return "–"
+    if x >= 100:
+        return f"{x:.0f}×"
+    if x >= 10:
+        return f"{x:.1f}×"
+    return f"{x:.{digits}f}×"
+
+
+def fmt_ms(seconds: float | None) -> str:
+    """Milliseconds with sensible precision; ``–`` for None or nan."""
+    if seconds is None or seconds != seconds:
+        return "–"
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 1 else f"{ms:.2f}"

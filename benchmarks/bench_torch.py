@@ -1,0 +1,621 @@
+"""PyTorch benchmark: a training step with the per-sample Gram G = J Jᵀ, against the plain step.
+
+Run from the repository root (the project's ``benchmarks`` package must win over the one opacus
+installs into site-packages)::
+
+    python -m benchmarks.bench_torch            # full run, writes benchmarks/results/torch.md
+    python -m benchmarks.bench_torch --quick    # a few models at B = 32, about two minutes
+
+For every model and batch size B it measures, as ratios to the plain step (forward, mean
+cross-entropy, backward, SGD with momentum), the time and the peak extra memory of a training
+step that also yields G and its eigenvalues (``fimcore.spectrum``):
+
+* ``fimcore`` — :class:`fimcore_adapters.torch.GramRecorder` around the ordinary forward and
+  backward, strategy ``auto`` (and, on ResNet-20 BN and the MLP, each forced strategy);
+* ``torch.func`` — ``vmap(grad)`` over single samples, then G; its BatchNorm layers normalise
+  each sample with its own statistics (``replace_all_batch_norm_modules_``), which changes G;
+* ``backpack`` — BackPACK ``BatchGrad``, then G (GroupNorm/LayerNorm have no BackPACK extension:
+  their columns are missing from its G);
+* ``opacus`` — Opacus ``GradSampleModule(loss_reduction="mean")``, then G (refuses BatchNorm);
+* ``spectrum`` — the eigenvalue step alone on a B×B Gram, as a fraction of the plain step.
+
+Baselines form G as Σ over parameters of ``J_p J_pᵀ`` from their per-sample gradient tensors
+(no concatenated copy of J). Each configuration is timed in its own child process (plain and
+method interleaved, median of paired ratios, a time cap), and its memory is measured in another
+fresh child (see :mod:`benchmarks._harness`). The exactness column is ‖G − G_ref‖_F / ‖G_ref‖_F
+against the adapter's G of a float64 copy of the model on the same batch and initial weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from benchmarks import _harness as H
+from benchmarks._torch_models import MODEL_LABELS, MODEL_NAMES
+
+# --------------------------------------------------------------------------------------------
+# What is measured
+# --------------------------------------------------------------------------------------------
+
+METHOD_LABELS = {
+    "fimcore": "fimcore `GramRecorder` (auto)",
+    "fimcore-factored": "fimcore (strategy=\"factored\")",
+    "fimcore-materialize": "fimcore (strategy=\"materialize\")",
+    "torch.func": "torch.func `vmap(grad)` + JJᵀ",
+    "backpack": "BackPACK `BatchGrad` + JJᵀ",
+    "opacus": "Opacus `GradSampleModule` + JJᵀ",
+    "spectrum": "spectrum step alone (`fimcore.spectrum`)",
+}
+METHODS = tuple(METHOD_LABELS)
+FORCED_STRATEGY_MODELS = ("resnet20-bn", "mlp")
+"""Models on which the forced strategies run (forcing the factored form on large convolutions
+costs hours on 2 cores)."""
+
+TIME_TARGETS = {"resnet20-bn": 1.4, "resnet20-gn": 1.4, "mlp": 1.3, "cnn": 1.5}
+"""Issue 3's time targets for the adapter (auto), at B = 32 and B = 128."""
+
+MEMORY_TARGET_RATIO, MEMORY_TARGET_SMALL_MB, MEMORY_SMALL_PLAIN_MB = 1.3, 50.0, 50.0
+"""Memory target: extra memory ≤ 1.3× the plain step's, or ≤ +50 MB where the plain step needs
+less than 50 MB."""
+
+PERFORMANCE_MD_B128 = {
+    "resnet20-bn": "torch.func 2.90× ¹, BackPACK 6.07×, Opacus refuses",
+    "resnet20-gn": "torch.func 2.02×, BackPACK 5.72× ², Opacus 2.84×",
+    "mlp": "torch.func 86×, BackPACK 57×, Opacus 85×",
+    "cnn": "torch.func 1.90×, BackPACK 5.19×, Opacus 2.39× (2-conv CNN)",
+}
+"""Baselines measured earlier on this machine kind (performance.md, B = 128)."""
+
+LEARNING_RATE = 0.01
+DEFAULT_REPS, DEFAULT_CAP = 5, 75.0
+QUICK_MODELS = ("mlp", "cnn", "resnet20-bn", "resnet20-gn", "transformer")
+PRELOAD = ("torch", "torch.func", "numpy", "backpack", "opacus", "fimcore", "fimcore_adapters.torch",
+           "reference_training.models", "benchmarks._harness", "benchmarks._torch_models")
+"""Modules the fork server imports once (``benchmarks.bench_torch`` itself is left out: as the
+``-m`` main module it is re-run in each child, which warns when it is already imported)."""
+GRACE_SECONDS = 15.0
+"""Allowance beyond the cap for a child's set-up (model construction, first-use costs)."""
+
+
+def methods_for(model: str, methods: tuple[str, ...] = METHODS) -> list[str]:
+    """The methods measured on ``model``, in report order."""
+    return [m for m in methods
+            if not (m in ("fimcore-factored", "fimcore-materialize") and model not in FORCED_STRATEGY_MODELS)]
+
+
+# --------------------------------------------------------------------------------------------
+# Steps (run inside child processes)
+# --------------------------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """The method declines this model (e.g. Opacus and BatchNorm)."""
+
+
+def _spectrum(G: Any) -> Any:
+    import fimcore
+
+    return fimcore.spectrum(G)
+
+
+def _setup(model_name: str, batch_size: int, seed: int, threads: int | None = None):
+    import torch
+
+    from benchmarks import _torch_models
+
+    warnings.simplefilter("ignore")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = _torch_models.build(model_name)
+    x, y = _torch_models.batch(model_name, batch_size, seed=seed + 1)
+    return model, x, y
+
+
+def _sgd(model):
+    import torch
+
+    return torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
+
+
+def plain_step(model, x, y) -> Callable[[], None]:
+    """The plain training step: forward, mean cross-entropy, backward, SGD."""
+    import torch.nn.functional as F
+
+    opt = _sgd(model)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def _sum_of_grams(per_sample: list, scale: float = 1.0):
+    """Σ_p J_p J_pᵀ over per-parameter per-sample gradient tensors of shape (B, *p.shape)."""
+    G = None
+    for g in per_sample:
+        f = g.reshape(g.shape[0], -1)
+        G = f @ f.T if G is None else G.addmm_(f, f.T)
+    return G if scale == 1.0 else G.mul_(scale)
+
+
+def _fimcore_step(model, x, y, strategy: str, notes: list):
+    import torch.nn.functional as F
+    from fimcore_adapters.torch import GramRecorder
+
+    opt = _sgd(model)
+    recorder = GramRecorder(model, loss_reduction="mean", strategy=strategy)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with recorder:
+            F.cross_entropy(model(x), y).backward()
+        G = recorder.gram()
+        _spectrum(G)
+        opt.step()
+        if not notes:
+            notes.append(str(recorder.report()))
+        return G
+
+    return step
+
+
+def _torch_func_step(model, x, y, notes: list):
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
+
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        notes.append("BatchNorm normalises each sample with its own statistics under vmap")
+        replace_all_batch_norm_modules_(model)
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    buffers = dict(model.named_buffers())
+    opt = _sgd(model)
+
+    def sample_loss(ps, xi, yi):
+        out = functional_call(model, ({**dict(zip(names, ps))}, buffers), (xi.unsqueeze(0),))
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+
+    def step():
+        grads = per_sample(tuple(p.detach() for p in params), x, y)
+        G = _sum_of_grams(grads)
+        for p, g in zip(params, grads):
+            p.grad = g.mean(0)
+        _spectrum(G)
+        opt.step()
+        return G
+
+    return step
+
+
+def _backpack_step(model, x, y, notes: list):
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad
+    from torch import nn
+
+    model = extend(model)
+    loss_fn = extend(nn.CrossEntropyLoss())
+    opt = _sgd(model)
+    named = list(model.named_parameters())
+    B = x.shape[0]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with backpack(BatchGrad()):
+            loss_fn(model(x), y).backward()
+        present = [p.grad_batch for _, p in named if getattr(p, "grad_batch", None) is not None]
+        if not notes:
+            missing = [n for n, p in named if getattr(p, "grad_batch", None) is None]
+            notes.append(f"no BatchGrad for {len(missing)} parameters ({', '.join(missing[:3])}"
+                         f"{', …' if len(missing) > 3 else ''}): missing from G" if missing else "")
+        G = _sum_of_grams(present, scale=float(B * B))  # grad_batch holds ∇ℓ_i / B
+        _spectrum(G)
+        opt.step()
+        for _, p in named:
+            p.grad_batch = None
+        return G
+
+    return step
+
+
+def _opacus_step(model, x, y, notes: list):
+    import torch.nn.functional as F
+    from opacus import GradSampleModule
+
+    try:
+        wrapped = GradSampleModule(model, loss_reduction="mean")
+    except NotImplementedError as err:
+        raise Refused(str(err).split("(")[0].strip().strip('["').rstrip(".")) from None
+    opt = _sgd(model)
+    params = list(model.parameters())
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(wrapped(x), y).backward()
+        G = _sum_of_grams([p.grad_sample for p in params])  # grad_sample holds ∇ℓ_i
+        _spectrum(G)
+        opt.step()
+        for p in params:
+            p.grad_sample = None
+        return G
+
+    return step
+
+
+def _spectrum_only(batch_size: int, seed: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    J = torch.randn(batch_size, 4 * batch_size, generator=gen)
+    G = J @ J.T
+
+    def step():
+        _spectrum(G)
+        return None
+
+    return step
+
+
+def method_step(method: str, model, x, y, *, seed: int = 0, notes: list | None = None):
+    """A training step with the Gram for ``method`` on ``model``; each call returns G (or None).
+
+    Raises:
+        Refused: If the method declines the model.
+        ValueError: If ``method`` is unknown.
+    """
+    notes = [] if notes is None else notes
+    if method == "plain":
+        return plain_step(model, x, y)
+    if method.startswith("fimcore"):
+        return _fimcore_step(model, x, y, method.partition("-")[2] or "auto", notes)
+    if method == "torch.func":
+        return _torch_func_step(model, x, y, notes)
+    if method == "backpack":
+        return _backpack_step(model, x, y, notes)
+    if method == "opacus":
+        return _opacus_step(model, x, y, notes)
+    if method == "spectrum":
+        return _spectrum_only(x.shape[0], seed)
+    raise ValueError(f"method must be 'plain' or one of {METHODS}; received {method!r}.")
+
+
+def reference_gram_job(model: str, batch_size: int, seed: int, threads: int | None = None):
+    """The adapter's G on a float64 copy of the model (initial weights, the benchmark batch)."""
+    import torch
+    import torch.nn.functional as F
+    from fimcore_adapters.torch import GramRecorder
+
+    net, x, y = _setup(model, batch_size, seed, threads)
+    net = net.double()
+    if torch.is_floating_point(x):
+        x = x.double()
+    recorder = GramRecorder(net, loss_reduction="mean")
+    with recorder:
+        F.cross_entropy(net(x), y).backward()
+    return recorder.gram().detach().double().cpu().numpy()
+
+
+def timing_job(model: str, batch_size: int, method: str, reps: int, cap_seconds: float,
+               seed: int, reference=None, threads: int | None = None) -> dict:
+    """Interleaved plain/method timing of one configuration, plus the exactness of its G."""
+    import numpy as np
+
+    net, x, y = _setup(model, batch_size, seed, threads)
+    plain = plain_step(copy.deepcopy(net), x, y)
+    notes: list[str] = []
+    try:
+        step = method_step(method, net, x, y, seed=seed, notes=notes)
+    except Refused as err:
+        return {"refused": str(err)}
+    first: list = []
+
+    def candidate() -> None:
+        G = step()
+        if not first:
+            first.append(None if G is None else G.detach().double().cpu().numpy())
+
+    t = H.interleaved_times(plain, candidate, reps=reps, cap_seconds=cap_seconds)
+    rel_err = None
+    if first and first[0] is not None and reference is not None:
+        rel_err = float(np.linalg.norm(first[0] - reference) / np.linalg.norm(reference))
+    return {"plain": t.baseline, "method": t.candidate, "capped": t.capped, "elapsed": t.elapsed,
+            "warmup": t.warmup, "rel_err": rel_err, "notes": [n for n in notes if n]}
+
+
+def memory_job(model: str, batch_size: int, method: str, seed: int, threads: int | None = None) -> dict:
+    """Extra resident memory of one configuration's step (call in a fresh memory child)."""
+    net, x, y = _setup(model, batch_size, seed, threads)
+    m = H.step_memory(method_step(method, net, x, y, seed=seed))
+    return {"extra_mb": m.extra_mb, "rss_before_mb": m.rss_before_mb, "peak_mb": m.peak_mb}
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration (parent process)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConfigResult:
+    """What the report says about one (model, B, method)."""
+
+    model: str
+    batch_size: int
+    method: str
+    status: str = "ok"  # ok | capped | refused | error
+    plain_s: float = math.nan
+    method_s: float = math.nan
+    ratio: float = math.nan
+    reps: int = 0
+    rel_err: float | None = None
+    mem_mb: float | None = None
+    plain_mem_mb: float | None = None
+    detail: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mem_ratio(self) -> float | None:
+        if self.mem_mb is None or not self.plain_mem_mb:
+            return None
+        return self.mem_mb / self.plain_mem_mb
+
+
+def _short_error(text: str | None) -> str:
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1][:160] if lines else "unknown error"
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else math.nan
+
+
+def run_config(runner: H.IsolatedRunner, model: str, batch_size: int, method: str, *, reps: int,
+               cap_seconds: float, seed: int, reference, plain_mem: float | None,
+               memory: bool, threads: int | None = None) -> ConfigResult:
+    """Times one configuration in a child (and measures its memory in another)."""
+    r = ConfigResult(model, batch_size, method, plain_mem_mb=plain_mem)
+    out = runner.run("benchmarks.bench_torch:timing_job",
+                     dict(model=model, batch_size=batch_size, method=method, reps=reps,
+                          cap_seconds=cap_seconds, seed=seed, reference=reference, threads=threads),
+                     timeout=cap_seconds + GRACE_SECONDS)
+    if out.status == "timeout":
+        r.status, r.detail = "capped", f"a single step exceeded the {cap_seconds:.0f} s cap"
+        return r
+    if out.status == "error":
+        r.status, r.detail = "error", _short_error(out.error)
+        return r
+    v = out.value
+    if "refused" in v:
+        r.status, r.detail = "refused", v["refused"]
+        return r
+    r.plain_s, r.method_s = _median(v["plain"]), _median(v["method"])
+    r.ratio, r.reps = H.median_ratio(v["plain"], v["method"]), len(v["method"])
+    r.rel_err, r.notes = v["rel_err"], v["notes"]
+    if v["capped"]:
+        r.status = "capped"
+        est = (f"≈{H.fmt_ratio(r.ratio)} from {r.reps} reps" if r.reps
+               else f"warm-up {H.fmt_ratio(v['warmup'][1] / v['warmup'][0])}")
+        r.detail = f"{est}; {reps} reps would exceed the {cap_seconds:.0f} s cap"
+        return r
+    if memory:
+        per_step = r.method_s if method != "spectrum" else 0.0
+        mem = runner.run("benchmarks.bench_torch:memory_job",
+                         dict(model=model, batch_size=batch_size, method=method, seed=seed,
+                              threads=threads),
+                         timeout=GRACE_SECONDS + 10 * per_step, memory=True)
+        if mem.status == "ok":
+            r.mem_mb = mem.value["extra_mb"]
+        else:
+            r.notes.append(f"memory: {mem.status} ({_short_error(mem.error)})")
+    return r
+
+
+def run(models, batch_sizes, methods=METHODS, *, reps=DEFAULT_REPS, cap_seconds=DEFAULT_CAP,
+        seed=0, memory=True, threads=None, runner: H.IsolatedRunner | None = None,
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)):
+    """Runs every configuration; returns ``(results, plain_memory, reference_notes)``."""
+    runner = runner or H.IsolatedRunner(preload=PRELOAD)
+    results: list[ConfigResult] = []
+    plain_memory: dict[tuple[str, int], float | None] = {}
+    ref_notes: dict[tuple[str, int], str] = {}
+    plan = [(m, b, meth) for m in models for b in batch_sizes for meth in methods_for(m, tuple(methods))]
+    done = 0
+    for model in models:
+        for b in batch_sizes:
+            ref = runner.run("benchmarks.bench_torch:reference_gram_job",
+                             dict(model=model, batch_size=b, seed=seed, threads=threads),
+                             timeout=cap_seconds + GRACE_SECONDS)
+            reference = ref.value if ref.status == "ok" else None
+            if reference is None:
+                ref_notes[(model, b)] = f"no float64 reference: {ref.status} ({_short_error(ref.error)})"
+                log(f"  {model} B={b}: {ref_notes[(model, b)]}")
+            plain_mem = None
+            if memory:
+                pm = runner.run("benchmarks.bench_torch:memory_job",
+                                dict(model=model, batch_size=b, method="plain", seed=seed,
+                                     threads=threads),
+                                timeout=cap_seconds + GRACE_SECONDS, memory=True)
+                plain_mem = pm.value["extra_mb"] if pm.status == "ok" else None
+            plain_memory[(model, b)] = plain_mem
+            for method in methods_for(model, tuple(methods)):
+                t0 = time.perf_counter()
+                r = run_config(runner, model, b, method, reps=reps, cap_seconds=cap_seconds,
+                               seed=seed, reference=reference, plain_mem=plain_mem, memory=memory,
+                               threads=threads)
+                results.append(r)
+                done += 1
+                shown = H.fmt_ratio(r.ratio) if r.status == "ok" else f"{r.status} ({r.detail})"
+                log(f"[{done:3d}/{len(plan)}] {model} B={b} {method}: {shown} "
+                    f"[{time.perf_counter() - t0:.0f} s]")
+    return results, plain_memory, ref_notes
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _mem_ok(mem: float | None, plain: float | None) -> bool | None:
+    if mem is None or plain is None:
+        return None
+    if mem <= MEMORY_TARGET_RATIO * max(plain, 0.0):
+        return True
+    return plain < MEMORY_SMALL_PLAIN_MB and mem - plain <= MEMORY_TARGET_SMALL_MB
+
+
+def _mark(ok: bool | None) -> str:
+    return "–" if ok is None else ("✓" if ok else "✗")
+
+
+def _time_cell(r: ConfigResult) -> str:
+    if r.status == "ok":
+        return H.fmt_ratio(r.ratio) if r.method != "spectrum" else f"{r.ratio:.4f}× (alone)"
+    if r.status == "capped":
+        return f"skipped (cap; {r.detail})"
+    if r.status == "refused":
+        return f"refuses ({r.detail})"
+    return f"error ({r.detail})"
+
+
+def _mem_cell(r: ConfigResult) -> str:
+    if r.mem_mb is None:
+        return "–"
+    ratio = r.mem_ratio
+    return f"{r.mem_mb:.0f} MB" + (f" ({ratio:.2f}×)" if ratio is not None and r.plain_mem_mb >= 1 else "")
+
+
+def _err_cell(r: ConfigResult) -> str:
+    return "–" if r.rel_err is None else f"{r.rel_err:.1e}"
+
+
+def _target_cell(r: ConfigResult) -> str:
+    if r.method != "fimcore" or r.model not in TIME_TARGETS:
+        return ""
+    t_ok = None if r.status != "ok" else r.ratio <= TIME_TARGETS[r.model]
+    return (f"time ≤ {TIME_TARGETS[r.model]}× {_mark(t_ok)}; "
+            f"memory {_mark(_mem_ok(r.mem_mb, r.plain_mem_mb))}")
+
+
+def render(results: list[ConfigResult], plain_memory: dict, ref_notes: dict, *, command: str,
+           machine: dict, versions: dict, settings: dict, seconds: float) -> str:
+    """The Markdown report."""
+    out = ["# PyTorch: a training step with the per-sample Gram, relative to the plain step", ""]
+    out += [f"Command (from the repository root): `{command}`  ",
+            f"Wall time of the run: {seconds / 60:.1f} min. Settings: " +
+            ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".", ""]
+    out += ["Time: median over the repetitions of the paired ratio (step with G and its eigenvalues) / "
+            "(plain step: forward, mean cross-entropy, backward, SGD), plain and method interleaved in one "
+            "child process per configuration. Memory: extra resident memory of a step (peak over 3 steps "
+            "after 2 warm-ups minus the resident set before them) in a fresh child with "
+            "`MALLOC_MMAP_THRESHOLD_=65536`; in brackets the ratio to the plain step's extra memory. "
+            "Rel. error: ‖G − G_ref‖_F / ‖G_ref‖_F against fimcore's G of a float64 copy of the model "
+            "(same batch, initial weights). Synthetic inputs; float32 models.", ""]
+    targeted = [r for r in results if r.method == "fimcore" and r.model in TIME_TARGETS]
+    if targeted:
+        out += ["## Targets of issue 3 (fimcore, strategy auto)", ""]
+        rows = []
+        for r in targeted:
+            base = {x.method: _time_cell(x) for x in results
+                    if (x.model, x.batch_size) == (r.model, r.batch_size)
+                    and x.method in ("torch.func", "backpack", "opacus")}
+            rows.append([MODEL_LABELS[r.model], r.batch_size, f"≤ {TIME_TARGETS[r.model]}×", _time_cell(r),
+                         _mark(None if r.status != "ok" else r.ratio <= TIME_TARGETS[r.model]),
+                         _mem_cell(r), f"{r.plain_mem_mb:.0f} MB" if r.plain_mem_mb is not None else "–",
+                         _mark(_mem_ok(r.mem_mb, r.plain_mem_mb)),
+                         "; ".join(f"{k} {v}" for k, v in base.items()),
+                         PERFORMANCE_MD_B128.get(r.model, "") if r.batch_size == 128 else ""])
+        out += [H.markdown_table(["model", "B", "time target", "fimcore", "", "extra memory",
+                                  "plain step's", "≤ 1.3× (or +50 MB)", "baselines in this run",
+                                  "baselines in performance.md"], rows), ""]
+    for model in dict.fromkeys(r.model for r in results):
+        out += [f"## {MODEL_LABELS[model]}", ""]
+        rows = []
+        for r in (x for x in results if x.model == model):
+            rows.append([r.batch_size, METHOD_LABELS[r.method], H.fmt_ms(r.plain_s), H.fmt_ms(r.method_s),
+                         _time_cell(r), _mem_cell(r), _err_cell(r), _target_cell(r),
+                         "; ".join(r.notes[:1]) if r.method != "fimcore" else ""])
+        out += [H.markdown_table(["B", "method", "plain (ms)", "with G (ms)", "time ratio",
+                                  "extra memory", "rel. error of G", "target", "notes"], rows), ""]
+        extra = [f"- B = {b}: plain step extra memory "
+                 + (f"{plain_memory[(model, b)]:.0f} MB" if plain_memory.get((model, b)) is not None else "–")
+                 + (f"; {ref_notes[(model, b)]}" if (model, b) in ref_notes else "")
+                 for (m, b) in plain_memory if m == model]
+        out += extra + [""]
+    reports = [r for r in results if r.method.startswith("fimcore") and r.notes]
+    if reports:
+        out += ["## fimcore per-layer paths (`GramRecorder.report()`, first step)", ""]
+        for r in reports:
+            out += [f"<details><summary>{MODEL_LABELS[r.model]}, B = {r.batch_size}, {r.method}</summary>",
+                    "", "```", r.notes[0], "```", "", "</details>", ""]
+    out += ["## Notes", "",
+            "- torch.func: BatchNorm layers normalise each sample with its own statistics under `vmap` "
+            "(`replace_all_batch_norm_modules_`), so its G differs from the train-mode batch semantics "
+            "(rows = per-sample contributions of the batch backward) that fimcore and BackPACK use.",
+            "- BackPACK has no `BatchGrad` extension for GroupNorm and LayerNorm: those parameters' columns "
+            "are missing from its G (see the rel. error column).",
+            "- Opacus refuses BatchNorm (a trainable layer with buffers); the GroupNorm ResNet-20 is the "
+            "comparison for it.",
+            "- Baselines build G as Σ over parameters of J_p J_pᵀ from the per-sample gradients they "
+            "materialise (B × P in total); fimcore never holds B × P.",
+            "- \"skipped (cap)\": the configuration's repetitions would not fit in the time cap; the "
+            "partial figure in brackets is indicative only.", ""]
+    out += ["## Machine and versions", "", H.key_value_table({**machine, **versions}), ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_torch", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help=f"models {', '.join(QUICK_MODELS)} at B = 32, 3 reps, 10 s cap (about 2 min)")
+    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--reps", type=int, default=None, help=f"repetitions (default {DEFAULT_REPS})")
+    p.add_argument("--cap-seconds", type=float, default=None,
+                   help=f"time cap per configuration (default {DEFAULT_CAP:.0f})")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory children")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in each child (default: torch's own, all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None,
+                   help="Markdown file (default benchmarks/results/torch.md, torch_quick.md with --quick)")
+    a = p.parse_args(argv)
+    models = a.models or (list(QUICK_MODELS) if a.quick else list(MODEL_NAMES))
+    batch_sizes = a.batch_sizes or ([32] if a.quick else [32, 128])
+    reps = a.reps or (3 if a.quick else DEFAULT_REPS)
+    cap = a.cap_seconds or (10.0 if a.quick else DEFAULT_CAP)
+    output = a.output or f"benchmarks/results/torch{'_quick' if a.quick else ''}.md"
+    machine = H.machine_info()
+    versions = {f"{k} version": v for k, v in H.package_versions(
+        ["torch", "numpy", "backpack-for-pytorch", "opacus", "fimcore"]).items()}
+    import torch
+
+    versions["torch threads"] = str(a.threads or torch.get_num_threads())
+    t0 = time.perf_counter()
+    results, plain_memory, ref_notes = run(models, batch_sizes, a.methods, reps=reps, cap_seconds=cap,
+                                           seed=a.seed, memory=not a.no_memory, threads=a.threads)
+    text = render(results, plain_memory, ref_notes, command=H.command_line(), machine=machine,
+                  versions=versions, settings={"reps": reps, "cap per configuration": f"{cap:.0f} s",
+                                               "seed": a.seed, "memory": not a.no_memory},
+                  seconds=time.perf_counter() - t0)
+    H.write_report(output, text)
+    print(text)
+    print(f"written to {output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
