@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._namespace import check_real_floating, resolve_namespace
+from ._namespace import check_real_floating, jit_for, resolve_namespace
 
 __all__ = ["gram"]
 
@@ -85,11 +85,11 @@ def gram(J: Any, /, *, xp: Any = None) -> Any:
         raise ValueError(
             "J must hold at least one sample (B >= 1); received B = 0 rows."
         )
-    return _gram(blocks, xp=xp)
+    return jit_for(_gram, xp)(blocks)
 
 
 def _gram(blocks: list[Any], *, xp: Any) -> Any:
-    dtype = xp.result_type(*blocks) if len(blocks) > 1 else blocks[0].dtype
+    dtype = xp.result_type(*[b.dtype for b in blocks])
     total = None
     for block in blocks:
         if block.dtype != dtype:

@@ -164,7 +164,9 @@ def measure_update(
                                        rtol=rtol, grad_dtype=grad_dtype)
     step = jit_for(_step, xp, static=("batch",))(gram, lr, rtol, batch=batch)
     zero = xp.zeros_like(step["c_k"])
-    int_dtype = getattr(state.steps, "dtype", None) or default_int_dtype(xp)
+    int_dtype = getattr(state.steps, "dtype", None)
+    if int_dtype is None:
+        int_dtype = default_int_dtype(xp)
 
     def one_if(flag: Any) -> Any:
         return xp.astype(flag, int_dtype)

@@ -21,8 +21,8 @@ def _loop_gram(J: np.ndarray) -> np.ndarray:
     return np.array([[math.fsum(a * b for a, b in zip(ri, rj)) for rj in rows] for ri in rows])
 
 
-@given(case=j_matrices(), splits=st.lists(st.integers(0, 12), max_size=3))
-def test_gram_matches_loop_reference_whole_and_in_blocks(xp, case, splits):
+@given(case=j_matrices(), split=st.booleans())
+def test_gram_matches_loop_reference_whole_and_in_blocks(xp, case, split):
     J = case.J
     reference = _loop_gram(J)
     atol = 4 * J.shape[1] * EPS64 * float(np.max(np.sum(J * J, axis=1)))
@@ -30,7 +30,8 @@ def test_gram_matches_loop_reference_whole_and_in_blocks(xp, case, splits):
     assert same_library(whole, xp)
     assert whole.dtype == xp.float64
     np.testing.assert_allclose(to_numpy(whole), reference, rtol=0, atol=atol)
-    cuts = sorted({c for c in splits if 0 < c < J.shape[1]})
+    # few distinct block shapes (JAX compiles per shape): first column, then halves
+    cuts = sorted({c for c in (1, J.shape[1] // 2) if 0 < c < J.shape[1]}) if split else []
     blocks = [xp.asarray(b) for b in np.split(J, cuts, axis=1)]
     np.testing.assert_allclose(to_numpy(fimcore.gram(blocks)), reference, rtol=0, atol=atol)
 

@@ -109,6 +109,17 @@ def test_schedule_errors():
         StagedBatchSchedule([1], total_epochs=1).load_state_dict({"sizes": [1]})
 
 
+def test_integer_argument_errors():
+    with pytest.raises(TypeError, match="total_epochs must be a positive integer"):
+        paper_lr_milestones(320.0)
+    with pytest.raises(ValueError, match="total_epochs must be a positive integer"):
+        paper_lr_milestones(0)
+    with pytest.raises(TypeError, match="start must be a positive integer"):
+        StagedBatchSchedule.from_range(32.5, 128, total_epochs=10)
+    with pytest.raises(TypeError, match="stages must be a positive integer"):
+        StagedBatchSchedule.from_range(32, 128, stages=True, total_epochs=10)
+
+
 def test_epoch_errors():
     schedule = StagedBatchSchedule.from_range(32, 128, total_epochs=10)
     for epoch in (-1, 10):

@@ -1,0 +1,178 @@
+"""Cost of fimcore.spectrum and fimcore.truncated_condition_number by Gram size.
+
+Run as ``python -m benchmarks.bench_spectrum`` (from the repository root). For
+B ∈ {32, 128, 512, 2048}, NumPy and PyTorch, float32 and float64 Grams, it times
+
+* ``eigvalsh``: the library's own symmetric eigensolver on the Gram cast to float64,
+  the floor any implementation pays;
+* ``spectrum``: :func:`fimcore.spectrum` (validation: finite, symmetric, diagonal; cast
+  to float64, symmetrise, eigvalsh, sort, clamp);
+* ``cond``: :func:`fimcore.truncated_condition_number` (the same plus the truncation).
+
+Each figure is the median wall time of ``--repeats`` calls after one warm-up call, the
+three functions interleaved per repetition. Nothing is asserted: the table is printed and
+written to ``benchmarks/results/spectrum.md`` with the machine and the versions. The
+machine may be shared; the load average at the start is recorded with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import fimcore
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "spectrum.md"
+SIZES = (32, 128, 512, 2048)
+
+
+def repeats_for(size: int, base: int) -> int:
+    """Fewer repetitions for the largest Grams (one float64 eigvalsh at B=2048 takes ~1 s)."""
+    return max(3, base if size <= 128 else base // 2 if size <= 512 else base // 4)
+
+
+def make_gram(size: int, dtype: str, seed: int = 0) -> np.ndarray:
+    """A full-rank Gram J Jᵀ of a (B, 2B) Gaussian J, in ``dtype``."""
+    J = np.random.default_rng(seed).standard_normal((size, 2 * size)) / np.sqrt(2 * size)
+    J = J.astype(dtype)
+    return J @ J.T
+
+
+def backends() -> dict[str, tuple[Callable[[np.ndarray], Any], Callable[[Any], Any]]]:
+    """name -> (convert a NumPy Gram, raw float64 eigvalsh of it)."""
+    out: dict[str, tuple[Callable[[np.ndarray], Any], Callable[[Any], Any]]] = {
+        "numpy": (lambda g: g, lambda g: np.linalg.eigvalsh(g.astype(np.float64))),
+    }
+    try:
+        import torch
+    except ImportError:
+        print("torch not installed: numpy only", file=sys.stderr)
+    else:
+        out["torch"] = (torch.from_numpy, lambda g: torch.linalg.eigvalsh(g.double()))
+    return out
+
+
+def time_call(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(sizes: tuple[int, ...], base_repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for name, (convert, raw) in backends().items():
+        for dtype in ("float32", "float64"):
+            for size in sizes:
+                gram = convert(make_gram(size, dtype))
+                calls = {
+                    "eigvalsh": lambda g=gram: raw(g),
+                    "spectrum": lambda g=gram: fimcore.spectrum(g),
+                    "cond": lambda g=gram: fimcore.truncated_condition_number(g),
+                }
+                for fn in calls.values():
+                    fn()  # warm-up
+                times: dict[str, list[float]] = {key: [] for key in calls}
+                n = repeats_for(size, base_repeats)
+                for _ in range(n):
+                    for key, fn in calls.items():
+                        times[key].append(time_call(fn))
+                row = {"backend": name, "dtype": dtype, "B": size, "repeats": n}
+                row.update({key: statistics.median(v) for key, v in times.items()})
+                rows.append(row)
+                print(f"  {name:6s} {dtype} B={size:5d}: "
+                      + ", ".join(f"{k} {row[k] * 1e3:.3f} ms" for k in calls), file=sys.stderr)
+    return rows
+
+
+def cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions() -> str:
+    names = ["numpy", "torch", "array-api-compat"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ", ".join([f"Python {platform.python_version()}", *found, f"fimcore {fimcore.__version__}"])
+
+
+def threads() -> str:
+    parts = []
+    if "torch" in sys.modules:
+        parts.append(f"torch threads {sys.modules['torch'].get_num_threads()}")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        if var in os.environ:
+            parts.append(f"{var}={os.environ[var]}")
+    return ", ".join(parts) or "library defaults"
+
+
+def render(rows: list[dict[str, Any]], load: tuple[float, float, float]) -> str:
+    def ms(value: float) -> str:
+        return f"{value * 1e3:.3f}" if value < 0.1 else f"{value * 1e3:.0f}"
+
+    lines = [
+        "# Cost of `spectrum` and `truncated_condition_number`",
+        "",
+        "Median wall time in ms per call (after one warm-up; the three calls interleaved per",
+        "repetition). `eigvalsh` is the library's own solver on the Gram cast to float64 (the",
+        "floor); `spectrum` and `cond` add fimcore's validation (finite, symmetric, diagonal),",
+        "the float64 cast, symmetrisation, sort, clamp and (for `cond`) the truncation.",
+        "The Gram is J Jᵀ of a Gaussian J of shape (B, 2B), stored in the dtype shown;",
+        "eigenvalues are always computed in float64.",
+        "",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} logical cores (shared; load average at "
+        f"start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f})",
+        f"- Versions: {versions()}",
+        f"- Threads: {threads()}",
+        f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        "- Command: `nice -n 5 python -m benchmarks.bench_spectrum`",
+        "",
+        "| backend | Gram dtype | B | eigvalsh (ms) | spectrum (ms) | cond (ms) | cond / eigvalsh | repeats |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['backend']} | {r['dtype']} | {r['B']} | {ms(r['eigvalsh'])} | {ms(r['spectrum'])} "
+            f"| {ms(r['cond'])} | {r['cond'] / r['eigvalsh']:.2f} | {r['repeats']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--repeats", type=int, default=21, help="repetitions at B <= 128")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS,
+                        help="Markdown file to write ('-' to only print)")
+    args = parser.parse_args(argv)
+    load = os.getloadavg()
+    table = render(measure(tuple(args.sizes), args.repeats), load)
+    print(table)
+    if str(args.out) != "-":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+        print(f"written to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
