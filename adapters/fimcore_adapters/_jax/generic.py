@@ -40,12 +40,12 @@ def _leaf_gram(a, b, dtype):
 def _check_loss_shape(per_example, params, batch, has_aux):
     one = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
     out = jax.eval_shape(lambda p, b: per_example(p, *b), params, one)
-    loss = out[0] if has_aux else out
-    if has_aux and not (isinstance(out, tuple) and len(out) == 2):
+    if has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError(
             "with has_aux=True the loss function must return a pair (loss, aux); "
             f"received {type(out).__name__}. Return (loss, aux) or set has_aux=False."
         )
+    loss = out[0] if has_aux else out
     if getattr(loss, "shape", None) != () or not jnp.issubdtype(loss.dtype, jnp.floating):
         raise ValueError(
             "the loss function must return a real scalar for ONE example (shape ()), "

@@ -1,0 +1,267 @@
+"""JAX benchmark: a jitted training step with the per-sample Gram G = J Jᵀ, against the plain step.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_jax            # full run, writes benchmarks/results/jax.md
+    python -m benchmarks.bench_jax --quick    # B = 32 only, fewer repetitions, no memory
+
+Models (Flax linen, float32, synthetic batches): MLP 784-512-256-10; the small CNN of the PyTorch
+benchmark (three 3×3 convolutions with 16/32/64 channels, each ReLU + 2×2 max pool, dense head,
+3×32×32 inputs, channels last); CIFAR ResNet-20 with GroupNorm (groups = gcd(C, 8), option-A
+shortcuts, as ``reference_training.models``). The plain step is ``jax.jit`` of
+``value_and_grad`` of the mean cross-entropy plus an SGD update. The measured steps add G:
+
+* ``factored`` — :class:`fimcore_adapters.jax.FlaxGram` (layer-factored/materialised per layer)
+  inside the same jitted step;
+* ``generic`` — :func:`fimcore_adapters.jax.value_grad_and_gram` (``vmap(grad)`` of the
+  per-example loss, leaf-wise ``J_l J_lᵀ``) inside the jitted step.
+
+Both then take the eigenvalues of G with ``fimcore.spectrum`` (float64, on the host), as the
+PyTorch benchmark does. Timing: plain and method interleaved in one child process after a warm-up
+(compilation excluded), median of paired ratios. Memory: a fresh child per configuration
+(``benchmarks._harness.step_memory``: peak resident set over three steps minus the set before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from benchmarks import _harness as H
+
+MODELS = {"mlp": "MLP 784-512-256-10", "cnn": "small CNN (3 conv + dense, 3×32×32)",
+          "resnet20-gn": "ResNet-20, GroupNorm"}
+METHODS = {"factored": "fimcore `FlaxGram` (layer-factored)",
+           "generic": "fimcore `value_grad_and_gram` (vmap(grad))"}
+TARGET = 1.5  # step-with-Gram / plain step at B = 128 (issue 5)
+
+
+def build(name):
+    """Flax model, synthetic batch ``(x, y)`` builder and per-example logits function."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(512)(x))
+            x = nn.relu(nn.Dense(256)(x))
+            return nn.Dense(10)(x)
+
+    class SmallCNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for c in (16, 32, 64):
+                x = nn.max_pool(nn.relu(nn.Conv(c, (3, 3), padding=1)(x)), (2, 2), (2, 2))
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+    def norm(c):
+        return nn.GroupNorm(num_groups=math.gcd(c, 8), epsilon=1e-5)
+
+    class Block(nn.Module):
+        c_out: int
+        stride: int
+
+        @nn.compact
+        def __call__(self, x):
+            s = self.stride
+            out = nn.relu(norm(self.c_out)(nn.Conv(self.c_out, (3, 3), (s, s), padding=1, use_bias=False)(x)))
+            out = norm(self.c_out)(nn.Conv(self.c_out, (3, 3), padding=1, use_bias=False)(out))
+            short = x[:, ::s, ::s, :] if s > 1 else x
+            extra = self.c_out - short.shape[-1]
+            if extra:
+                short = jnp.pad(short, ((0, 0), (0, 0), (0, 0), (0, extra)))
+            return nn.relu(out + short)
+
+    class ResNet20(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(norm(16)(nn.Conv(16, (3, 3), padding=1, use_bias=False)(x)))
+            for stage, c in enumerate((16, 32, 64)):
+                for i in range(3):
+                    x = Block(c, 2 if stage > 0 and i == 0 else 1)(x)
+            return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+
+    model = {"mlp": MLP, "cnn": SmallCNN, "resnet20-gn": ResNet20}[name]()
+    shape = (784,) if name == "mlp" else (32, 32, 3)
+    return model, shape
+
+
+def _setup(name, batch_size, seed=0):
+    import jax
+    import jax.numpy as jnp
+
+    model, shape = build(name)
+    kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (batch_size,) + shape, jnp.float32)
+    y = jax.random.randint(ky, (batch_size,), 0, 10)
+    params = model.init(kp, x[:1])["params"]
+    return model, params, x, y
+
+
+def _steps(name, batch_size, method, seed=0):
+    """Closures ``plain()`` and ``candidate()`` running one step each, results blocked on."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import fimcore
+    from fimcore_adapters.jax import FlaxGram, value_grad_and_gram
+
+    model, params, x, y = _setup(name, batch_size, seed)
+    lr = 0.01
+
+    def losses(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+    def sgd(p, g):
+        return jax.tree_util.tree_map(lambda a, b: a - lr * b, p, g)
+
+    @jax.jit
+    def plain_step(p, x, y):
+        loss, g = jax.value_and_grad(lambda q: jnp.mean(losses(model.apply({"params": q}, x), y)))(p)
+        return sgd(p, g), loss
+
+    if method == "factored":
+        fg = FlaxGram(model, losses, check_finite=False)
+
+        @jax.jit
+        def gram_step(p, x, y):
+            loss, g, gram = fg({"params": p}, x, y)
+            return sgd(p, g), loss, gram
+    else:
+        def per_example(p, xi, yi):
+            return losses(model.apply({"params": p}, xi[None]), yi[None])[0]
+
+        vgg = value_grad_and_gram(per_example, check_finite=False)
+
+        @jax.jit
+        def gram_step(p, x, y):
+            loss, g, gram = vgg(p, x, y)
+            return sgd(p, g), loss, gram
+
+    def plain():
+        jax.block_until_ready(plain_step(params, x, y))
+
+    def candidate():
+        _, _, gram = gram_step(params, x, y)
+        fimcore.spectrum(np.asarray(gram, dtype=np.float64))
+
+    return plain, candidate
+
+
+def timing_job(model, batch_size, method, reps, cap_seconds):
+    import time
+
+    plain, candidate = _steps(model, batch_size, method)
+    t0 = time.perf_counter()
+    plain()
+    candidate()  # compilation, outside the timed and capped repetitions
+    compile_seconds = time.perf_counter() - t0
+    t = H.interleaved_times(plain, candidate, reps=reps, cap_seconds=cap_seconds)
+    return {"ratio": t.ratio, "plain": _median(t.baseline), "step": _median(t.candidate),
+            "reps": t.reps, "capped": t.capped, "compile": compile_seconds}
+
+
+def memory_job(model, batch_size, method):
+    plain, candidate = _steps(model, batch_size, method)
+    step = plain if method == "plain" else candidate
+    m = H.step_memory(step)
+    return {"extra_mb": m.extra_mb}
+
+
+def exactness_job(model, batch_size):
+    """‖G_factored − G_generic‖_F / ‖G_generic‖_F in float64 (same weights and batch)."""
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import optax
+
+    from fimcore_adapters.jax import FlaxGram, value_grad_and_gram
+
+    net, params, x, y = _setup(model, batch_size)
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+    x = x.astype(jnp.float64)
+
+    def losses(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+    g1 = jax.jit(FlaxGram(net, losses))({"params": params}, x, y)[2]
+    g2 = jax.jit(value_grad_and_gram(lambda p, xi, yi: losses(net.apply({"params": p}, xi[None]),
+                                                                 yi[None])[0]))(params, x, y)[2]
+    return float(jnp.linalg.norm(g1 - g2) / jnp.linalg.norm(g2))
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="B = 32, few repetitions, no memory")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batch-sizes", nargs="*", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--cap", type=float, default=240.0, help="seconds per timing configuration")
+    parser.add_argument("--out", default="benchmarks/results/jax.md")
+    args = parser.parse_args(argv)
+    sizes = args.batch_sizes or ([32] if args.quick else [32, 128])
+    reps = args.reps or (5 if args.quick else 15)
+    runner = H.IsolatedRunner(start_method="spawn")
+    rows, notes = [], []
+    for model in args.models:
+        for b in sizes:
+            mem = {}
+            if not args.quick:
+                for method in ("plain", *METHODS):
+                    r = runner.run("benchmarks.bench_jax:memory_job", dict(model=model, batch_size=b, method=method),
+                                   timeout=600, memory=True)
+                    mem[method] = r.value["extra_mb"] if r.status == "ok" else None
+            for method in METHODS:
+                r = runner.run("benchmarks.bench_jax:timing_job",
+                               dict(model=model, batch_size=b, method=method, reps=reps, cap_seconds=args.cap),
+                               timeout=args.cap + 300)
+                if r.status != "ok":
+                    notes.append(f"{model} B={b} {method}: {r.status} {(r.error or '')[-300:]}")
+                    rows.append([MODELS[model], b, METHODS[method], "–", "–", "–", "–", "–", "–"])
+                    continue
+                v = r.value
+                mark = ""
+                if b == 128:
+                    mark = " ✓" if v["ratio"] <= TARGET else " ✗"
+                m = mem.get(method)
+                rows.append([MODELS[model], b, METHODS[method], H.fmt_ms(v["plain"]), H.fmt_ms(v["step"]),
+                             H.fmt_ratio(v["ratio"]) + mark, f"{v['reps']}{' (cap)' if v['capped'] else ''}",
+                             "–" if mem.get("plain") is None else f"{mem['plain']:.0f}",
+                             "–" if m is None else f"{m:.0f}"])
+                print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    exact = []
+    for model in args.models:
+        r = runner.run("benchmarks.bench_jax:exactness_job", dict(model=model, batch_size=8), timeout=900)
+        exact.append([MODELS[model], "8", f"{r.value:.1e}" if r.status == "ok" else r.status])
+    headers = ["model", "B", "method", "plain step (ms)", "step with G (ms)", "ratio (target ≤ 1.5× at B=128)",
+               "reps", "plain extra MB", "method extra MB"]
+    versions = H.package_versions(["jax", "jaxlib", "flax", "optax", "numpy"])
+    text = "\n\n".join([
+        "# JAX adapter benchmark",
+        f"Command: `{H.command_line()}`" + (" (quick mode)" if args.quick else ""),
+        "Ratio = median over interleaved repetitions of (jitted step with G + `fimcore.spectrum`) / (plain "
+        "jitted step: value_and_grad of the mean cross-entropy + SGD), float32, compilation excluded. Extra MB: "
+        "peak resident set over three steps minus the set before them, one fresh process per cell.",
+        H.markdown_table(headers, rows),
+        "Exactness in float64: ‖G_factored − G_generic‖_F / ‖G_generic‖_F",
+        H.markdown_table(["model", "B", "relative difference"], exact),
+        "## Machine\n\n" + H.key_value_table(H.machine_info()),
+        "## Versions\n\n" + H.key_value_table(versions),
+        *(["## Notes\n\n" + "\n".join(f"- {n}" for n in notes)] if notes else []),
+    ])
+    path = H.write_report(args.out, text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
