@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fimcore
+from tests.conftest import import_backend
 from tests.core.helpers import EPS64, reference_sorted_eigs_from_svd, same_library, to_numpy
 from tests.strategies import j_matrices, spd_with_spectrum
 
@@ -205,3 +206,31 @@ def test_default_rtol_errors():
         fimcore.default_rtol(2048, np.float16)
     with pytest.raises(ValueError, match="positive integer"):
         fimcore.default_rtol(0, np.float64)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (3, 9)], ids=["tall", "wide"])
+def test_float32_gradients_spectrum_within_float32_rounding(xp, shape):
+    """A float32 Gram of float32 J: eigenvalues within ~P·eps32·λ_max of the exact ones."""
+    rng = np.random.default_rng(11)
+    B, P = shape
+    J = (rng.standard_normal((B, 2)) @ rng.standard_normal((2, P))).astype(np.float32)
+    J[-1] = J[0]  # a duplicated row on top of rank 2
+    eigs = to_numpy(fimcore.spectrum(fimcore.gram(xp.asarray(J))))
+    exact = reference_sorted_eigs_from_svd(J.astype(np.float64))
+    eps32 = float(np.finfo(np.float32).eps)
+    np.testing.assert_allclose(eigs, exact, rtol=0, atol=EIG_SLACK * max(B, P) * eps32 * exact[-1])
+    # rank 2: with the float32 default rtol, only two eigenvalues count
+    G = fimcore.gram(xp.asarray(J))
+    c = float(fimcore.truncated_condition_number(G))
+    assert c == pytest.approx(exact[-1] / exact[-2], rel=1e-4)
+
+
+def test_functions_trace_under_jax_jit():
+    jax = import_backend("jax")
+    jnp = import_backend("jax.numpy")
+    G = jnp.asarray(np.diag([4.0, 1.0, 0.0]))
+    np.testing.assert_allclose(np.asarray(jax.jit(fimcore.spectrum)(G)), [0.0, 1.0, 4.0])
+    cond = jax.jit(lambda g: fimcore.truncated_condition_number(g, convention="jacobian"))
+    assert float(cond(G)) == 2.0
+    assert math.isnan(float(cond(jnp.zeros((3, 3)))))  # documented: NaN when traced
+    assert float(jax.jit(lambda g: fimcore.weighted_energy(g, lr=0.5))(G)) == pytest.approx(0.5 / 3 * math.sqrt(5.0))
