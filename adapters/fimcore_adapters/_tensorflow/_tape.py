@@ -56,7 +56,8 @@ def check_built(model) -> None:
 
 
 def loss_target(loss, loss_reduction: str):
-    """Validate ``loss`` against ``loss_reduction``; return the scalar to differentiate."""
+    """Validate ``loss`` against ``loss_reduction``; return the scalar to differentiate
+    (None for per-sample losses, whose sum the caller forms on the tape)."""
     if loss_reduction not in REDUCTIONS:
         raise ValueError(
             f"loss_reduction must be one of {REDUCTIONS}; received {loss_reduction!r}. Use "
@@ -73,7 +74,7 @@ def loss_target(loss, loss_reduction: str):
                 f"of shape {tuple(loss.shape)}. Pass the unreduced per-sample losses (a Keras "
                 "loss with reduction='none'), or a scalar loss with loss_reduction='mean'."
             )
-        return tf.reduce_sum(loss)
+        return None
     if rank != 0:
         raise ValueError(
             f"loss_reduction={loss_reduction!r} needs a scalar loss; received a loss of shape "
@@ -236,6 +237,9 @@ class GramTape:
             TypeError: on a non-floating loss.
         """
         target = loss_target(loss, loss_reduction)
+        if target is None:  # per-sample losses: differentiate their sum (recorded on the tape)
+            with self._tape:
+                target = tf.reduce_sum(loss)
         if self._recording:
             raise ValueError("gradient_and_gram must be called after the `with GramTape(...)` "
                              "block has closed; received a call inside it. Dedent the call.")
@@ -292,10 +296,8 @@ class GramTape:
                 grads_by_id[id(v)] = tf.cast(g, v.dtype)
         if loss_reduction == "mean":
             gram = gram * tf.cast(batch, gram.dtype) ** 2
+        grads_by_id.update({id(v): g for v, g in zip(unclaimed, free)})
         result = [grads_by_id.get(id(v)) for v in variables]
-        for i, v in enumerate(variables):
-            if id(v) not in claimed:
-                result[i] = free[unclaimed.index(v)]
         if extra_loss is not None:
             extra = self._tape.gradient(extra_loss, variables)
             result = [e if g is None else (g if e is None else g + tf.cast(e, g.dtype))

@@ -1,0 +1,369 @@
+"""TensorFlow adapter: exactness of the per-layer Gram against independent references.
+
+References (none shares code with the adapter's layer rules):
+* a float64 loop of ``tf.GradientTape`` over single samples (one gradient per sample, J Jᵀ);
+* the PyTorch adapter on the same NumPy weights (MLP, small CNN, CNN with BatchNorm);
+* the invariant ``1ᵀ G 1 = B² ‖∇L_mean‖²`` (BatchNorm networks, where no per-sample loop exists).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import required_backends
+
+if "tensorflow" in required_backends():
+    import tensorflow as tf
+else:
+    tf = pytest.importorskip("tensorflow")
+import keras  # noqa: E402
+
+from fimcore_adapters.tensorflow import (  # noqa: E402
+    GramTape,
+    LayerRule,
+    per_sample_gram,
+    register_layer_rule,
+    rule_for,
+)
+
+F64 = "float64"
+RTOL = 1e-10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    old = keras.config.floatx()
+    keras.config.set_floatx(F64)
+    yield
+    keras.config.set_floatx(old)
+
+
+def xent(from_logits=True, reduction="sum_over_batch_size"):
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits, reduction=reduction)
+
+
+def loop_gram(model, x, y):
+    """float64 reference: one GradientTape per sample on its own loss, then J Jᵀ."""
+    loss_fn = xent()
+    rows = []
+    for i in range(len(y)):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y[i:i + 1], model(x[i:i + 1], training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        rows.append(np.concatenate([tf.convert_to_tensor(g).numpy().ravel() for g in grads]))
+    jac = np.stack(rows)
+    return jac @ jac.T
+
+
+def assert_close(actual, expected, rtol=RTOL):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
+
+
+class Scale(keras.layers.Layer):
+    """A layer with no registered rule: y = x ⊙ w + c (per-feature weights)."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="random_normal")
+        self.c = self.add_weight(shape=(), initializer="ones")
+
+    def call(self, x):
+        return tf.tanh(x * self.w + self.c)
+
+
+def _seq(input_shape, *layers, dtype=None):
+    return keras.Sequential([keras.Input(input_shape, dtype=dtype), *layers])
+
+
+def _models():
+    L = keras.layers
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(5, 9, 9, 4))
+    y5 = rng.integers(0, 3, 5)
+    yield "mlp", _seq((6,), L.Dense(7, activation="tanh"), L.Dense(5, use_bias=False),
+                      L.Dense(3)), rng.normal(size=(5, 6)), y5
+    yield "conv2d", _seq((9, 9, 4), L.Conv2D(4, 3, strides=2, padding="same", activation="relu"),
+                         L.Conv2D(6, 2, dilation_rate=2, use_bias=False),
+                         L.Conv2D(3, 1, data_format="channels_last", activation="tanh"),
+                         L.Flatten(), L.Dense(3)), img, y5
+    yield "grouped_conv2d", _seq((5, 5, 4), L.Conv2D(6, 2, strides=2, dilation_rate=1, groups=2,
+                                                    padding="same"), L.Flatten(), L.Dense(3)), \
+        img[:, :5, :5], y5
+    yield "conv1d_conv3d", _seq((5, 4, 4, 2), L.Conv3D(3, (2, 3, 2), strides=(1, 2, 1), padding="same"),
+                                L.Reshape((5, -1)), L.Conv1D(4, 3, padding="causal", dilation_rate=2),
+                                L.Conv1D(3, 2, strides=2), L.Flatten(), L.Dense(3)), \
+        rng.normal(size=(5, 5, 4, 4, 2)), y5
+    yield "tokens", _seq((6,), L.Embedding(9, 4), L.LayerNormalization(),
+                         L.EinsumDense("abc,cde->abde", output_shape=(6, 2, 3), bias_axes="e"),
+                         L.Reshape((6, 6)), L.Dense(4, activation="relu"), L.Dense(2),
+                         L.GroupNormalization(2, axis=-1), L.Flatten(), L.Dense(3), dtype="int32"), \
+        rng.integers(0, 9, size=(5, 6)), y5
+    yield "embedding_factored", _seq((2,), L.Embedding(50, 3), L.Flatten(), L.Dense(3),
+                                     dtype="int32"), rng.integers(0, 4, size=(5, 2)), y5
+    yield "dense_tokens_factored", _seq((2, 40), L.Dense(30), L.Flatten(), L.Dense(3)), \
+        rng.normal(size=(5, 2, 40)), y5
+    yield "generic_layers", _seq((6,), Scale(), L.Dense(4), L.PReLU(), L.Dense(3)), \
+        rng.normal(size=(5, 6)), y5
+
+
+@pytest.fixture(scope="module")
+def models(_float64):
+    return {name: (m, x, y) for name, m, x, y in _models()}
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv2d", "grouped_conv2d", "conv1d_conv3d", "tokens",
+                                  "embedding_factored", "dense_tokens_factored", "generic_layers"])
+def test_gram_matches_per_sample_loop(models, name):
+    model, x, y = models[name]
+    expected = loop_gram(model, x, y)
+    gram = per_sample_gram(model, xent(), x, y)
+    assert gram.dtype == np.float64
+    assert_close(gram, expected)
+
+
+def test_paths_reported_and_both_dense_and_embedding_forms_taken(models):
+    seen = set()
+    for name in ("mlp", "conv2d", "tokens", "embedding_factored", "dense_tokens_factored",
+                 "generic_layers"):
+        model, x, y = models[name]
+        with GramTape(model) as tape:
+            loss = xent()(y, model(x, training=True))
+        tape.gradient_and_gram(loss)
+        seen.update((kind, path) for _, kind, path in tape.report)
+        assert len(tape.report) == sum(1 for layer in model._flatten_layers()
+                                       if layer.trainable_weights and not layer._layers)
+    for pair in [("Dense", "factored"), ("Dense", "materialised"), ("Embedding", "factored"),
+                 ("Embedding", "materialised"), ("Conv2D", "materialised"), ("Scale", "generic"),
+                 ("PReLU", "generic"), ("EinsumDense", "materialised")]:
+        assert pair in seen
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv2d", "tokens", "generic_layers"])
+def test_gradients_equal_plain_tape(models, name):
+    model, x, y = models[name]
+    with GramTape(model) as tape:
+        loss = xent()(y, model(x, training=True))
+    grads, _ = tape.gradient_and_gram(loss, model.trainable_variables)
+    with tf.GradientTape() as plain:
+        loss = xent()(y, model(x, training=True))
+    expected = plain.gradient(loss, model.trainable_variables)
+    flat = lambda gs: np.concatenate([tf.convert_to_tensor(g).numpy().ravel() for g in gs])
+    assert_close(flat(grads), flat(expected), 1e-12)
+
+
+def test_generic_mode_agrees_with_registry(models):
+    model, x, y = models["conv2d"]
+    assert_close(per_sample_gram(model, xent(), x, y, mode="generic"),
+                 per_sample_gram(model, xent(), x, y))
+
+
+def test_layer_shared_by_two_calls():
+    dense = keras.layers.Dense(4)
+    inp = keras.Input((3,))
+    out = keras.layers.Dense(3)(keras.ops.tanh(dense(dense(keras.layers.Dense(4)(inp))[:, :4])))
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(4, 3)), rng.integers(0, 3, 4)
+    assert_close(per_sample_gram(model, xent(), x, y), loop_gram(model, x, y))
+
+
+def test_sum_and_none_reductions_scale_consistently(models):
+    model, x, y = models["mlp"]
+    mean = per_sample_gram(model, xent(), x, y)
+    total = per_sample_gram(model, xent(reduction="sum"), x, y, loss_reduction="sum")
+    none = per_sample_gram(model, xent(reduction="none"), x, y, loss_reduction="none")
+    assert_close(total, mean)
+    assert_close(none, mean)
+
+
+@pytest.mark.parametrize(("name", "jit"), [("conv2d", False), ("mlp", True)])
+def test_inside_tf_function_and_xla(models, name, jit):
+    model, x, y = models[name]
+    expected = per_sample_gram(model, xent(), x, y)
+
+    @tf.function(jit_compile=jit)
+    def step(x, y):
+        with GramTape(model) as tape:
+            loss = xent()(y, model(x, training=True))
+        grads, gram = tape.gradient_and_gram(loss)
+        return gram, grads
+
+    gram, _ = step(tf.constant(x), y)
+    assert_close(gram.numpy(), expected)
+
+
+def test_float64_accumulation_of_a_float32_model():
+    model = _seq((6,), keras.layers.Dense(5, dtype="float32"), keras.layers.Dense(3, dtype="float32"))
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(4, 6)).astype("float32"), rng.integers(0, 3, 4)
+    g32 = per_sample_gram(model, xent(), x, y)
+    g64 = per_sample_gram(model, xent(), x, y, dtype="float64")
+    assert g32.dtype == np.float32 and g64.dtype == np.float64
+    np.testing.assert_allclose(g64, g32, rtol=1e-4, atol=1e-5 * np.abs(g64).max())
+
+
+def test_layers_filter_restricts_the_gram(models):
+    model, x, y = models["mlp"]
+    first = model.layers[0]
+    part = per_sample_gram(model, xent(), x, y, layers=[first])
+    with GramTape(model) as tape:
+        loss = xent()(y, model(x, training=True))
+    tape.gradient_and_gram(loss)
+    b = len(y)
+    assert_close(part, tape.layer_grams[first.name].numpy() * b * b)
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+
+def _bn_cnn():
+    L = keras.layers
+    return _seq((8, 8, 3), L.Conv2D(4, 3, padding="same", use_bias=False), L.BatchNormalization(),
+                L.ReLU(), L.Conv2D(4, 3, strides=2), L.BatchNormalization(axis=-1), L.ReLU(),
+                L.GlobalAveragePooling2D(), L.Dense(3))
+
+
+def test_batchnorm_rows_sum_to_batch_gradient_and_state_is_restored():
+    model = _bn_cnn()
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(6, 8, 8, 3)), rng.integers(0, 3, 6)
+    before = [v.numpy().copy() for v in model.non_trainable_variables]
+    gram = per_sample_gram(model, xent(), x, y)
+    for v, b in zip(model.non_trainable_variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+    with tf.GradientTape() as tape:
+        loss = xent()(y, model(x, training=True))
+    grad = np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, model.trainable_variables)])
+    b = len(y)
+    np.testing.assert_allclose(gram.sum(), b * b * grad @ grad, rtol=1e-10)
+    # generic jacobian path on the same BN layers (batch statistics kept) agrees
+    assert_close(per_sample_gram(model, xent(), x, y, mode="generic"), gram)
+
+
+def test_batchnorm_eval_mode_matches_per_sample_loop():
+    model = _bn_cnn()
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(4, 8, 8, 3)), rng.integers(0, 3, 4)
+    for v in model.non_trainable_variables:
+        v.assign(rng.uniform(0.5, 1.5, size=v.shape))
+    loss_fn = xent()
+    rows = []
+    for i in range(len(y)):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y[i:i + 1], model(x[i:i + 1], training=False))
+        rows.append(np.concatenate([g.numpy().ravel() for g in
+                                    tape.gradient(loss, model.trainable_variables)]))
+    jac = np.stack(rows)
+    assert_close(per_sample_gram(model, loss_fn, x, y, training=False), jac @ jac.T)
+
+
+# ----------------------------------------------------------------------------- against PyTorch
+
+
+def _torch_pair(kind):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    rng = np.random.default_rng(5)
+    L = keras.layers
+    if kind == "mlp":
+        k = _seq((12,), L.Dense(16, activation="relu"), L.Dense(8, activation="relu"), L.Dense(4))
+        t = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+        x = rng.normal(size=(6, 12))
+        tx = torch.tensor(x)
+    else:
+        bn = kind == "cnn_bn"
+        k = _seq((10, 10, 3), L.Conv2D(4, 3, padding="same", use_bias=not bn),
+                 *( [L.BatchNormalization(epsilon=1e-5)] if bn else []), L.ReLU(),
+                 L.Conv2D(6, 3, strides=2, dilation_rate=1), L.ReLU(),
+                 L.GlobalAveragePooling2D(), L.Dense(4))
+        t = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=not bn),
+                          *([nn.BatchNorm2d(4, eps=1e-5)] if bn else []), nn.ReLU(),
+                          nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+        x = rng.normal(size=(6, 10, 10, 3))
+        tx = torch.tensor(x.transpose(0, 3, 1, 2).copy())
+    t = t.double()
+    k_layers = [layer for layer in k.layers if layer.trainable_weights]
+    t_layers = [m for m in t if any(True for _ in m.parameters())]
+    for kl, tl in zip(k_layers, t_layers, strict=True):
+        for kv in kl.trainable_weights:
+            value = rng.normal(scale=0.5, size=kv.shape)
+            kv.assign(value)
+            name = kv.path.split("/")[-1]
+            if name == "kernel":
+                tv = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
+                tl.weight.data = torch.tensor(tv.copy())
+            elif name == "gamma":
+                tl.weight.data = torch.tensor(value)
+            else:
+                tl.bias.data = torch.tensor(value)
+    y = rng.integers(0, 4, 6)
+    return k, t, x, tx, y, torch
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "cnn_bn"])
+def test_agrees_with_torch_adapter(kind):
+    k, t, x, tx, y, torch = _torch_pair(kind)
+    from fimcore_adapters.torch import per_sample_gram as torch_gram
+
+    t.train()
+    expected = torch_gram(t, torch.nn.CrossEntropyLoss(), tx, torch.tensor(y)).detach().numpy()
+    assert_close(per_sample_gram(k, xent(), x, y), expected)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_user_registered_rule_is_used_and_exact():
+    class Affine(keras.layers.Layer):
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1],), initializer="random_normal")
+
+        def call(self, x):
+            return x * self.w
+
+    calls = []
+
+    @register_layer_rule(Affine)
+    class AffineRule(LayerRule):
+        name = "affine"
+
+        def variables(self, layer):
+            return [layer.w]
+
+        def forward(self, layer, call, args, kwargs):
+            calls.append(layer.name)
+            y = call(*args, **kwargs)
+            return y, {"x": args[0], "watch": [y]}
+
+        def per_sample(self, layer, capture, deltas):
+            return [capture["x"] * deltas[0]]
+
+    model = _seq((5,), keras.layers.Dense(4), Affine(), keras.layers.Dense(3))
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(4, 5)), rng.integers(0, 3, 4)
+    assert_close(per_sample_gram(model, xent(), x, y), loop_gram(model, x, y))
+    assert calls and isinstance(rule_for(model.layers[1]), AffineRule)
+
+
+def test_subclass_overriding_call_takes_generic_path():
+    class Doubled(keras.layers.Dense):
+        def call(self, x):
+            return 2.0 * super().call(x)
+
+    assert rule_for(Doubled(3)) is None
+    model = _seq((4,), Doubled(3))
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(3, 4)), rng.integers(0, 3, 3)
+    assert_close(per_sample_gram(model, xent(), x, y), loop_gram(model, x, y))
+
+
+def test_register_rejects_non_layers():
+    with pytest.raises(TypeError, match="keras.layers.Layer subclass"):
+        register_layer_rule(int, LayerRule())
+    with pytest.raises(TypeError, match="LayerRule instance or subclass"):
+        register_layer_rule(keras.layers.Dense, object())
