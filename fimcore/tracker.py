@@ -128,7 +128,6 @@ def measure_init(*, xp: Any = None, device: Any = None) -> MeasureState:
 def measure_update(
     state: MeasureState,
     gram: Any,
-    /,
     *,
     lr: Any,
     weight: Any = 1,
@@ -258,7 +257,7 @@ class MeasureTracker:
                 "Use 'raise' to stop on NaN/inf Grams or 'skip' to count and skip them."
             )
         if rtol is not None:
-            resolve_rtol(rtol, 1, None, None)
+            rtol = resolve_rtol(rtol, 1, None, None)
         self.rtol = rtol
         self.on_nonfinite = on_nonfinite
         self.keep_history = bool(keep_history)
@@ -272,7 +271,6 @@ class MeasureTracker:
     def update(
         self,
         gram: Any,
-        /,
         *,
         lr: float,
         weight: float = 1,
