@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._tape import GramTape, check_built
+from ._tape import GramTape, check_built, check_reduction
 
 _KERAS_REDUCTIONS = {"sum_over_batch_size": "mean", "mean": "mean", "sum": "sum",
                      "none": "none", None: "none", "mean_with_sample_weight": "mean"}
@@ -22,8 +22,6 @@ def _batch_size(x, name: str) -> int:
                 f"{type(leaf).__name__}. Pad the samples to one shape (e.g. "
                 "ragged.to_tensor() with a mask) before taking the Gram."
             )
-        if isinstance(leaf, (list, tuple)):
-            leaf = np.asarray(leaf)
         if isinstance(leaf, np.ndarray) and leaf.dtype == object:
             raise ValueError(
                 f"{name} must hold dense, rectangular batches; received a ragged "
@@ -44,9 +42,17 @@ def _batch_size(x, name: str) -> int:
     return sizes[0]
 
 
-def _dense(x):
-    return tf.nest.map_structure(
-        lambda leaf: np.asarray(leaf) if isinstance(leaf, (list, tuple)) else leaf, x)
+def _dense(x, name: str):
+    """Nested Python lists of numbers become one array; lists of arrays stay a structure."""
+    if isinstance(x, (list, tuple)) and not all(hasattr(e, "shape") for e in x):
+        try:
+            return np.asarray(x)
+        except ValueError:
+            raise ValueError(
+                f"{name} must hold dense, rectangular batches; received nested lists whose "
+                "samples differ in length. Pad them to one shape (with a mask) first."
+            ) from None
+    return x
 
 
 def check_loss_reduction(loss_fn, loss_reduction: str) -> None:
@@ -93,7 +99,8 @@ def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", train
     Raises:
         ValueError: unbuilt model; ragged, empty or mismatched batches; a loss whose shape or
             Keras reduction contradicts ``loss_reduction``; non-finite per-sample gradients
-            (the message names the first layer affected).
+            (the message names the first layer affected); a variable read outside the call
+            of the layer that owns it (the rows would not sum to the batch gradient).
         TypeError: a model that is not a Keras layer/model.
 
     Example:
@@ -106,7 +113,9 @@ def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", train
         ((4, 4), dtype('float32'), True)
     """
     check_built(model)
+    check_reduction(loss_reduction)
     check_loss_reduction(loss_fn, loss_reduction)
+    x, y = _dense(x, "x"), (None if y is None else _dense(y, "y"))
     batch = _batch_size(x, "x")
     if batch == 0:
         raise ValueError("x must hold at least one sample; received an empty batch (B = 0).")
@@ -115,13 +124,12 @@ def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", train
             f"x and y must have the same batch size; received {batch} inputs and "
             f"{_batch_size(y, 'y')} targets."
         )
-    x, y = _dense(x), _dense(y)
     state = [(v, tf.identity(v.value)) for v in model.non_trainable_variables]
     try:
         with GramTape(model, layers=layers, dtype=dtype, mode=mode) as tape:
             y_pred = model(x, training=training)
             loss = loss_fn(y, y_pred)
-        _, gram = tape.gradient_and_gram(loss, loss_reduction=loss_reduction)
+        _, gram = tape.gradient_and_gram(loss, loss_reduction=loss_reduction, check=True)
     finally:
         for v, value in state:
             v.assign(value)

@@ -55,14 +55,19 @@ def check_built(model) -> None:
         )
 
 
-def loss_target(loss, loss_reduction: str):
-    """Validate ``loss`` against ``loss_reduction``; return the scalar to differentiate
-    (None for per-sample losses, whose sum the caller forms on the tape)."""
+def check_reduction(loss_reduction) -> None:
+    """Raise ValueError unless ``loss_reduction`` is one of :data:`REDUCTIONS`."""
     if loss_reduction not in REDUCTIONS:
         raise ValueError(
             f"loss_reduction must be one of {REDUCTIONS}; received {loss_reduction!r}. Use "
             "'mean' for a batch-mean loss, 'sum' for a batch sum, 'none' for per-sample losses."
         )
+
+
+def loss_target(loss, loss_reduction: str):
+    """Validate ``loss`` against ``loss_reduction``; return the scalar to differentiate
+    (None for per-sample losses, whose sum the caller forms on the tape)."""
+    check_reduction(loss_reduction)
     loss = tf.convert_to_tensor(loss)
     if not loss.dtype.is_floating:
         raise TypeError(f"the loss must be a floating tensor; received dtype {loss.dtype.name}.")
@@ -213,7 +218,7 @@ class GramTape:
     # ----------------------------------------------------------------- gradient + Gram
 
     def gradient_and_gram(self, loss, variables: Iterable | None = None, *,
-                          loss_reduction: str = "mean", extra_loss=None):
+                          loss_reduction: str = "mean", extra_loss=None, check: bool = False):
         r"""Batch gradients of ``loss (+ extra_loss)`` and the (B, B) per-sample Gram of ``loss``.
 
         Args:
@@ -226,6 +231,9 @@ class GramTape:
                 ``"mean"`` so that they are per-sample gradients, not 1/B of them.
             extra_loss: a scalar added to the loss for the gradients only (e.g. Keras
                 regularisation losses); like weight decay it is not part of J.
+            check: also run the ordinary backward and verify that the rows sum to it
+                (catches a variable read outside its layer's ``call``, e.g. tied weights);
+                costs one more backward, :func:`per_sample_gram` does it by default.
 
         Returns:
             ``(grads, gram)``: a list aligned with ``variables`` and a (B, B) tensor.
@@ -233,7 +241,8 @@ class GramTape:
         Raises:
             ValueError: on a loss whose shape does not match ``loss_reduction``, when no
                 layer was recorded, or when a variable that should enter G is read outside
-                the ``call`` of the layer that owns it (the Gram would miss it).
+                the ``call`` of the layer that owns it (the Gram would miss it; for variables
+                that a rule covers this is detected with ``check=True``, eagerly).
             TypeError: on a non-floating loss.
         """
         target = loss_target(loss, loss_reduction)
@@ -296,6 +305,8 @@ class GramTape:
                 grads_by_id[id(v)] = tf.cast(g, v.dtype)
         if loss_reduction == "mean":
             gram = gram * tf.cast(batch, gram.dtype) ** 2
+        if check:
+            self._check_rows(target, claimed, grads_by_id)
         grads_by_id.update({id(v): g for v, g in zip(unclaimed, free)})
         result = [grads_by_id.get(id(v)) for v in variables]
         if extra_loss is not None:
@@ -303,6 +314,27 @@ class GramTape:
             result = [e if g is None else (g if e is None else g + tf.cast(e, g.dtype))
                       for g, e in zip(result, extra)]
         return result, gram
+
+    def _check_rows(self, target, claimed, grads_by_id):
+        variables = list(claimed.values())
+        plain = self._tape.gradient(target, variables)
+        bad = []
+        for v, g in zip(variables, plain):
+            ours = grads_by_id.get(id(v))
+            if g is None or ours is None:
+                continue
+            g = tf.convert_to_tensor(g)
+            eps = 1e-4 if g.dtype in (tf.float32, tf.float16, tf.bfloat16) else 1e-9
+            scale = float(tf.reduce_max(tf.abs(g))) + float(tf.reduce_max(tf.abs(ours)))
+            if float(tf.reduce_max(tf.abs(tf.cast(ours, g.dtype) - g))) > eps * scale + 1e-30:
+                bad.append(v.path if hasattr(v, "path") else v.name)
+        if bad:
+            raise ValueError(
+                "the per-sample rows of a layer must sum to its batch gradient; received "
+                f"variables read outside the call of the layer that owns them: {bad} (tied "
+                "weights?). Register a rule for the layer that reads them "
+                "(register_layer_rule), or leave them out of G with GramTape(..., layers=...)."
+            )
 
     def _cast_t(self, t):
         if self.dtype is not None and t.dtype.is_floating and t.dtype != self.dtype:
