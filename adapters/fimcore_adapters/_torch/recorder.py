@@ -116,6 +116,11 @@ class GramRecorder:
         conv_method: how per-sample convolution weight gradients are formed: ``"auto"`` (time the
             candidates once per layer shape and cache), ``"grouped"`` (one convolution backward
             with groups = B) or ``"unfold"`` (strided-view unfold + batched GEMM).
+        check_uses: ``"first"`` (default) watches, during the first measured step, every torch
+            call for a selected parameter used with gradients outside the forward of the module
+            that covers it (tied weights applied through a function, a penalty term in the loss),
+            which would otherwise be missing from G, and raises; ``"always"`` repeats this on every
+            step (for models whose parameter use changes between steps; costs a few µs per op).
 
     Raises:
         ValueError: no trainable parameter selected, an unknown ``params`` entry, a bad option,
@@ -140,7 +145,7 @@ class GramRecorder:
 
     def __init__(self, model: nn.Module, *, loss_reduction: str = "mean", params=None,
                  strategy="auto", dtype: torch.dtype | None = None, memory_budget: int | None = None,
-                 conv_method: str = "auto"):
+                 conv_method: str = "auto", check_uses: str = "first"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; received {type(model).__name__}")
         if loss_reduction not in _REDUCTIONS:
@@ -159,6 +164,8 @@ class GramRecorder:
             raise ValueError(f"dtype must be None or a floating torch.dtype; received {dtype!r}")
         if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
             raise ValueError(f"memory_budget must be None or a positive number of bytes; received {memory_budget!r}")
+        if check_uses not in ("first", "always"):
+            raise ValueError(f"check_uses must be 'first' or 'always'; received {check_uses!r}")
         if conv_method not in ("auto", "grouped", "unfold"):
             raise ValueError(f"conv_method must be 'auto', 'grouped' or 'unfold'; received {conv_method!r}")
         self.model = model
@@ -166,6 +173,8 @@ class GramRecorder:
         self.dtype = dtype
         self.memory_budget = memory_budget
         self.conv_method = conv_method
+        self.check_uses = check_uses
+        self._uses_checked = False
         self.strategy = strategy
         self.enabled = True
         selected = _select(model, params)
@@ -211,8 +220,9 @@ class GramRecorder:
                 u.calls = 0
                 u.bw_calls = 0
                 self._handles.extend(u.install(self))
-            self._mode = _UseTracker(self)
-            self._mode.__enter__()
+            if self.check_uses == "always" or not self._uses_checked:
+                self._mode = _UseTracker(self)
+                self._mode.__enter__()
         except BaseException:
             self._cleanup()
             raise
@@ -249,6 +259,8 @@ class GramRecorder:
                 u.set_path("not run", "module not called in the last step")
         self._last = step
         self._measured = step.backward_started
+        if self._measured:
+            self._uses_checked = True
 
     # ------------------------------------------------------------------ results
     @property
