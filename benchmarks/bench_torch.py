@@ -77,10 +77,14 @@ PERFORMANCE_MD_B128 = {
 LEARNING_RATE = 0.01
 DEFAULT_REPS, DEFAULT_CAP = 5, 75.0
 QUICK_MODELS = ("mlp", "cnn", "resnet20-bn", "resnet20-gn", "transformer")
-PRELOAD = ("torch", "torch.func", "numpy", "backpack", "opacus", "fimcore", "fimcore_adapters.torch",
-           "reference_training.models", "benchmarks._harness", "benchmarks._torch_models")
-"""Modules the fork server imports once (``benchmarks.bench_torch`` itself is left out: as the
-``-m`` main module it is re-run in each child, which warns when it is already imported)."""
+PRELOAD = ("torch", "torch._dynamo", "numpy", "array_api_compat.torch", "fimcore", "benchmarks._harness",
+           "benchmarks._torch_models")
+"""Modules the fork server imports once, before forking any child (``benchmarks.bench_torch``
+itself is left out: as the ``-m`` main module it is re-run in each child, which warns when it is
+already imported). ``torch._dynamo`` is what a torch optimizer imports on construction (seconds).
+:func:`preload_for` adds what the chosen models and methods need."""
+_METHOD_MODULES = {"fimcore": "fimcore_adapters.torch", "torch.func": "torch.func",
+                   "backpack": "backpack", "opacus": "opacus"}
 GRACE_SECONDS = 15.0
 """Allowance beyond the cap for a child's set-up (model construction, first-use costs)."""
 
@@ -89,6 +93,16 @@ def methods_for(model: str, methods: tuple[str, ...] = METHODS) -> list[str]:
     """The methods measured on ``model``, in report order."""
     return [m for m in methods
             if not (m in ("fimcore-factored", "fimcore-materialize") and model not in FORCED_STRATEGY_MODELS)]
+
+
+def preload_for(models, methods) -> tuple[str, ...]:
+    """:data:`PRELOAD` plus the modules of the given models and methods (imported once)."""
+    extra = {_METHOD_MODULES[m.partition("-")[0]] for m in methods if m.partition("-")[0] in _METHOD_MODULES}
+    if any(m not in ("mlp", "cnn", "transformer") for m in models):
+        extra.add("reference_training.models")
+    if any(m != "spectrum" for m in methods):
+        extra.add("fimcore_adapters.torch")  # the float64 reference G
+    return PRELOAD + tuple(sorted(extra))
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +440,7 @@ def run(models, batch_sizes, methods=METHODS, *, reps=DEFAULT_REPS, cap_seconds=
         seed=0, memory=True, threads=None, runner: H.IsolatedRunner | None = None,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)):
     """Runs every configuration; returns ``(results, plain_memory, reference_notes)``."""
-    runner = runner or H.IsolatedRunner(preload=PRELOAD)
+    runner = runner or H.IsolatedRunner(preload=preload_for(models, methods))
     results: list[ConfigResult] = []
     plain_memory: dict[tuple[str, int], float | None] = {}
     ref_notes: dict[tuple[str, int], str] = {}

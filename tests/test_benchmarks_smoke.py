@@ -1,0 +1,154 @@
+"""Smoke tests of the benchmark harness and of the PyTorch benchmark, end to end on a tiny case.
+
+No test asserts a time: the timing logic is checked with a fake clock, the memory probe against a
+known allocation, and the PyTorch benchmark by running one tiny configuration and reading its
+table.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import _harness as H
+
+
+class FakeClock:
+    """A clock that each timed callable advances by a known amount."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self, seconds: float):
+        def run() -> None:
+            self.now += seconds
+
+        return run
+
+
+def test_median_ratio_pairs_times_by_index():
+    # ratios 3/1, 2/2, 10/2 -> 3, 1, 5 -> median 3
+    assert H.median_ratio([1.0, 2.0, 2.0], [3.0, 2.0, 10.0]) == 3.0
+
+
+def test_median_ratio_rejects_unpaired_times():
+    with pytest.raises(ValueError, match="pair up one to one"):
+        H.median_ratio([1.0, 2.0], [1.0])
+
+
+def test_interleaved_times_runs_all_repetitions_within_the_cap():
+    clock = FakeClock()
+    t = H.interleaved_times(clock.step(1.0), clock.step(3.0), reps=5, cap_seconds=100.0, clock=clock)
+    assert (t.reps, t.capped) == (5, False)
+    assert t.baseline == [1.0] * 5 and t.candidate == [3.0] * 5
+    assert t.ratio == 3.0
+    assert t.warmup == (1.0, 3.0)
+    assert t.elapsed == 24.0  # one warm-up pair and five pairs of 4 s
+
+
+def test_interleaved_times_stops_when_the_remaining_repetitions_cannot_fit():
+    clock = FakeClock()
+    # pairs cost 3 s: warm-up (3 s) + rep 1 (6 s); then 4 remaining pairs need 12 s > cap 10 s
+    t = H.interleaved_times(clock.step(1.0), clock.step(2.0), reps=5, cap_seconds=10.0, clock=clock)
+    assert (t.reps, t.capped) == (1, True)
+    assert t.ratio == 2.0
+
+
+def test_interleaved_times_stops_after_warmup_when_one_pair_cannot_fit():
+    clock = FakeClock()
+    t = H.interleaved_times(clock.step(4.0), clock.step(4.0), reps=5, cap_seconds=10.0, clock=clock)
+    assert (t.reps, t.capped) == (0, True)
+    assert t.elapsed == 8.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(reps=0, cap_seconds=1.0), "reps must be at least 1"),
+    (dict(reps=1, cap_seconds=0.0), "cap_seconds must be positive"),
+])
+def test_interleaved_times_validates_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        H.interleaved_times(lambda: None, lambda: None, **kwargs)
+
+
+def test_markdown_table_escapes_pipes():
+    assert H.markdown_table(["a", "b"], [[1, "x|y"]]).splitlines() == [
+        "| a | b |", "| --- | --- |", "| 1 | x\\|y |"]
+
+
+# ---- child processes (spawn: a bare interpreter, no framework import) ----------------------
+
+
+def _hold_bytes(megabytes: int) -> dict:
+    blocks: list[bytearray] = []
+
+    def step() -> None:
+        blocks.append(bytearray(b"\x01" * (megabytes * 10**6)))  # written, so resident
+        blocks.clear()
+
+    return vars(H.step_memory(step))
+
+
+def _sleep(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def _fail() -> None:
+    raise ArithmeticError("deliberate failure")
+
+
+@pytest.fixture(scope="module")
+def spawn_runner():
+    return H.IsolatedRunner(start_method="spawn")
+
+
+def test_step_memory_sees_a_known_allocation(spawn_runner):
+    out = spawn_runner.run(f"{__name__}:_hold_bytes", {"megabytes": 40}, timeout=60, memory=True)
+    assert out.status == "ok", out.error
+    # each step holds a 40 MB block (plus its source bytes literal of the same size) at its peak
+    assert 38 <= out.value["extra_mb"] <= 150
+    assert out.value["peak_mb"] >= out.value["rss_before_mb"] + 38
+
+
+def test_isolated_runner_kills_a_child_at_its_timeout(spawn_runner):
+    out = spawn_runner.run(f"{__name__}:_sleep", {"seconds": 60}, timeout=1)
+    assert out.status == "timeout"
+    assert out.seconds < 30
+
+
+def test_isolated_runner_reports_a_child_error(spawn_runner):
+    out = spawn_runner.run(f"{__name__}:_fail", timeout=60)
+    assert out.status == "error"
+    assert "deliberate failure" in out.error
+
+
+def test_isolated_runner_rejects_an_unknown_start_method():
+    with pytest.raises(ValueError, match="start_method must be"):
+        H.IsolatedRunner(start_method="thread")
+
+
+# ---- the PyTorch benchmark, one tiny configuration end to end -------------------------------
+
+
+def test_bench_torch_runs_one_tiny_configuration_and_writes_a_table(tmp_path):
+    pytest.importorskip("torch")
+    from benchmarks import bench_torch
+
+    out = tmp_path / "torch.md"
+    code = bench_torch.main(["--models", "mlp", "--batch-sizes", "4", "--methods", "fimcore", "torch.func",
+                             "--reps", "1", "--cap-seconds", "60", "--threads", "1", "--output", str(out)])
+    assert code == 0
+    text = out.read_text()
+    assert "## MLP 784-512-256-10" in text and "## Machine and versions" in text
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in text.splitlines()
+            if line.startswith("| 4 | ")}
+    assert set(rows) == {bench_torch.METHOD_LABELS["fimcore"], bench_torch.METHOD_LABELS["torch.func"]}
+    for cells in rows.values():
+        assert cells[4].endswith("×"), cells  # a measured ratio, not an error or a cap
+        assert cells[5].endswith(("MB", "×)")), cells  # a memory figure
+    # torch.func's float32 G against fimcore's float64 G: an MLP has no BatchNorm, so they agree
+    rel_err = float(rows[bench_torch.METHOD_LABELS["torch.func"]][6])
+    assert rel_err < 1e-4
