@@ -25,7 +25,8 @@ from .spectral import (
     truncated_condition_number,
     weighted_energy,
 )
-from .tracker import MeasureState, MeasureTracker, measure_init, measure_update
+from .measures import MeasureState, measure_init, measure_update
+from .tracker import MeasureTracker
 
 __version__ = "0.1.0"
 

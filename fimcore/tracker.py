@@ -17,8 +17,8 @@ the square root of a mean, so both are kept.
 
 Two layers, in the style of optax:
 
-* a pure pair :func:`measure_init` / :func:`measure_update` over the NamedTuple
-  :class:`MeasureState`. It never raises on values and never branches on them in Python,
+* a pure pair :func:`measure_init` / :func:`measure_update` (:mod:`fimcore.measures`)
+  over the NamedTuple :class:`MeasureState`. It never raises on values and never branches on them in Python,
   so it works under ``jax.jit``; a non-finite Gram or an undefined :math:`c_k`
   (all-zero Gram) is flagged in the state (``finite``, ``defined``) and counted;
 * the stateful :class:`MeasureTracker` on top, which raises (naming the step) or skips
@@ -33,192 +33,18 @@ An all-zero Gram has no :math:`\lambda_{\min}^{+}`: its :math:`c_k` is undefined
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import array_api_compat
 
-from ._namespace import (
-    check_gram,
-    check_nonnegative_number,
-    check_positive_int,
-    check_positive_number,
-    check_values,
-    compute_dtype,
-    default_int_dtype,
-    is_concrete,
-    jit_for,
-    resolve_namespace,
-)
+from ._namespace import check_values, is_concrete, jit_for, resolve_namespace
+from .measures import check_options, step_values
 from .record import Measurement
-from .spectral import _condition, _spectrum, resolve_rtol
+from .spectral import resolve_rtol
 
-__all__ = ["MeasureState", "MeasureTracker", "measure_init", "measure_update"]
+__all__ = ["MeasureTracker"]
 
 ON_NONFINITE = ("raise", "skip")
-
-
-class MeasureState(NamedTuple):
-    r"""State of the pure running measures (every field a scalar or 0-D array).
-
-    Running totals: ``steps`` (updates so far, k of the last one), ``measured`` (steps with
-    a defined :math:`c_k`), ``skipped`` (steps without: undefined or non-finite),
-    ``nonfinite`` (of which non-finite), ``c_sum`` = :math:`\sum c_k`, ``c_jacobian_sum`` =
-    :math:`\sum\sqrt{c_k}` over defined steps, and ``L`` = :math:`L_K = \sum_k w_k I_k`.
-    Hence :math:`\bar C_K` = ``c_sum / measured``.
-
-    Last step: ``c_k``, ``c_k_jacobian`` (NaN when undefined), ``I_k``, ``trace``,
-    ``lambda_max``, ``rank`` (eigenvalues above rtol·λ_max), ``defined``, ``finite``
-    (NaN fields where the Gram was not finite).
-    """
-
-    steps: Any
-    measured: Any
-    skipped: Any
-    nonfinite: Any
-    c_sum: Any
-    c_jacobian_sum: Any
-    L: Any
-    c_k: Any
-    c_k_jacobian: Any
-    I_k: Any
-    trace: Any
-    lambda_max: Any
-    rank: Any
-    defined: Any
-    finite: Any
-
-
-def measure_init(*, xp: Any = None, device: Any = None) -> MeasureState:
-    """Initial :class:`MeasureState`: zero totals, no last step.
-
-    Args:
-        xp: namespace to build the state in (needed when the state is a ``lax.scan``
-            carry, whose dtypes must not change); Python scalars when None.
-        device: device of the arrays when ``xp`` is given.
-
-    Example:
-        >>> import numpy as np
-        >>> from fimcore import measure_init, measure_update
-        >>> state = measure_init()
-        >>> state = measure_update(state, np.diag([4.0, 1.0]), lr=0.1)
-        >>> int(state.steps), float(state.c_sum / state.measured), bool(state.defined)
-        (1, 4.0, True)
-    """
-    nan = float("nan")
-    fields = dict(
-        steps=0, measured=0, skipped=0, nonfinite=0, c_sum=0.0, c_jacobian_sum=0.0,
-        L=0.0, c_k=nan, c_k_jacobian=nan, I_k=nan, trace=nan, lambda_max=nan, rank=0,
-        defined=False, finite=True,
-    )
-    if xp is None:
-        return MeasureState(**fields)
-    fdt, idt = compute_dtype(xp), default_int_dtype(xp, device)
-    return MeasureState(
-        **{
-            name: xp.asarray(
-                value,
-                dtype=xp.bool if isinstance(value, bool) else idt if isinstance(value, int) else fdt,
-                device=device,
-            )
-            for name, value in fields.items()
-        }
-    )
-
-
-def measure_update(
-    state: MeasureState,
-    gram: Any,
-    *,
-    lr: Any,
-    weight: Any = 1,
-    batch_size: int | None = None,
-    rtol: float | None = None,
-    grad_dtype: Any = None,
-    xp: Any = None,
-) -> MeasureState:
-    r"""Add one measured iteration to the running measures (pure, ``jax.jit``-safe).
-
-    Only metadata is validated (shape, dtype, option ranges of Python numbers); values are
-    never inspected on the host, so a traced Gram, ``lr`` or ``weight`` works.
-
-    Args:
-        state: the previous :class:`MeasureState`.
-        gram: (B, B) Gram matrix :math:`G_k` of the iteration.
-        lr: learning rate :math:`\alpha_k` in force (>= 0).
-        weight: :math:`w_k`, training iterations this measurement stands for (> 0).
-        batch_size: :math:`B_k`; defaults to the Gram's size.
-        rtol: truncation tolerance; default B·eps(``grad_dtype`` or the Gram's dtype).
-        grad_dtype: dtype of the per-sample gradients the Gram was built from.
-        xp: array namespace; resolved from ``gram`` when None.
-
-    Returns:
-        The new state; its last-step fields describe this iteration.
-
-    Raises:
-        ValueError, TypeError: on bad metadata (as :func:`fimcore.spectrum`,
-            :func:`fimcore.weighted_energy`), never on values.
-    """
-    xp = resolve_namespace(gram, xp=xp)
-    size, rtol, batch = _check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size,
-                                       rtol=rtol, grad_dtype=grad_dtype)
-    step = jit_for(_step, xp, static=("batch",))(gram, lr, rtol, batch=batch)
-    zero = xp.zeros_like(step["c_k"])
-    int_dtype = getattr(state.steps, "dtype", None)
-    if int_dtype is None:
-        int_dtype = default_int_dtype(xp)
-
-    def one_if(flag: Any) -> Any:
-        return xp.astype(flag, int_dtype)
-
-    defined, finite = step["defined"], step["finite"]
-    return MeasureState(
-        steps=state.steps + 1,
-        measured=state.measured + one_if(defined),
-        skipped=state.skipped + one_if(xp.logical_not(defined)),
-        nonfinite=state.nonfinite + one_if(xp.logical_not(finite)),
-        c_sum=state.c_sum + xp.where(defined, step["c_k"], zero),
-        c_jacobian_sum=state.c_jacobian_sum + xp.where(defined, step["c_k_jacobian"], zero),
-        L=state.L + xp.where(finite, weight * step["I_k"], zero),
-        c_k=step["c_k"],
-        c_k_jacobian=step["c_k_jacobian"],
-        I_k=step["I_k"],
-        trace=step["trace"],
-        lambda_max=step["lambda_max"],
-        rank=step["rank"],
-        defined=defined,
-        finite=finite,
-    )
-
-
-def _check_options(gram, xp, *, lr, weight, batch_size, rtol, grad_dtype):
-    size = check_gram(gram, xp)
-    check_nonnegative_number(lr, name="lr")
-    check_positive_number(weight, name="weight")
-    batch = size if batch_size is None else check_positive_int(batch_size, name="batch_size")
-    rtol = resolve_rtol(rtol, size, grad_dtype if grad_dtype is not None else gram.dtype, xp)
-    return size, rtol, batch
-
-
-def _step(gram: Any, lr: Any, rtol: Any, *, batch: int, xp: Any) -> dict[str, Any]:
-    """Per-iteration quantities, NaN-flagged instead of raising (no value branching)."""
-    g = xp.astype(gram, compute_dtype(xp))
-    finite = xp.all(xp.isfinite(g))
-    g = xp.where(finite, g, xp.zeros_like(g))
-    eigs = _spectrum(g, xp=xp)
-    c, lam_max, _, rank, defined = _condition(eigs, rtol=rtol, xp=xp)
-    nan = xp.full_like(c, float("nan"))
-    trace = xp.sum(xp.linalg.diagonal(g))
-    i_k = (lr / batch) * xp.sqrt(xp.maximum(trace, xp.zeros_like(trace)))
-    return {
-        "c_k": c,
-        "c_k_jacobian": xp.sqrt(c),
-        "I_k": xp.where(finite, i_k, nan),
-        "trace": xp.where(finite, trace, nan),
-        "lambda_max": xp.where(finite, lam_max, nan),
-        "rank": rank,
-        "defined": xp.logical_and(defined, finite),
-        "finite": finite,
-    }
 
 
 class MeasureTracker:
@@ -294,7 +120,7 @@ class MeasureTracker:
             TypeError: on a non-floating dtype or a non-array Gram.
         """
         xp = resolve_namespace(gram)
-        size, rtol, batch = _check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size,
+        size, rtol, batch = check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size,
                                            rtol=self.rtol, grad_dtype=grad_dtype)
         k = self._steps + 1
         if not is_concrete(gram):
@@ -312,7 +138,7 @@ class MeasureTracker:
         if finite:
             check_values(gram, xp, where=f"at step k={k}")
         step = {name: _to_host(value) for name, value in
-                jit_for(_step, xp, static=("batch",))(gram, lr, rtol, batch=batch).items()}
+                jit_for(step_values, xp, static=("batch",))(gram, lr, rtol, batch=batch).items()}
         lr_f, weight_f = float(lr), float(weight)
         self._steps = k
         if step["defined"]:
