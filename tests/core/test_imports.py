@@ -14,9 +14,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FRAMEWORKS = ("torch", "jax", "jaxlib", "tensorflow", "keras", "flax")
 
 
-def _run(code: str) -> subprocess.CompletedProcess[str]:
+def _run(code: str, *, warnings_as_errors: bool = False) -> subprocess.CompletedProcess[str]:
+    flags = ["-W", "error"] if warnings_as_errors else []
     return subprocess.run(
-        [sys.executable, "-W", "error", "-c", textwrap.dedent(code)],
+        [sys.executable, *flags, "-c", textwrap.dedent(code)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
 
@@ -65,6 +66,7 @@ def test_jax_without_x64_falls_back_to_float32_silently():
         m = fimcore.MeasureTracker().update(G, lr=0.1)
         assert m.c_k == 4.0 and m.rank == 2
         print("ok")
-        """
+        """,
+        warnings_as_errors=True,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
