@@ -175,7 +175,7 @@ def spearman_table(runs: list[Run]) -> list[dict[str, Any]]:
         for hp in ("batch", "lr"):
             x = [r.batch if hp == "batch" else r.lr for r in fixed]
             y = [r.summary[measure] for r in fixed]
-            if len(set(x)) < 2 or len(fixed) < 3:
+            if len(set(x)) < 2 or len(set(y)) < 2 or len(fixed) < 3:
                 continue
             res = spearmanr(x, y)
             other = (lambda r: r.lr) if hp == "batch" else (lambda r: r.batch)
@@ -185,8 +185,9 @@ def spearman_table(runs: list[Run]) -> list[dict[str, Any]]:
             within = []
             for members in slices.values():
                 xs = [m.batch if hp == "batch" else m.lr for m in members]
-                if len(set(xs)) >= 3:
-                    within.append(spearmanr(xs, [m.summary[measure] for m in members]).statistic)
+                ys = [m.summary[measure] for m in members]
+                if len(set(xs)) >= 3 and len(set(ys)) >= 2:  # ρ is undefined on constant input
+                    within.append(float(spearmanr(xs, ys).statistic))
             rows.append({"measure": measure, "hyper": hp, "rho": float(res.statistic),
                          "p": float(res.pvalue), "n": len(fixed),
                          "within_mean_rho": float(np.mean(within)) if within else None,
@@ -236,6 +237,9 @@ def _plane_figure(runs: list[Run], path: Path, title: str, weights: str) -> None
         cb.set_label("test error (%), interpolated from the 5 nearest runs")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # a margin around the runs so that edge points and their labels stay inside the axes
+    ax.set_xlim(10 ** (c0 - 0.06 * cs), 10 ** (c0 + 1.12 * cs))
+    ax.set_ylim(10 ** (l0 - 0.06 * ls), 10 ** (l0 + 1.08 * ls))
     lrs = sorted({p[1] for p in pts if not p[5]})
     cmap = plt.get_cmap("autumn", max(len(lrs), 2) + 1)
     for i, lr in enumerate(lrs):
@@ -306,11 +310,12 @@ def _trajectory_figure(runs: list[Run], path: Path, title: str) -> None:
                 style.update(color="red" if r.label.endswith("MS") else "black", ls="--")
             else:
                 style.update(color=color[r.batch])
-            key = (r.label, lr)
-            lab = r.label if key not in seen else None
+            diverged = bool(r.summary.get("diverged"))
+            if diverged:
+                style.update(ls=":", lw=1.5)
+            key = (r.label, lr, diverged)
+            lab = (r.label + (" (diverged)" if diverged else "")) if key not in seen else None
             seen.add(key)
-            if r.summary.get("diverged"):
-                lab = (lab or r.label) + " (diverged)" if lab else None
             axes[0, col].plot(x, cbar, label=lab, **style)
             axes[1, col].plot(x, L, **style)
         axes[0, col].set_title(f"LR {lr:g}", fontsize=10)
