@@ -234,3 +234,21 @@ def test_functions_trace_under_jax_jit():
     assert float(cond(G)) == 2.0
     assert math.isnan(float(cond(jnp.zeros((3, 3)))))  # documented: NaN when traced
     assert float(jax.jit(lambda g: fimcore.weighted_energy(g, lr=0.5))(G)) == pytest.approx(0.5 / 3 * math.sqrt(5.0))
+
+
+def test_results_stay_on_the_callers_device():
+    """array_api_strict refuses to mix devices, so any op leaving 'device1' would raise."""
+    xs = import_backend("array_api_strict")
+    device = xs.Device("device1")
+    J = xs.asarray(np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), device=device)
+    G = fimcore.gram(J)
+    results = [
+        G,
+        fimcore.spectrum(G),
+        fimcore.truncated_condition_number(G),
+        fimcore.energy(G),
+        fimcore.weighted_energy(G, lr=0.1),
+        *fimcore.measure_update(fimcore.measure_init(xp=xs, device=device), G, lr=0.1),
+    ]
+    assert all(r.device == device for r in results)
+    assert fimcore.MeasureTracker().update(G, lr=0.1).c_k == 4.0
