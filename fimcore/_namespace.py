@@ -142,7 +142,7 @@ def check_values(gram: Any, xp: Any, *, name: str = "gram", where: str = "") -> 
         return
     at = f" {where}" if where else ""
     finite, scale, asym, diag_min = (
-        float(v) for v in jit_for(_value_stats, xp)(gram)
+        host_scalar(v) for v in jit_for(_value_stats, xp)(gram)
     )
     if not finite:
         raise ValueError(
@@ -162,6 +162,14 @@ def check_values(gram: Any, xp: Any, *, name: str = "gram", where: str = "") -> 
             f"{name}{at} must have a non-negative diagonal (G_ii = ‖J_i‖² >= 0); received a "
             f"diagonal entry {diag_min:.3e}. Pass the Gram G = J Jᵀ of per-sample gradients."
         )
+
+
+def host_scalar(value: Any) -> float:
+    """A concrete 0-D array as a Python float (detached from autograd graphs first)."""
+    detach = getattr(value, "detach", None)
+    if callable(detach):
+        value = detach()
+    return float(value)
 
 
 def _value_stats(gram: Any, *, xp: Any) -> tuple[Any, Any, Any, Any]:
@@ -245,7 +253,7 @@ def _as_host_number(value: Any, *, name: str) -> float | None:
         return None
     shape = getattr(value, "shape", None)
     if shape is not None and tuple(shape) == ():
-        return float(value)
+        return host_scalar(value)
     raise TypeError(
         f"{name} must be a real number (a Python float or a 0-D array); received "
         f"{type(value).__name__} with shape {shape}."

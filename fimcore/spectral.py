@@ -40,6 +40,7 @@ from ._namespace import (
     compute_dtype,
     default_int_dtype,
     eps_of,
+    host_scalar,
     is_concrete,
     jit_for,
     resolve_namespace,
@@ -169,7 +170,7 @@ def truncated_condition_number(
     rtol = resolve_rtol(rtol, size, grad_dtype if grad_dtype is not None else gram.dtype, xp)
     check_values(gram, xp)
     c, lam_max = jit_for(_condition_of_gram, xp)(gram, rtol)
-    if is_concrete(lam_max) and not float(lam_max) > 0:
+    if is_concrete(lam_max) and not host_scalar(lam_max) > 0:
         raise ValueError(
             "the truncated condition number needs λ_max > 0; received an all-zero Gram "
             "(every per-sample gradient is zero), for which λ_min⁺ does not exist. Skip "

@@ -37,7 +37,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._namespace import check_values, is_concrete, jit_for, resolve_namespace
+from ._namespace import check_values, host_scalar, is_concrete, jit_for, resolve_namespace
 from .measures import check_options, step_values
 from .record import Measurement
 from .spectral import resolve_rtol
@@ -128,7 +128,7 @@ class MeasureTracker:
                 "MeasureTracker.update needs a concrete Gram; received a value traced by a "
                 "JAX transformation. Use measure_init/measure_update inside jax.jit."
             )
-        finite = bool(xp.all(xp.isfinite(gram)))
+        finite = bool(host_scalar(xp.all(xp.isfinite(gram))))
         if not finite and self.on_nonfinite == "raise":
             raise ValueError(
                 f"the Gram at step k={k} must be finite; received NaN or inf entries. Check "
@@ -139,7 +139,7 @@ class MeasureTracker:
             check_values(gram, xp, where=f"at step k={k}")
         step = {name: _to_host(value) for name, value in
                 jit_for(step_values, xp, static=("batch",))(gram, lr, rtol, batch=batch).items()}
-        lr_f, weight_f = float(lr), float(weight)
+        lr_f, weight_f = host_scalar(lr), host_scalar(weight)
         self._steps = k
         if step["defined"]:
             self._measured += 1
@@ -261,10 +261,11 @@ def _to_host(value: Any) -> Any:
     """A 0-D array as a Python bool/int/float (records only)."""
     if array_api_compat.is_array_api_obj(value):
         dtype = str(value.dtype)
+        number = host_scalar(value)
         if "bool" in dtype:
-            return bool(value)
+            return bool(number)
         if "int" in dtype:
-            return int(value)
-        return float(value)
+            return int(number)
+        return number
     return value
 

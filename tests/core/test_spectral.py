@@ -252,3 +252,15 @@ def test_results_stay_on_the_callers_device():
     ]
     assert all(r.device == device for r in results)
     assert fimcore.MeasureTracker().update(G, lr=0.1).c_k == 4.0
+
+
+@pytest.mark.filterwarnings("error")
+def test_torch_autograd_tensors_pass_through_without_warnings():
+    torch = import_backend("torch")
+    J = torch.tensor(np.random.default_rng(5).standard_normal((4, 6)), requires_grad=True)
+    G = fimcore.gram(J)
+    fimcore.energy(G).backward()
+    np.testing.assert_allclose(J.grad.numpy(), 2 * J.detach().numpy(), rtol=1e-12)
+    assert fimcore.truncated_condition_number(G).requires_grad
+    m = fimcore.MeasureTracker().update(G, lr=torch.tensor(0.1, requires_grad=True))
+    assert isinstance(m.c_k, float) and isinstance(m.lr, float)
