@@ -30,12 +30,16 @@ __all__ = [
     "check_positive_int",
     "check_positive_number",
     "check_real_floating",
+    "check_values",
     "compute_dtype",
     "default_int_dtype",
     "eps_of",
+    "float64_available",
+    "host_scalar",
     "is_concrete",
     "jit_for",
     "resolve_namespace",
+    "symmetry_tolerance",
 ]
 
 _JIT_CACHE: dict[tuple[Callable[..., Any], tuple[str, ...]], Callable[..., Any]] = {}
