@@ -11,8 +11,14 @@ B ∈ {32, 128, 512, 2048}, NumPy and PyTorch, float32 and float64 Grams, it tim
 
 Each figure is the median wall time of ``--repeats`` calls after one warm-up call, the
 three functions interleaved per repetition. Nothing is asserted: the table is printed and
-written to ``benchmarks/results/spectrum.md`` with the machine and the versions. The
-machine may be shared; the load average at the start is recorded with the table.
+written to ``benchmarks/results/spectrum.md`` with the machine and the versions
+(``--append`` adds it below the tables already there).
+
+``--threads N`` pins the BLAS/OpenMP pools and torch to N threads (the script re-executes
+itself with ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/``MKL_NUM_THREADS`` set, since the
+pools are sized when NumPy loads). On a shared machine an idle-spinning OpenBLAS pool makes
+a 128×128 ``eigvalsh`` tens of times slower than one thread does, so the load average at the
+start is recorded with each table.
 """
 
 from __future__ import annotations
@@ -116,17 +122,28 @@ def versions() -> str:
     return ", ".join([f"Python {platform.python_version()}", *found, f"fimcore {fimcore.__version__}"])
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def pin_threads(count: int, argv: list[str]) -> None:
+    """Re-execute with the thread pools sized to ``count`` unless already done."""
+    if all(os.environ.get(var) == str(count) for var in THREAD_VARS):
+        return
+    env = dict(os.environ, **{var: str(count) for var in THREAD_VARS})
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_spectrum", *argv], env)
+
+
 def threads() -> str:
     parts = []
     if "torch" in sys.modules:
         parts.append(f"torch threads {sys.modules['torch'].get_num_threads()}")
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in THREAD_VARS:
         if var in os.environ:
             parts.append(f"{var}={os.environ[var]}")
     return ", ".join(parts) or "library defaults"
 
 
-def render(rows: list[dict[str, Any]], load: tuple[float, float, float]) -> str:
+def render(rows: list[dict[str, Any]], load: tuple[float, float, float], command: list[str]) -> str:
     def ms(value: float) -> str:
         return f"{value * 1e3:.3f}" if value < 0.1 else f"{value * 1e3:.0f}"
 
@@ -145,7 +162,7 @@ def render(rows: list[dict[str, Any]], load: tuple[float, float, float]) -> str:
         f"- Versions: {versions()}",
         f"- Threads: {threads()}",
         f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        "- Command: `nice -n 5 python -m benchmarks.bench_spectrum`",
+        f"- Command: `{' '.join(['nice -n 5 python -m benchmarks.bench_spectrum', *command])}`",
         "",
         "| backend | Gram dtype | B | eigvalsh (ms) | spectrum (ms) | cond (ms) | cond / eigvalsh | repeats |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -164,12 +181,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=21, help="repetitions at B <= 128")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS,
                         help="Markdown file to write ('-' to only print)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="pin BLAS/OpenMP pools and torch to this many threads")
+    raw_argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(raw_argv)
+    if args.threads is not None:
+        pin_threads(args.threads, raw_argv)
+        try:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            pass
     load = os.getloadavg()
-    table = render(measure(tuple(args.sizes), args.repeats), load)
+    command = [a for a in raw_argv]
+    table = render(measure(tuple(args.sizes), args.repeats), load, command)
     print(table)
     if str(args.out) != "-":
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.append and args.out.exists():
+            table = args.out.read_text() + "\n" + table.replace("# Cost of", "## Cost of", 1)
         args.out.write_text(table)
         print(f"written to {args.out}", file=sys.stderr)
 
