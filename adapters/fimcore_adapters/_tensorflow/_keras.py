@@ -70,7 +70,8 @@ class GramStepMixin:
             y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
             if split:
                 data_loss = self._compile_loss(y, y_pred, sample_weight)
-                extra = [self._aggregate_additional_loss(v) for v in self.losses]
+                extra = [tf.cast(self._aggregate_additional_loss(v), data_loss.dtype)
+                         for v in self.losses]
                 extra = tf.add_n(extra) if extra else None
             else:
                 data_loss = self._compute_loss(x=x, y=y, y_pred=y_pred,
@@ -258,9 +259,8 @@ class StagedBatchSize(keras.callbacks.Callback):
     tells the loop the next epoch and batch size. Model, optimizer state, BatchNorm
     statistics and trackers carry over unchanged, as in the paper's stop-and-resume runs.
 
-    Raises:
-        ValueError: when ``fit`` runs an epoch with a batch size other than the schedule's
-            (checked when ``fit`` knows its batch size).
+    The callback cannot see the batch size ``fit`` uses (Keras does not pass it to
+    callbacks): batch the data with :attr:`batch_size` before each ``fit`` call.
     """
 
     def __init__(self, schedule) -> None:
@@ -281,16 +281,6 @@ class StagedBatchSize(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.stage_end = False
-
-    def on_epoch_begin(self, epoch, logs=None):
-        expected = self.schedule.batch_size(epoch)
-        given = (self.params or {}).get("batch_size")
-        if given is not None and int(given) != expected:
-            raise ValueError(
-                f"epoch {epoch} must run with batch size {expected} (stage "
-                f"{self.schedule.stage(epoch)} of the schedule); received fit(batch_size={given}). "
-                "Run the stages with fit_staged(), or re-batch to StagedBatchSize.batch_size."
-            )
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -334,7 +324,9 @@ def fit_staged(model, x, y=None, *, schedule, callbacks=(), **fit_kwargs):
     while not stages.done:
         size = stages.batch_size
         data = x.batch(size) if dataset else x
-        extra = {} if dataset else {"batch_size": size}
+        extra = {"shuffle": False} if dataset and "shuffle" not in fit_kwargs else {}
+        if not dataset:
+            extra["batch_size"] = size
         history = model.fit(data, y, initial_epoch=stages.next_epoch, epochs=schedule.total_epochs,
                             callbacks=[stages, *callbacks], **extra, **fit_kwargs)
         for key, values in history.history.items():
