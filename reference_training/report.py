@@ -235,6 +235,9 @@ def _plane_figure(runs: list[Run], path: Path, title: str, weights: str) -> None
         cf = ax.contourf(X, Y, z, levels=30, cmap="viridis", alpha=0.85)
         cb = fig.colorbar(cf, ax=ax)
         cb.set_label("test error (%), interpolated from the 5 nearest runs")
+    else:
+        ax.text(0.5, 0.02, "test-error contour needs at least 3 settings", transform=ax.transAxes,
+                ha="center", va="bottom", fontsize=9, color="gray")
     ax.set_xscale("log")
     ax.set_yscale("log")
     # a margin around the runs so that edge points and their labels stay inside the axes
@@ -294,7 +297,7 @@ def _trajectory_figure(runs: list[Run], path: Path, title: str) -> None:
 
     lrs = sorted({r.lr for r in runs})
     ncol = max(len(lrs), 1)
-    fig, axes = plt.subplots(2, ncol, figsize=(4.2 * ncol + 1.5, 7.5), dpi=100, squeeze=False,
+    fig, axes = plt.subplots(2, ncol, figsize=(max(4.2 * ncol + 1.5, 10), 7.5), dpi=100, squeeze=False,
                              sharex=True)
     batches = sorted({r.batch for r in runs if not r.dynamic})
     cmap = plt.get_cmap("viridis", max(len(batches), 2))

