@@ -37,7 +37,7 @@ def _add_common(p: argparse.ArgumentParser, *, grid: bool) -> None:
                    help="measure iterations whose 0-based index in the epoch is a multiple of N")
     p.add_argument("--stages", type=int, default=5, help="stages of a dynamic batch schedule")
     p.add_argument("--subset", type=int, default=None,
-                   help="use N training and N test samples (a fixed random choice)")
+                   help="use N training and at most N test samples (the same random choice for every seed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--depth", type=int, default=None, help="depth of liao-resnet/densenet (110)")
     p.add_argument("--width", type=int, default=None, help="first-stage channels (16)")
