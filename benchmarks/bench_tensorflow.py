@@ -1,0 +1,244 @@
+"""TensorFlow benchmark: a Keras ``train_step`` with the per-sample Gram G = J Jᵀ, against the plain one.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_tensorflow            # full run, writes benchmarks/results/tensorflow.md
+    python -m benchmarks.bench_tensorflow --quick    # B = 32 only, fewer repetitions, no memory
+
+Models (Keras 3 on TensorFlow, float32, synthetic batches): MLP 784-512-256-10; the small CNN of
+the PyTorch and JAX benchmarks (three 3×3 convolutions with 16/32/64 channels, each ReLU + 2×2 max
+pool, dense head, 32×32×3 inputs, channels last). The plain step is Keras' own
+``Model.train_step`` (mean cross-entropy, SGD) under ``tf.function`` (no XLA). The measured steps:
+
+* ``registry`` — :class:`fimcore_adapters.tensorflow.GramModel` (``every=1``): the same step under
+  a ``GramTape`` (factored dense layers, materialised per-layer conv gradients), one backward;
+* ``generic`` — the same with ``mode="generic"``: every layer through the exact per-layer
+  ``GradientTape.jacobian`` (pfor) fallback;
+* ``vectorized_map`` — what users can do today: ``tf.vectorized_map`` of the single-sample
+  gradient, ``J Jᵀ`` over the concatenated per-sample gradients, SGD from their mean.
+
+Each then takes the eigenvalues of G on the host with ``fimcore.spectrum`` (float64). Timing:
+plain and method interleaved in one child process after a warm-up (tracing excluded), median of
+paired ratios. Memory: a fresh child per configuration (``benchmarks._harness.step_memory``: peak
+resident set over three steps minus the set before them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from benchmarks import _harness as H
+
+MODELS = {"mlp": "MLP 784-512-256-10", "cnn": "small CNN (3 conv + dense, 32×32×3)"}
+METHODS = {"registry": "fimcore `GramModel` (layer registry)",
+           "generic": "fimcore `GramModel(mode='generic')` (per-layer jacobian)",
+           "vectorized_map": "`tf.vectorized_map` per-sample grads + JJᵀ"}
+TARGET = 1.5  # step-with-Gram / plain step at B = 128 (issue 6)
+
+
+def build(name, seed=0):
+    """A built float32 Keras model."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    if name == "mlp":
+        return keras.Sequential([keras.Input((784,)), L.Dense(512, activation="relu"),
+                                 L.Dense(256, activation="relu"), L.Dense(10)])
+    layers = [keras.Input((32, 32, 3))]
+    for c in (16, 32, 64):
+        layers += [L.Conv2D(c, 3, padding="same", activation="relu"), L.MaxPooling2D(2)]
+    return keras.Sequential([*layers, L.Flatten(), L.Dense(10)])
+
+
+def _batch(name, batch_size, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, 784) if name == "mlp" else (batch_size, 32, 32, 3)
+    return rng.normal(size=shape).astype("float32"), rng.integers(0, 10, batch_size).astype("int32")
+
+
+def _steps(name, batch_size, method):
+    """Closures ``plain()`` and ``candidate()`` running one traced step each (results fetched)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import fimcore
+    from fimcore_adapters.tensorflow import GramModel
+
+    x, y = _batch(name, batch_size)
+    data = (tf.constant(x), tf.constant(y))
+
+    def loss():
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    plain_model = build(name)
+    plain_model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss(), jit_compile=False)
+    plain_step = tf.function(plain_model.train_step)
+
+    def plain():
+        logs = plain_step(data)
+        float(logs["loss"])
+
+    if method in ("registry", "generic"):
+        model = GramModel(build(name), every=1, mode=method)
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss(), jit_compile=False)
+        step = tf.function(model.train_step)
+
+        def candidate():
+            logs = step(data)
+            fimcore.spectrum(np.asarray(logs["fimcore_gram"]))
+
+        return plain, candidate
+
+    model = build(name)
+    variables = model.trainable_variables
+    per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+
+    @tf.function
+    def vmap_step(x, y):
+        def one(args):
+            xi, yi = args
+            with tf.GradientTape() as tape:
+                li = per_sample_loss(yi[None], model(xi[None], training=True))[0]
+            return tape.gradient(li, variables)
+
+        blocks = tf.vectorized_map(one, (x, y))
+        rows = tf.concat([tf.reshape(b, [tf.shape(b)[0], -1]) for b in blocks], axis=1)
+        gram = tf.matmul(rows, rows, transpose_b=True)
+        for v, b in zip(variables, blocks):
+            v.assign_sub(0.01 * tf.reduce_mean(b, axis=0))
+        return gram
+
+    def candidate():
+        fimcore.spectrum(np.asarray(vmap_step(*data), dtype=np.float64))
+
+    return plain, candidate
+
+
+def timing_job(model, batch_size, method, reps, cap_seconds):
+    import time
+
+    plain, candidate = _steps(model, batch_size, method)
+    t0 = time.perf_counter()
+    plain()
+    candidate()  # tracing, outside the timed and capped repetitions
+    trace_seconds = time.perf_counter() - t0
+    t = H.interleaved_times(plain, candidate, reps=reps, cap_seconds=cap_seconds)
+    return {"ratio": t.ratio, "plain": _median(t.baseline), "step": _median(t.candidate),
+            "reps": t.reps, "capped": t.capped, "trace": trace_seconds}
+
+
+def memory_job(model, batch_size, method):
+    plain, candidate = _steps(model, batch_size, "registry" if method == "plain" else method)
+    m = H.step_memory(plain if method == "plain" else candidate)
+    return {"extra_mb": m.extra_mb}
+
+
+def exactness_job(model, batch_size):
+    """max |G_registry − G_loop| / max |G_loop| in float64 (loop: one GradientTape per sample)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    keras.config.set_floatx("float64")
+    from fimcore_adapters.tensorflow import per_sample_gram
+
+    net = build(model)
+    x, y = _batch(model, batch_size)
+    x = x.astype("float64")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    rows = []
+    for i in range(batch_size):
+        with tf.GradientTape() as tape:
+            li = loss(y[i:i + 1], net(x[i:i + 1], training=True))
+        rows.append(np.concatenate([g.numpy().ravel() for g in tape.gradient(li, net.trainable_variables)]))
+    jac = np.stack(rows)
+    ref = jac @ jac.T
+    return float(np.abs(per_sample_gram(net, loss, x, y) - ref).max() / np.abs(ref).max())
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="B = 32, few repetitions, no memory")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--batch-sizes", nargs="*", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
+    parser.add_argument("--cap", type=float, default=180.0, help="seconds per timing configuration")
+    parser.add_argument("--note", default="", help="free text added to the report (e.g. machine load)")
+    parser.add_argument("--out", default="benchmarks/results/tensorflow.md")
+    args = parser.parse_args(argv)
+    sizes = args.batch_sizes or ([32] if args.quick else [32, 128])
+    reps = args.reps or (5 if args.quick else 15)
+    memory = not (args.quick or args.no_memory)
+    runner = H.IsolatedRunner(start_method="spawn")
+    rows, notes = [], []
+    for model in args.models:
+        for b in sizes:
+            mem = {}
+            if memory:
+                for method in ("plain", *args.methods):
+                    r = runner.run("benchmarks.bench_tensorflow:memory_job",
+                                   dict(model=model, batch_size=b, method=method), timeout=900, memory=True)
+                    mem[method] = r.value["extra_mb"] if r.status == "ok" else None
+                    if r.status != "ok":
+                        notes.append(f"memory {model} B={b} {method}: {r.status} {(r.error or '')[-200:]}")
+            for method in args.methods:
+                r = runner.run("benchmarks.bench_tensorflow:timing_job",
+                               dict(model=model, batch_size=b, method=method, reps=reps,
+                                    cap_seconds=args.cap), timeout=args.cap + 600)
+                if r.status != "ok":
+                    notes.append(f"{model} B={b} {method}: {r.status} {(r.error or '')[-300:]}")
+                    rows.append([MODELS[model], b, METHODS[method], "–", "–", "–", "–", "–", "–"])
+                    continue
+                v = r.value
+                mark = ""
+                if b == 128 and method == "registry":
+                    mark = " ✓" if v["ratio"] <= TARGET else " ✗"
+                m = mem.get(method)
+                rows.append([MODELS[model], b, METHODS[method], H.fmt_ms(v["plain"]), H.fmt_ms(v["step"]),
+                             H.fmt_ratio(v["ratio"]) + mark,
+                             f"{v['reps']}{' (cap)' if v['capped'] else ''}",
+                             "–" if mem.get("plain") is None else f"{mem['plain']:.0f}",
+                             "–" if m is None else f"{m:.0f}"])
+                print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    exact = []
+    for model in args.models:
+        r = runner.run("benchmarks.bench_tensorflow:exactness_job", dict(model=model, batch_size=8),
+                       timeout=900)
+        exact.append([MODELS[model], "8", f"{r.value:.1e}" if r.status == "ok" else r.status])
+    headers = ["model", "B", "method", "plain step (ms)", "step with G (ms)",
+               "ratio (target ≤ 1.5× at B=128, registry)", "reps", "plain extra MB", "method extra MB"]
+    versions = H.package_versions(["tensorflow", "keras", "numpy"])
+    text = "\n\n".join([
+        "# TensorFlow adapter benchmark",
+        f"Command: `{H.command_line()}`" + (" (quick mode)" if args.quick else ""),
+        *([args.note] if args.note else []),
+        "Ratio = median over interleaved repetitions of (traced step with G + `fimcore.spectrum` on the "
+        "host) / (Keras' own `train_step` under `tf.function`: mean cross-entropy + SGD), float32, "
+        "tracing excluded, no XLA. Extra MB: peak resident set over three steps minus the set before "
+        "them, one fresh process per cell.",
+        H.markdown_table(headers, rows),
+        "Exactness in float64: max |G_registry − G_loop| / max |G_loop| against one GradientTape per sample",
+        H.markdown_table(["model", "B", "relative difference"], exact),
+        "## Machine\n\n" + H.key_value_table(H.machine_info()),
+        "## Versions\n\n" + H.key_value_table(versions),
+        *(["## Notes\n\n" + "\n".join(f"- {n}" for n in notes)] if notes else []),
+    ])
+    path = H.write_report(args.out, text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
