@@ -9,7 +9,6 @@ over five stages of two epochs. This is a small, quick setting for a laptop CPU,
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
