@@ -34,6 +34,7 @@ import importlib
 import importlib.metadata
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.process
 import os
 import platform
 import statistics
@@ -322,6 +323,20 @@ class IsolatedRunner:
             self._ctx.set_forkserver_preload(list(preload))
         self.start_method = start_method
 
+    def _start(self, proc: multiprocessing.process.BaseProcess, memory: bool) -> None:
+        if not (memory and self.start_method == "spawn"):
+            proc.start()
+            return
+        saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD_BYTES)
+        try:
+            proc.start()
+        finally:
+            if saved is None:
+                os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+            else:
+                os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+
     def run(self, target: str, kwargs: dict | None = None, *, timeout: float,
             memory: bool = False) -> IsolatedResult:
         """Runs ``target(**kwargs)`` in a child and waits at most ``timeout`` seconds.
@@ -336,21 +351,20 @@ class IsolatedRunner:
         Returns:
             The outcome; the child is always gone when this returns.
         """
-        recv, send = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_child_main, args=(send, target, dict(kwargs or {}), memory),
-                                 daemon=True)
-        saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-        if memory and self.start_method == "spawn":
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD_BYTES)
         t0 = time.perf_counter()
-        try:
-            proc.start()
-        finally:
-            if memory and self.start_method == "spawn":
-                if saved is None:
-                    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-                else:
-                    os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+        for attempt in (1, 2):
+            recv, send = self._ctx.Pipe(duplex=False)
+            proc = self._ctx.Process(target=_child_main, daemon=True,
+                                     args=(send, target, dict(kwargs or {}), memory))
+            try:
+                self._start(proc, memory)
+                break
+            except (EOFError, OSError):
+                # a fork server that died (killed from outside) is relaunched on the next start
+                recv.close()
+                send.close()
+                if attempt == 2:
+                    raise
         send.close()
         try:
             if not recv.poll(timeout):
@@ -362,8 +376,9 @@ class IsolatedRunner:
                 status, payload = recv.recv()
             except EOFError:
                 proc.join()
+                why = " (the fork server is gone)" if proc.exitcode == 255 else ""
                 return IsolatedResult("error", error=f"child exited with code {proc.exitcode} "
-                                      "without a result", seconds=time.perf_counter() - t0)
+                                      f"without a result{why}", seconds=time.perf_counter() - t0)
             proc.join()
             seconds = time.perf_counter() - t0
             if status == "ok":
@@ -401,19 +416,23 @@ def machine_info() -> dict[str, str]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count() or 0
-    try:
-        load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = "unknown"
     return {
         "CPU": cpu,
         "cores": f"{os.cpu_count()} logical, {usable} usable by this process",
         "memory": mem,
         "OS": f"{platform.system()} {platform.release()}",
         "Python": platform.python_version(),
-        "load average (1/5/15 min) at start": load,
+        "load average (1/5/15 min) at start": load_average(),
         "date (UTC)": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (a busy shared machine shows here)."""
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def _meminfo_kb(name: str) -> int:

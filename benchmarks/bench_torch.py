@@ -11,7 +11,8 @@ cross-entropy, backward, SGD with momentum), the time and the peak extra memory 
 step that also yields G and its eigenvalues (``fimcore.spectrum``):
 
 * ``fimcore`` — :class:`fimcore_adapters.torch.GramRecorder` around the ordinary forward and
-  backward, strategy ``auto`` (and, on ResNet-20 BN and the MLP, each forced strategy);
+  backward, strategy ``auto`` (and, on ResNet-20 BN and the MLP, each forced strategy:
+  ``factored``, ``materialize``, ``generic``);
 * ``torch.func`` — ``vmap(grad)`` over single samples, then G; its BatchNorm layers normalise
   each sample with its own statistics (``replace_all_batch_norm_modules_``), which changes G;
 * ``backpack`` — BackPACK ``BatchGrad``, then G (GroupNorm/LayerNorm have no BackPACK extension:
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import re
 import statistics
 import sys
 import time
@@ -49,12 +51,14 @@ METHOD_LABELS = {
     "fimcore": "fimcore `GramRecorder` (auto)",
     "fimcore-factored": "fimcore (strategy=\"factored\")",
     "fimcore-materialize": "fimcore (strategy=\"materialize\")",
+    "fimcore-generic": "fimcore (strategy=\"generic\")",
     "torch.func": "torch.func `vmap(grad)` + JJᵀ",
     "backpack": "BackPACK `BatchGrad` + JJᵀ",
     "opacus": "Opacus `GradSampleModule` + JJᵀ",
     "spectrum": "spectrum step alone (`fimcore.spectrum`)",
 }
 METHODS = tuple(METHOD_LABELS)
+FORCED_STRATEGIES = ("fimcore-factored", "fimcore-materialize", "fimcore-generic")
 FORCED_STRATEGY_MODELS = ("resnet20-bn", "mlp")
 """Models on which the forced strategies run (forcing the factored form on large convolutions
 costs hours on 2 cores)."""
@@ -92,7 +96,7 @@ GRACE_SECONDS = 15.0
 def methods_for(model: str, methods: tuple[str, ...] = METHODS) -> list[str]:
     """The methods measured on ``model``, in report order."""
     return [m for m in methods
-            if not (m in ("fimcore-factored", "fimcore-materialize") and model not in FORCED_STRATEGY_MODELS)]
+            if not (m in FORCED_STRATEGIES and model not in FORCED_STRATEGY_MODELS)]
 
 
 def preload_for(models, methods) -> tuple[str, ...]:
@@ -177,7 +181,7 @@ def _fimcore_step(model, x, y, strategy: str, notes: list):
         G = recorder.gram()
         _spectrum(G)
         opt.step()
-        if not notes:
+        if not notes and strategy == "auto":
             notes.append(str(recorder.report()))
         return G
 
@@ -198,7 +202,7 @@ def _torch_func_step(model, x, y, notes: list):
     opt = _sgd(model)
 
     def sample_loss(ps, xi, yi):
-        out = functional_call(model, ({**dict(zip(names, ps))}, buffers), (xi.unsqueeze(0),))
+        out = functional_call(model, (dict(zip(names, ps)), buffers), (xi.unsqueeze(0),))
         return F.cross_entropy(out, yi.unsqueeze(0))
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
@@ -251,8 +255,9 @@ def _opacus_step(model, x, y, notes: list):
 
     try:
         wrapped = GradSampleModule(model, loss_reduction="mean")
-    except NotImplementedError as err:
-        raise Refused(str(err).split("(")[0].strip().strip('["').rstrip(".")) from None
+    except NotImplementedError as err:  # Opacus validates the model when wrapping it
+        found = re.search(r"Model contains[^(]*", str(err))
+        raise Refused(f"NotImplementedError: {found.group(0).strip() if found else str(err)[:100]}") from None
     opt = _sgd(model)
     params = list(model.parameters())
 
@@ -523,9 +528,13 @@ def _target_cell(r: ConfigResult) -> str:
 
 
 def render(results: list[ConfigResult], plain_memory: dict, ref_notes: dict, *, command: str,
-           machine: dict, versions: dict, settings: dict, seconds: float) -> str:
+           machine: dict, versions: dict, settings: dict, seconds: float, quick: bool = False) -> str:
     """The Markdown report."""
     out = ["# PyTorch: a training step with the per-sample Gram, relative to the plain step", ""]
+    if quick:
+        out += ["**Quick run** (`--quick`: fewer models, B = 32, 3 repetitions, 10 s cap) — a check that "
+                "everything runs, not the benchmark's figures; the full run is the same command without "
+                "`--quick`.", ""]
     out += [f"Command (from the repository root): `{command}`  ",
             f"Wall time of the run: {seconds / 60:.1f} min. Settings: " +
             ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".", ""]
@@ -567,7 +576,7 @@ def render(results: list[ConfigResult], plain_memory: dict, ref_notes: dict, *, 
                  + (f"; {ref_notes[(model, b)]}" if (model, b) in ref_notes else "")
                  for (m, b) in plain_memory if m == model]
         out += extra + [""]
-    reports = [r for r in results if r.method.startswith("fimcore") and r.notes]
+    reports = [r for r in results if r.method == "fimcore" and r.notes]
     if reports:
         out += ["## fimcore per-layer paths (`GramRecorder.report()`, first step)", ""]
         for r in reports:
@@ -605,13 +614,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads in each child (default: torch's own, all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None,
-                   help="Markdown file (default benchmarks/results/torch.md, torch_quick.md with --quick)")
+                   help="Markdown file (default benchmarks/results/torch.md)")
     a = p.parse_args(argv)
     models = a.models or (list(QUICK_MODELS) if a.quick else list(MODEL_NAMES))
     batch_sizes = a.batch_sizes or ([32] if a.quick else [32, 128])
     reps = a.reps or (3 if a.quick else DEFAULT_REPS)
     cap = a.cap_seconds or (10.0 if a.quick else DEFAULT_CAP)
-    output = a.output or f"benchmarks/results/torch{'_quick' if a.quick else ''}.md"
+    output = a.output or "benchmarks/results/torch.md"
     machine = H.machine_info()
     versions = {f"{k} version": v for k, v in H.package_versions(
         ["torch", "numpy", "backpack-for-pytorch", "opacus", "fimcore"]).items()}
@@ -621,10 +630,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results, plain_memory, ref_notes = run(models, batch_sizes, a.methods, reps=reps, cap_seconds=cap,
                                            seed=a.seed, memory=not a.no_memory, threads=a.threads)
+    machine["load average (1/5/15 min) at end"] = H.load_average()
     text = render(results, plain_memory, ref_notes, command=H.command_line(), machine=machine,
                   versions=versions, settings={"reps": reps, "cap per configuration": f"{cap:.0f} s",
                                                "seed": a.seed, "memory": not a.no_memory},
-                  seconds=time.perf_counter() - t0)
+                  seconds=time.perf_counter() - t0, quick=a.quick)
     H.write_report(output, text)
     print(text)
     print(f"written to {output}", file=sys.stderr)
