@@ -1,5 +1,62 @@
-"""JAX adapter (stub while building)."""
-import jax  # noqa: F401
+"""JAX adapter: the per-sample Gram ``G = J Jᵀ`` (B×B) as one more output of a jitted step.
+
+Importing this module imports JAX (and Flax for the layer-factored path); that import is the opt-in.
+
+Two roles (architecture.md §5):
+
+1. **Transforms returning loss, mean gradient and Gram together**, so the measured step is the
+   step you already jit:
+
+   - :func:`value_grad_and_gram` — any JAX model. ``loss_fn(params, *example)`` is the loss ℓ_i of
+     ONE example; per-sample gradients come from ``vmap(grad)`` and the Gram is accumulated leaf
+     by leaf (``Σ_l J_l J_lᵀ``, never a concatenated B×P matrix); ``chunk_size`` bounds memory
+     exactly (off-diagonal chunk blocks are recomputed). Rows of J are ``∇ℓ_i``.
+   - :class:`FlaxGram` / :func:`flax_value_grad_and_gram` — ``flax.linen`` models. One batch
+     forward and backward captures each layer's input and output cotangent (method interception
+     plus zero perturbations at layer outputs); dense layers use the factored form
+     ``(A Aᵀ) ⊙ (Gₒ Gₒᵀ)``, convolutions materialise per-sample kernel gradients, norm layers give
+     per-sample affine blocks, and BatchNorm in train mode keeps its batch statistics (rows are
+     the per-sample contributions to the batch gradient, summing to B × it). The weight gradients
+     of the step are formed from the same captured quantities, never by a second backward.
+
+2. **One-off functions**: :func:`per_sample_gram` and :func:`flax_per_sample_gram`.
+
+Everything runs inside the traced computation (no host round-trips), on whatever device JAX
+places it. Dtype: with ``jax_enable_x64`` on, the Gram is accumulated in float64 by default
+(per-sample gradients are cast before the products); with x64 off it is float32 (JAX cannot hold
+float64 arrays) and asking for ``dtype=float64`` raises. Pass :func:`gradient_dtype` of the
+parameters as ``grad_dtype`` to ``fimcore.MeasureTracker.update`` so its default
+``rtol = B·eps`` follows the gradients' precision, not the Gram's.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import fimcore
+    >>> from fimcore_adapters.jax import gradient_dtype, value_grad_and_gram
+    >>> def loss(w, x, y):                       # ONE example
+    ...     return 0.5 * (jnp.dot(x, w) - y) ** 2
+    >>> step = jax.jit(value_grad_and_gram(loss))
+    >>> w = jnp.array([0.5, -0.5])
+    >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]); y = jnp.array([1.0, 0.0, 1.0])
+    >>> mean_loss, grad, gram = step(w, x, y)
+    >>> tracker = fimcore.MeasureTracker()
+    >>> m = tracker.update(gram, lr=0.1, grad_dtype=gradient_dtype(w))
+    >>> gram.shape, m.rank
+    ((3, 3), 2)
+"""
+
+from __future__ import annotations
+
+import jax  # noqa: F401  (the framework import is the opt-in)
+
 from ._jax._checks import gradient_dtype
-from ._jax.generic import per_sample_gram, value_grad_and_gram
 from ._jax.flax_gram import FlaxGram, flax_per_sample_gram, flax_value_grad_and_gram
+from ._jax.generic import per_sample_gram, value_grad_and_gram
+
+__all__ = [
+    "FlaxGram",
+    "flax_per_sample_gram",
+    "flax_value_grad_and_gram",
+    "gradient_dtype",
+    "per_sample_gram",
+    "value_grad_and_gram",
+]
