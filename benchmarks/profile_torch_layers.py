@@ -60,7 +60,7 @@ def _wrap_units(rec: GramRecorder, totals: dict) -> None:
             setattr(u, attr, timed)
 
 
-def run(name: str, batch: int, reps: int, strategy: str = "auto") -> dict:
+def run(name: str, batch: int, reps: int, strategy: str = "auto", clock=time.perf_counter) -> dict:
     torch.manual_seed(0)
     model, shape = build(name)
     x = torch.randn(batch, *shape)
@@ -84,8 +84,8 @@ def run(name: str, batch: int, reps: int, strategy: str = "auto") -> dict:
     _wrap_units(rec, totals)
     t_plain, t_meas = [], []
     for _ in range(reps):
-        t = time.perf_counter(); plain(); t_plain.append(time.perf_counter() - t)
-        t = time.perf_counter(); measured(); t_meas.append(time.perf_counter() - t)
+        t = clock(); plain(); t_plain.append(clock() - t)
+        t = clock(); measured(); t_meas.append(clock() - t)
     ratios = [m / p for m, p in zip(t_meas, t_plain)]
     report = {r.name: r for r in rec.report()}
     layers = sorted(((v / reps, k) for k, v in totals.items()), reverse=True)
@@ -119,12 +119,15 @@ def main(argv=None) -> None:
     ap.add_argument("--strategy", default="auto")
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--out", default=None, help="write the tables to this Markdown file")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with the process CPU clock (steadier on a shared machine; use --threads 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
     for b in args.batch:
         for m in args.models:
-            r = run(m, b, args.reps, args.strategy)
+            r = run(m, b, args.reps, args.strategy,
+                    clock=time.process_time if args.cpu_time else time.perf_counter)
             print(f"{m:12s} B={b:4d} plain {r['plain_ms']:7.1f} ms  with Gram {r['gram_ms']:7.1f} ms  "
                   f"median ratio {r['median_ratio']:.2f}", flush=True)
             results.append(r)

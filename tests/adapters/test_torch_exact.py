@@ -415,3 +415,21 @@ def test_float64_accumulation_of_a_float32_model():
         F.cross_entropy(model(x), y).backward()
     G = rec.gram()
     assert G.dtype == torch.float64 and rec.grad_dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["grouped", "unfold"])
+def test_convolution_called_twice_per_forward(method):
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+            self.head = nn.Linear(4 * 5 * 5, 3)
+
+        def forward(self, x):
+            return self.head(self.conv(torch.tanh(self.conv(x))).flatten(1))
+
+    model = Twice()
+    x = torch.randn(B, 4, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (B,))
+    rec = check_against_loop(model, x, y, F.cross_entropy, ce_sum, strategies=["auto"], conv_method=method)
+    assert {r.name: r.calls for r in rec.report()}["conv"] == 2

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ConvSpec", "per_sample", "patches", "pick_method", "channel_chunks", "METHOD_CACHE"]
+__all__ = ["ConvSpec", "per_sample", "weight_layout", "patches", "pick_method", "channel_chunks", "METHOD_CACHE"]
 
 METHOD_CACHE: dict = {}
 
@@ -118,12 +118,28 @@ def _unfold(x, go, spec: ConvSpec, padding, o0, o1):
     perm = (0, 1) + tuple(range(2 + d, 2 + 2 * d)) + tuple(range(2, 2 + d))
     X = v.permute(perm).reshape(B, ng, ipg * spec.kernel_numel, T)                      # (B, ng, CK, T)
     Gg = go[:, o0:o1].reshape(B, ng, n_pg, T)
-    J = torch.matmul(Gg, X.transpose(-1, -2))                                           # (B, ng, n_pg, CK)
-    return J.view(B, o1 - o0, ipg, *spec.kernel)
+    return torch.matmul(X, Gg.transpose(-1, -2))                                        # (B, ng, CK, n_pg)
+
+
+def weight_layout(J: torch.Tensor, method: str, spec: ConvSpec, n_out: int) -> torch.Tensor:
+    """Per-sample gradients of :func:`per_sample` as (B, n_out, C/groups, *kernel).
+
+    The unfold method leaves each sample's gradient transposed, (groups, C/groups·K, O/groups),
+    which is as good for ``J Jᵀ`` (a column permutation) and is only rearranged when the weight's
+    own layout is needed (the batch gradient, parameters reused within a step).
+    """
+    B = J.shape[0]
+    if method == "unfold":
+        J = J.transpose(-1, -2)
+    return J.reshape(B, n_out, spec.in_channels // spec.groups, *spec.kernel)
 
 
 def per_sample(method: str, x, go, spec: ConvSpec, padding, o0: int, o1: int) -> torch.Tensor:
-    """Per-sample weight gradients of output channels [o0, o1): shape (B, o1-o0, C/groups, *kernel)."""
+    """Per-sample weight gradients of output channels [o0, o1), in the method's own layout.
+
+    ``"grouped"`` gives (B, o1-o0, C/groups, *kernel); ``"unfold"`` gives a column permutation of
+    it; :func:`weight_layout` converts either to the weight's layout.
+    """
     if method == "grouped":
         return _grouped(x, go, spec, padding, o0, o1)
     return _unfold(x, go, spec, padding, o0, o1)

@@ -14,6 +14,8 @@ wins for dense layers on vectors and loses for every convolution with T ≥ 64.
 
 from __future__ import annotations
 
+import functools
+
 __all__ = ["factored_cost", "materialize_cost", "choose", "STRATEGIES"]
 
 STRATEGIES = ("auto", "factored", "materialize", "generic")
@@ -29,6 +31,7 @@ def materialize_cost(batch: int, positions: int, p: int) -> float:
     return float(batch) * positions * p + float(batch) ** 2 * p
 
 
+@functools.lru_cache(maxsize=4096)
 def choose(strategy: str, batch: int, positions: int, d_a: int, d_g: int, p: int) -> tuple[str, str]:
     """Pick ``"factored"`` or ``"materialize"`` and say why.
 

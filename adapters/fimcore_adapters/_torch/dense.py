@@ -46,6 +46,14 @@ def factored_sum(acc: torch.Tensor, A: torch.Tensor, G: torch.Tensor, budget: in
         acc[i0:i1] += KA.view(k, i1 - i0, T, B, T).sum(dim=(0, 2, 4))
 
 
+def _batch_sum(J: torch.Tensor) -> torch.Tensor:
+    """Σ_i J_i (the batch weight gradient) as a matrix-vector product (faster than ``sum(0)``)."""
+    B = J.shape[0]
+    flat = J.reshape(B, -1)
+    ones = torch.ones(B, dtype=J.dtype, device=J.device)
+    return torch.mv(flat.T, ones).view(J.shape[1:])
+
+
 class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, unit):
@@ -136,7 +144,7 @@ class LinearUnit(Unit):
                     if need_w:
                         if gw is None:
                             gw = x.new_empty(d_out, d_in)
-                        gw[o0:o1] = J.sum(0)
+                        gw[o0:o1] = _batch_sum(J)
                     del J
                 if multi:
                     blocks.append((m.weight, torch.cat(parts, 1).reshape(B, -1)))
@@ -268,13 +276,14 @@ class ConvUnit(Unit):
                 parts = []
                 gw = x.new_empty(m.weight.shape) if need_w else None
                 for o0, o1 in convps.channel_chunks(spec, per_channel, rec.memory_budget):
-                    J = convps.per_sample(method, x, go, spec, padding, o0, o1)   # (B, o, ...)
+                    J = convps.per_sample(method, x, go, spec, padding, o0, o1)
                     if multi:
-                        parts.append(J)
+                        parts.append(convps.weight_layout(J, method, spec, o1 - o0))
                     else:
                         rec._add_rows(self, [(m.weight, J.reshape(B, -1))])
                     if need_w:
-                        gw[o0:o1] = J.sum(0).view_as(gw[o0:o1])
+                        total = _batch_sum(J).unsqueeze(0)
+                        gw[o0:o1] = convps.weight_layout(total, method, spec, o1 - o0)[0]
                     del J
                 if multi:
                     blocks.append((m.weight, torch.cat(parts, 1).reshape(B, -1)))

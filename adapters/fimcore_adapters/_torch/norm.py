@@ -10,9 +10,12 @@ summed over the positions t that share one affine entry. For BatchNorm in train 
 carries the coupling through the batch statistics, so these are the per-sample contributions of
 the batch backward (they sum to the batch gradient), as architecture.md §3 requires.
 
-The layer's own forward and backward run unchanged; a forward hook keeps a reference to the
-input (autograd keeps it anyway) and the statistics, a hook on the output tensor receives δ.
-For channel-wise layers ``Σ_t x̂ δ = invstd·(Σ_t x δ − μ Σ_t δ)`` avoids forming x̂.
+The layer's forward runs through the ATen op that also returns its statistics (native batch/
+group/layer norm, the op ``F.batch_norm`` etc. reach), so no statistic is recomputed; a reference
+to the input (autograd keeps it anyway) and the statistics are kept, and a hook on the output
+tensor receives δ. InstanceNorm keeps its own forward and computes its statistics in a hook.
+For channel-wise layers both sums come from one call of the batch-norm backward kernel over the
+B·C (sample, channel) pairs with the recorded statistics, so x̂ is never formed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .units import Unit
+from .units import Unit, override_forward
 
 __all__ = ["NormUnit"]
 
@@ -45,6 +48,23 @@ class NormUnit(Unit):
     def install(self, rec):
         self.rec = rec
         m = self.module
+        if self.family == "instance":
+            return self._install_hooks(rec)
+
+        def forward(x):
+            rec._forward(self, x.shape[0], x.dtype)
+            try:
+                out, ctx = self._forward_with_stats(x)
+            finally:
+                rec._forward_done(self)
+            if out.requires_grad:
+                out.register_hook(lambda g: self._grad(ctx, g))
+            return out
+
+        return [override_forward(m, forward)]
+
+    def _install_hooks(self, rec):
+        m = self.module
 
         def pre(module, args):
             x = args[0]
@@ -59,6 +79,42 @@ class NormUnit(Unit):
             return None
 
         return [m.register_forward_pre_hook(pre), m.register_forward_hook(post, always_call=True)]
+
+    def _forward_with_stats(self, x):
+        """The module's own computation, through the ATen ops that also return its statistics."""
+        m = self.module
+        B = x.shape[0]
+        if self.family == "layer":
+            out, mean, rstd = torch.ops.aten.native_layer_norm(x, list(m.normalized_shape), m.weight,
+                                                               m.bias, m.eps)
+            D = 1
+            for s in m.normalized_shape:
+                D *= s
+            return out, (x.reshape(B, -1, D), mean.reshape(B, -1, 1), rstd.reshape(B, -1, 1))
+        if self.family == "group":
+            C = x.shape[1]
+            xc = x.contiguous()
+            out, mean, rstd = torch.ops.aten.native_group_norm(
+                xc, m.weight, m.bias, B, C, xc[0, 0].numel(), m.num_groups, m.eps)
+            reps = C // m.num_groups
+            return out, (xc.reshape(B, C, -1), mean.repeat_interleave(reps, 1), rstd.repeat_interleave(reps, 1))
+        # batch norm: mirrors nn.modules.batchnorm._BatchNorm.forward
+        m._check_input_dim(x)
+        eaf = 0.0 if m.momentum is None else m.momentum
+        if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+            m.num_batches_tracked.add_(1)
+            eaf = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+        use_batch = m.training or (m.running_mean is None and m.running_var is None)
+        keep = not m.training or m.track_running_stats
+        rm = m.running_mean if keep else None
+        rv = m.running_var if keep else None
+        C = x.shape[1] if x.dim() > 1 else 1
+        xr = x.reshape(B, C, -1)
+        if use_batch:
+            out, mean, invstd = torch.ops.aten.native_batch_norm(x, m.weight, m.bias, rm, rv, True, eaf, m.eps)
+            return out, (xr, mean.unsqueeze(0), invstd.unsqueeze(0))
+        out = torch.nn.functional.batch_norm(x, rm, rv, m.weight, m.bias, False, eaf, m.eps)
+        return out, (xr, rm.unsqueeze(0), torch.rsqrt(rv + m.eps).unsqueeze(0))
 
     def _stats(self, x):
         """(x, mean, invstd) broadcastable to the (B, C, S) or (B, T, D) view used in backward."""
@@ -109,12 +165,18 @@ class NormUnit(Unit):
                 if b_sel:
                     blocks.append((m.bias, gr.sum(1)))
             else:
-                s0 = gr.sum(2)
+                # per-(sample, channel) sums Σ_s x̂·δ and Σ_s δ in one fused pass: the batch-norm
+                # backward kernel over B·C "channels", fed the statistics actually used
+                C = xr.shape[1]
+                BC = B * C
+                _, s_w, s_b = torch.ops.aten.native_batch_norm_backward(
+                    gr.reshape(1, BC, -1), xr.reshape(1, BC, -1), None, None, None,
+                    mean.expand(B, C).reshape(BC), invstd.expand(B, C).reshape(BC), True, 0.0,
+                    [False, w_sel, b_sel])
                 if w_sel:
-                    s1 = torch.einsum("bcs,bcs->bc", xr, gr)
-                    blocks.append((m.weight, invstd * (s1 - mean * s0)))
+                    blocks.append((m.weight, s_w.view(B, C)))
                 if b_sel:
-                    blocks.append((m.bias, s0))
+                    blocks.append((m.bias, s_b.view(B, C)))
             self.set_path("norm", f"{self.family} norm, {'batch' if self._coupled() else 'per-sample'} "
                                   "statistics; per-sample affine terms (B×C)")
             rec._add_rows(self, [(p, J.reshape(B, -1)) for p, J in blocks])

@@ -301,9 +301,8 @@ class GramRecorder:
         if step.acc is None:
             raise RuntimeError("the backward pass reached no selected parameter: the loss does not depend "
                                "on the parameters the recorder covers")
-        traces = torch.stack([t for _, t in step.marks])
-        if not bool(torch.isfinite(traces).all()):
-            finite = torch.isfinite(traces).tolist()
+        if not bool(torch.isfinite(step.acc).all()):
+            finite = torch.isfinite(torch.stack([t for _, t in step.marks])).tolist()
             unit = step.marks[finite.index(False)][0]
             raise FloatingPointError(
                 f"non-finite per-sample gradients in layer {unit.name or '<model>'!r} "
