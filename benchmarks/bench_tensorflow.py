@@ -26,6 +26,7 @@ resident set over three steps minus the set before them).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from benchmarks import _harness as H
@@ -174,12 +175,15 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
-    parser.add_argument("--cap", type=float, default=180.0, help="seconds per timing configuration")
+    parser.add_argument("--cap", type=float, default=120.0, help="seconds per timing configuration")
     parser.add_argument("--note", default="", help="free text added to the report (e.g. machine load)")
     parser.add_argument("--out", default="benchmarks/results/tensorflow.md")
     args = parser.parse_args(argv)
+    # children inherit this: a multi-threaded OpenBLAS eigvalsh of a 128×128 Gram took 40–50 ms
+    # beside TensorFlow's thread pool on the loaded 2-core machine, 1 ms single-threaded
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sizes = args.batch_sizes or ([32] if args.quick else [32, 128])
-    reps = args.reps or (5 if args.quick else 15)
+    reps = args.reps or (5 if args.quick else 11)
     memory = not (args.quick or args.no_memory)
     runner = H.IsolatedRunner(start_method="spawn")
     rows, notes = [], []
@@ -227,7 +231,8 @@ def main(argv=None):
         "Ratio = median over interleaved repetitions of (traced step with G + `fimcore.spectrum` on the "
         "host) / (Keras' own `train_step` under `tf.function`: mean cross-entropy + SGD), float32, "
         "tracing excluded, no XLA. Extra MB: peak resident set over three steps minus the set before "
-        "them, one fresh process per cell.",
+        "them, one fresh process per cell. Children run with "
+        f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']} (host eigenvalues).",
         H.markdown_table(headers, rows),
         "Exactness in float64: max |G_registry − G_loop| / max |G_loop| against one GradientTape per sample",
         H.markdown_table(["model", "B", "relative difference"], exact),
