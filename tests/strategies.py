@@ -38,8 +38,8 @@ seeds = st.integers(min_value=0, max_value=2**32 - 1)
 
 #: sizes drawn for B and P: few distinct shapes keep JAX's per-shape compilation cheap,
 #: while covering B = 1, P = 1, wide (P > B) and tall (B > P) matrices
-ROWS = (1, 2, 3, 5, 8)
-COLS = (1, 2, 4, 7, 12)
+ROWS = (1, 2, 5, 8)
+COLS = (1, 3, 12)
 
 
 @st.composite
