@@ -160,7 +160,7 @@ def render(rows: list[dict[str, Any]], load: tuple[float, float, float], command
         "Median time in ms per call (after one warm-up; the three calls interleaved per",
         "repetition): CPU time of the process and, in brackets, wall time. With one thread",
         "the CPU time is what the call costs; the wall time adds waiting for the shared CPU.",
-        "`eigvalsh` is the library's own solver on the Gram cast to float64 (the"
+        "`eigvalsh` is the library's own solver on the Gram cast to float64 (the",
         "floor); `spectrum` and `cond` add fimcore's validation (finite, symmetric, diagonal),",
         "the float64 cast, symmetrisation, sort, clamp and (for `cond`) the truncation.",
         "The Gram is J Jᵀ of a Gaussian J of shape (B, 2B), stored in the dtype shown;",
