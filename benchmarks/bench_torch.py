@@ -91,6 +91,8 @@ _METHOD_MODULES = {"fimcore": "fimcore_adapters.torch", "torch.func": "torch.fun
                    "backpack": "backpack", "opacus": "opacus"}
 GRACE_SECONDS = 15.0
 """Allowance beyond the cap for a child's set-up (model construction, first-use costs)."""
+SPAWN_GRACE_SECONDS = 45.0
+"""The same with ``--start-method spawn``, where each child also imports torch and the tools."""
 
 
 def methods_for(model: str, methods: tuple[str, ...] = METHODS) -> list[str]:
@@ -402,13 +404,13 @@ def _median(xs: list[float]) -> float:
 
 def run_config(runner: H.IsolatedRunner, model: str, batch_size: int, method: str, *, reps: int,
                cap_seconds: float, seed: int, reference, plain_mem: float | None,
-               memory: bool, threads: int | None = None) -> ConfigResult:
+               memory: bool, threads: int | None = None, grace: float = GRACE_SECONDS) -> ConfigResult:
     """Times one configuration in a child (and measures its memory in another)."""
     r = ConfigResult(model, batch_size, method, plain_mem_mb=plain_mem)
     out = runner.run("benchmarks.bench_torch:timing_job",
                      dict(model=model, batch_size=batch_size, method=method, reps=reps,
                           cap_seconds=cap_seconds, seed=seed, reference=reference, threads=threads),
-                     timeout=cap_seconds + GRACE_SECONDS)
+                     timeout=cap_seconds + grace)
     if out.status == "timeout":
         r.status, r.detail = "capped", f"a single step exceeded the {cap_seconds:.0f} s cap"
         return r
@@ -433,7 +435,7 @@ def run_config(runner: H.IsolatedRunner, model: str, batch_size: int, method: st
         mem = runner.run("benchmarks.bench_torch:memory_job",
                          dict(model=model, batch_size=batch_size, method=method, seed=seed,
                               threads=threads),
-                         timeout=GRACE_SECONDS + 10 * per_step, memory=True)
+                         timeout=grace + 10 * per_step, memory=True)
         if mem.status == "ok":
             r.mem_mb = mem.value["extra_mb"]
         else:
@@ -442,10 +444,12 @@ def run_config(runner: H.IsolatedRunner, model: str, batch_size: int, method: st
 
 
 def run(models, batch_sizes, methods=METHODS, *, reps=DEFAULT_REPS, cap_seconds=DEFAULT_CAP,
-        seed=0, memory=True, threads=None, runner: H.IsolatedRunner | None = None,
+        seed=0, memory=True, threads=None, start_method="forkserver",
+        runner: H.IsolatedRunner | None = None,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)):
     """Runs every configuration; returns ``(results, plain_memory, reference_notes)``."""
-    runner = runner or H.IsolatedRunner(preload=preload_for(models, methods))
+    runner = runner or H.IsolatedRunner(preload=preload_for(models, methods), start_method=start_method)
+    grace = SPAWN_GRACE_SECONDS if runner.start_method == "spawn" else GRACE_SECONDS
     results: list[ConfigResult] = []
     plain_memory: dict[tuple[str, int], float | None] = {}
     ref_notes: dict[tuple[str, int], str] = {}
@@ -455,7 +459,7 @@ def run(models, batch_sizes, methods=METHODS, *, reps=DEFAULT_REPS, cap_seconds=
         for b in batch_sizes:
             ref = runner.run("benchmarks.bench_torch:reference_gram_job",
                              dict(model=model, batch_size=b, seed=seed, threads=threads),
-                             timeout=cap_seconds + GRACE_SECONDS)
+                             timeout=cap_seconds + grace)
             reference = ref.value if ref.status == "ok" else None
             if reference is None:
                 ref_notes[(model, b)] = f"no float64 reference: {ref.status} ({_short_error(ref.error)})"
@@ -465,14 +469,14 @@ def run(models, batch_sizes, methods=METHODS, *, reps=DEFAULT_REPS, cap_seconds=
                 pm = runner.run("benchmarks.bench_torch:memory_job",
                                 dict(model=model, batch_size=b, method="plain", seed=seed,
                                      threads=threads),
-                                timeout=cap_seconds + GRACE_SECONDS, memory=True)
+                                timeout=cap_seconds + grace, memory=True)
                 plain_mem = pm.value["extra_mb"] if pm.status == "ok" else None
             plain_memory[(model, b)] = plain_mem
             for method in methods_for(model, tuple(methods)):
                 t0 = time.perf_counter()
                 r = run_config(runner, model, b, method, reps=reps, cap_seconds=cap_seconds,
                                seed=seed, reference=reference, plain_mem=plain_mem, memory=memory,
-                               threads=threads)
+                               threads=threads, grace=grace)
                 results.append(r)
                 done += 1
                 shown = H.fmt_ratio(r.ratio) if r.status == "ok" else f"{r.status} ({r.detail})"
@@ -612,15 +616,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the memory children")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in each child (default: torch's own, all cores)")
+    p.add_argument("--start-method", choices=("forkserver", "spawn"), default="forkserver",
+                   help="children forked from a server that imported torch once (default), or fresh "
+                        "interpreters (slower start; memory children get MALLOC_MMAP_THRESHOLD_ literally)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None,
                    help="Markdown file (default benchmarks/results/torch.md)")
     a = p.parse_args(argv)
     models = a.models or (list(QUICK_MODELS) if a.quick else list(MODEL_NAMES))
     batch_sizes = a.batch_sizes or ([32] if a.quick else [32, 128])
-    reps = a.reps or (3 if a.quick else DEFAULT_REPS)
-    cap = a.cap_seconds or (10.0 if a.quick else DEFAULT_CAP)
+    reps = a.reps if a.reps is not None else (3 if a.quick else DEFAULT_REPS)
+    cap = a.cap_seconds if a.cap_seconds is not None else (10.0 if a.quick else DEFAULT_CAP)
     output = a.output or "benchmarks/results/torch.md"
+    if reps < 1 or cap <= 0 or any(b < 1 for b in batch_sizes):
+        p.error(f"--reps and --batch-sizes must be ≥ 1 and --cap-seconds > 0; received reps={reps}, "
+                f"batch sizes={batch_sizes}, cap={cap}.")
     machine = H.machine_info()
     versions = {f"{k} version": v for k, v in H.package_versions(
         ["torch", "numpy", "backpack-for-pytorch", "opacus", "fimcore"]).items()}
@@ -629,11 +639,13 @@ def main(argv: list[str] | None = None) -> int:
     versions["torch threads"] = str(a.threads or torch.get_num_threads())
     t0 = time.perf_counter()
     results, plain_memory, ref_notes = run(models, batch_sizes, a.methods, reps=reps, cap_seconds=cap,
-                                           seed=a.seed, memory=not a.no_memory, threads=a.threads)
+                                           seed=a.seed, memory=not a.no_memory, threads=a.threads,
+                                           start_method=a.start_method)
     machine["load average (1/5/15 min) at end"] = H.load_average()
     text = render(results, plain_memory, ref_notes, command=H.command_line(), machine=machine,
                   versions=versions, settings={"reps": reps, "cap per configuration": f"{cap:.0f} s",
-                                               "seed": a.seed, "memory": not a.no_memory},
+                                               "seed": a.seed, "memory": not a.no_memory,
+                                               "children": a.start_method},
                   seconds=time.perf_counter() - t0, quick=a.quick)
     H.write_report(output, text)
     print(text)
