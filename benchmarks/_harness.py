@@ -135,8 +135,9 @@ def interleaved_times(
 
     Runs ``warmup`` untimed pairs, then up to ``reps`` pairs ``baseline(); candidate()``. Before
     each repetition the elapsed time plus the remaining repetitions (at the median cost of the
-    pairs so far; before the first one, only that one pair at the warm-up's cost) is compared with
-    ``cap_seconds``; if they cannot fit, it stops and sets ``capped``. A step that never returns
+    pairs so far; before the first one, at half the warm-up pair's cost, since a first call may
+    pay one-off costs) is compared with ``cap_seconds``; if they cannot fit, it stops and sets
+    ``capped``. A step that never returns
     is not interrupted here: run the whole measurement in :class:`IsolatedRunner` with a timeout.
 
     Args:
@@ -171,13 +172,13 @@ def interleaved_times(
             out.warmup = (tb, tc)
         warm_pair = tb + tc
     while out.reps < reps:
-        # the warm-up may carry first-call costs: before the first repetition, only ask that one
-        # more pair fits; afterwards, that all remaining pairs fit at their median cost so far
+        # all remaining pairs must fit at their median cost so far; before the first repetition,
+        # at half the warm-up pair's cost (a first call may pay for caches, plans, lazy imports)
         if out.reps:
             pairs = [b + c for b, c in zip(out.baseline, out.candidate)]
             needed = statistics.median(pairs) * (reps - out.reps)
         else:
-            needed = warm_pair
+            needed = warm_pair / 2 * reps
         if clock() - start + needed > cap_seconds:
             out.capped = True
             break

@@ -50,15 +50,17 @@ def test_interleaved_times_runs_all_repetitions_within_the_cap():
 
 def test_interleaved_times_stops_when_the_remaining_repetitions_cannot_fit():
     clock = FakeClock()
-    # pairs cost 3 s: warm-up (3 s) + rep 1 (6 s); then 4 remaining pairs need 12 s > cap 10 s
-    t = H.interleaved_times(clock.step(1.0), clock.step(2.0), reps=5, cap_seconds=10.0, clock=clock)
+    # pairs cost 3 s. After the warm-up (3 s) the 5 reps are estimated at half the warm-up cost:
+    # 3 + 7.5 <= 12, so rep 1 runs (6 s); then 4 remaining pairs need 12 s, 6 + 12 > cap 12 s
+    t = H.interleaved_times(clock.step(1.0), clock.step(2.0), reps=5, cap_seconds=12.0, clock=clock)
     assert (t.reps, t.capped) == (1, True)
     assert t.ratio == 2.0
 
 
-def test_interleaved_times_stops_after_warmup_when_one_pair_cannot_fit():
+def test_interleaved_times_stops_after_warmup_when_the_repetitions_cannot_fit():
     clock = FakeClock()
-    t = H.interleaved_times(clock.step(4.0), clock.step(4.0), reps=5, cap_seconds=10.0, clock=clock)
+    # warm-up pair 8 s; 5 reps at half that cost need 20 s: 8 + 20 > cap 25 s
+    t = H.interleaved_times(clock.step(4.0), clock.step(4.0), reps=5, cap_seconds=25.0, clock=clock)
     assert (t.reps, t.capped) == (0, True)
     assert t.elapsed == 8.0
 
