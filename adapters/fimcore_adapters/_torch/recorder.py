@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .cost import STRATEGIES
+from .select import select_parameters
+from .uses import UseTracker
 from .report import Report
 from .units import build_units
 
@@ -28,52 +27,6 @@ class _Step:
         self.pending: dict = {}        # id(param) -> [J sum (B, numel), received, expected, param]
         self.grad_dtype: torch.dtype | None = None
         self.stack: list = []          # units whose forward is running
-
-
-class _UseTracker(TorchFunctionMode):
-    """Catches a selected parameter used, with gradients, outside every unit covering it."""
-
-    def __init__(self, rec: "GramRecorder"):
-        super().__init__()
-        self.rec = rec
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if torch.is_grad_enabled():
-            owners = self.rec._param_units
-            hit = None
-            for a in args:
-                if isinstance(a, nn.Parameter):
-                    if id(a) in owners:
-                        hit = a
-                        break
-                elif isinstance(a, (list, tuple)):
-                    for b in a:
-                        if isinstance(b, nn.Parameter) and id(b) in owners:
-                            hit = b
-                            break
-            if hit is not None and _differentiable(out):
-                stack = self.rec._step.stack if self.rec._step is not None else ()
-                if not any(u in stack for u in owners[id(hit)]):
-                    name = self.rec._param_names[id(hit)]
-                    where = getattr(func, "__qualname__", None) or getattr(func, "__name__", str(func))
-                    raise RuntimeError(
-                        f"parameter {name!r} is used by {where} outside the forward of the module "
-                        f"that owns it ({', '.join(repr(u.name) for u in owners[id(hit)])}); such a "
-                        "use (tied weights applied through a function, a penalty term in the loss, "
-                        "…) has no recorded per-sample gradient, so the Gram matrix would miss it. "
-                        "Apply the parameter through its module, use the optimiser's weight_decay "
-                        "instead of a penalty in the loss, or exclude the parameter with params=..."
-                    )
-        return out
-
-
-def _differentiable(out) -> bool:
-    if isinstance(out, torch.Tensor):
-        return out.requires_grad
-    if isinstance(out, (list, tuple)):
-        return any(isinstance(o, torch.Tensor) and o.requires_grad for o in out)
-    return False
 
 
 class GramRecorder:
@@ -181,7 +134,7 @@ class GramRecorder:
         self._uses_checked = False
         self.strategy = strategy
         self.enabled = True
-        selected = _select(model, params)
+        selected = select_parameters(model, params)
         self._param_names = {}
         for n, p in model.named_parameters(remove_duplicate=False):
             self._param_names.setdefault(id(p), n)
@@ -201,7 +154,7 @@ class GramRecorder:
         self._step: _Step | None = None
         self._last: _Step | None = None
         self._handles: list = []
-        self._mode: _UseTracker | None = None
+        self._mode: UseTracker | None = None
         self._active = False
         self._measured = False
 
@@ -225,7 +178,7 @@ class GramRecorder:
                 u.bw_calls = 0
                 self._handles.extend(u.install(self))
             if self.check_uses == "always" or not self._uses_checked:
-                self._mode = _UseTracker(self)
+                self._mode = UseTracker(self)
                 self._mode.__enter__()
         except BaseException:
             self._cleanup()
@@ -349,7 +302,8 @@ class GramRecorder:
                 "recorder needs batch-first inputs (set batch_first=True where a module offers it)")
         if dtype is not None and step.grad_dtype is None:
             step.grad_dtype = dtype
-        unit.calls += 1
+        if torch.is_grad_enabled():          # a forward under no_grad has no backward to record
+            unit.calls += 1
         step.stack.append(unit)
 
     def _forward_done(self, unit) -> None:
@@ -441,45 +395,3 @@ class GramRecorder:
         acc.addmm_(J, J.T)
         owner = self._param_units[id(p)][0]
         self._mark(owner)
-
-
-def _select(model: nn.Module, params) -> list[int]:
-    """ids of the selected trainable parameters."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameters (none with requires_grad=True); "
-                         "there is no gradient to measure")
-    if params is None:
-        return [id(p) for _, p in trainable]
-    if isinstance(params, (str, nn.Module, nn.Parameter)):
-        params = [params]
-    by_name = dict(trainable)
-    modules = dict(model.named_modules())
-    ids: list[int] = []
-    for entry in params:
-        if isinstance(entry, nn.Parameter):
-            if not any(entry is p for _, p in trainable):
-                raise ValueError("a parameter passed in params= is not a trainable parameter of the model")
-            ids.append(id(entry))
-        elif isinstance(entry, nn.Module):
-            found = [p for p in entry.parameters() if p.requires_grad]
-            if not any(entry is m for m in modules.values()) or not found:
-                raise ValueError(f"module {type(entry).__name__} in params= is not a submodule of the "
-                                 "model with trainable parameters")
-            ids.extend(id(p) for p in found)
-        elif isinstance(entry, str):
-            if entry in by_name:
-                ids.append(id(by_name[entry]))
-            elif entry in modules:
-                found = [p for p in modules[entry].parameters() if p.requires_grad]
-                if not found:
-                    raise ValueError(f"module {entry!r} in params= has no trainable parameters")
-                ids.extend(id(p) for p in found)
-            else:
-                raise ValueError(f"params= entry {entry!r} names neither a trainable parameter nor a "
-                                 f"module of the model; parameter names look like {next(iter(by_name))!r}")
-        else:
-            raise TypeError(f"params= entries must be names, modules or parameters; received {type(entry).__name__}")
-    if not ids:
-        raise ValueError("params= selects no trainable parameter; pass at least one")
-    return list(dict.fromkeys(ids))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["LayerRecord", "Report"]
 
@@ -34,7 +34,6 @@ class LayerRecord:
     params: int = 0
     calls: int = 0
     trace: float | None = None
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __str__(self) -> str:
         trace = "-" if self.trace is None else f"{self.trace:.4g}"
