@@ -367,3 +367,18 @@ def test_register_rejects_non_layers():
         register_layer_rule(int, LayerRule())
     with pytest.raises(TypeError, match="LayerRule instance or subclass"):
         register_layer_rule(keras.layers.Dense, object())
+
+
+@pytest.mark.gpu
+def test_gram_on_gpu_equals_cpu(models):
+    if not tf.config.list_physical_devices("GPU"):
+        pytest.skip("no GPU visible to TensorFlow")
+    model, x, y = models["conv2d"]
+    with tf.device("/CPU:0"):
+        expected = per_sample_gram(model, xent(), x, y)
+    with tf.device("/GPU:0"):
+        with GramTape(model) as tape:
+            loss = xent()(y, model(tf.constant(x), training=True))
+        _, gram = tape.gradient_and_gram(loss)
+    assert "GPU" in gram.device
+    assert_close(gram.numpy(), expected, 1e-8)

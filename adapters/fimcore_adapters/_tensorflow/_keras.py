@@ -8,7 +8,6 @@ that ``fit`` hands to its ``History``.
 
 from __future__ import annotations
 
-import math
 
 import keras
 import numpy as np
@@ -61,6 +60,7 @@ class GramStepMixin:
             return _KERAS_REDUCTIONS.get(loss.reduction, "mean")
         return "mean"
 
+    @tf.autograph.experimental.do_not_convert
     def _one_step(self, x, y, sample_weight, with_gram: bool):
         variables = self.trainable_variables
         split = type(self).compute_loss is keras.Model.compute_loss and self._compile_loss is not None

@@ -1,0 +1,137 @@
+"""Layer registry: the LayerRule interface, registration and lookup.
+
+A :class:`LayerRule` knows one layer type's forward well enough to capture, during the
+ordinary forward pass, the tensors its per-sample gradients are made of (the layer input
+``a`` and the pre-activation output, whose loss gradient ``δ`` the ordinary backward
+provides), and turns them into that layer's Gram contribution and its batch gradients.
+
+Rows are per-sample *contributions* to the gradient of the batch loss (architecture.md §3):
+for a layer without cross-sample coupling row i is sample i's own gradient; behind a
+train-mode BatchNormalization the coupling is already inside ``δ``.
+
+Users extend the registry with :func:`register_layer_rule`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import keras
+import tensorflow as tf
+
+from . import _linalg
+
+_REGISTRY: dict[type, "LayerRule"] = {}
+
+
+class LayerRule:
+    """How one Keras layer type contributes to the Gram.
+
+    Subclasses implement :meth:`variables`, :meth:`forward` and :meth:`per_sample`;
+    :meth:`gram_and_grads` may be overridden with a cheaper exact form (e.g. factored).
+    """
+
+    #: name used in path reports
+    name = "rule"
+
+    def supports(self, layer: keras.layers.Layer) -> bool:
+        """Whether this rule is exact for ``layer`` (else the generic path is taken)."""
+        return True
+
+    def variables(self, layer: keras.layers.Layer) -> list:
+        """The trainable variables of ``layer`` this rule covers, in a fixed order."""
+        raise NotImplementedError
+
+    def forward(self, layer, call: Callable, args: tuple, kwargs: dict):
+        """Run the layer; return ``(outputs, capture)``.
+
+        ``capture`` is a dict whose ``"watch"`` entry lists the tensors whose loss gradient
+        :meth:`per_sample` needs; return ``capture=None`` to send this call to the generic path.
+        """
+        raise NotImplementedError
+
+    def per_sample(self, layer, capture: dict, deltas: list) -> list:
+        """Per-sample gradient blocks (B, *v.shape), one per :meth:`variables` entry."""
+        raise NotImplementedError
+
+    def gram_and_grads(self, layer, capture: dict, deltas: list):
+        """``(gram contribution (B, B), batch gradients, path)`` of one call."""
+        blocks = self.per_sample(layer, capture, deltas)
+        rows = tf.concat([_linalg.flat_rows(b) for b in blocks], axis=1)
+        return _linalg.gram_of_rows(rows), [tf.reduce_sum(b, axis=0) for b in blocks], "materialised"
+
+
+def register_layer_rule(layer_type: type, rule: LayerRule | None = None):
+    """Register ``rule`` for ``layer_type`` (usable as a class decorator on the rule).
+
+    The rule applies to ``layer_type`` and to subclasses that do not override ``call``.
+
+    Example:
+        >>> import keras
+        >>> from fimcore_adapters.tensorflow import LayerRule, register_layer_rule, rule_for
+        >>> class Scale(keras.layers.Layer):
+        ...     def build(self, shape):
+        ...         self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+        ...     def call(self, x):
+        ...         return x * self.w
+        >>> @register_layer_rule(Scale)
+        ... class ScaleRule(LayerRule):
+        ...     name = "scale"
+        ...     def variables(self, layer):
+        ...         return [layer.w]
+        ...     def forward(self, layer, call, args, kwargs):
+        ...         y = call(*args, **kwargs)
+        ...         return y, {"x": args[0], "watch": [y]}
+        ...     def per_sample(self, layer, capture, deltas):
+        ...         return [capture["x"] * deltas[0]]
+        >>> rule_for(Scale()).name
+        'scale'
+    """
+    if not isinstance(layer_type, type) or not issubclass(layer_type, keras.layers.Layer):
+        raise TypeError(
+            "register_layer_rule needs a keras.layers.Layer subclass; received "
+            f"{layer_type!r}. Pass the layer class, e.g. register_layer_rule(MyLayer, MyRule())."
+        )
+
+    def _store(r):
+        instance = r() if isinstance(r, type) else r
+        if not isinstance(instance, LayerRule):
+            raise TypeError(
+                f"a layer rule must be a LayerRule instance or subclass; received {r!r}. "
+                "Subclass fimcore_adapters.tensorflow.LayerRule."
+            )
+        _REGISTRY[layer_type] = instance
+        return r
+
+    if rule is None:
+        return _store
+    _store(rule)
+    return rule
+
+
+def rule_for(layer: keras.layers.Layer) -> LayerRule | None:
+    """The registered rule that applies exactly to ``layer``, or None (generic path)."""
+    for cls in type(layer).__mro__:
+        rule = _REGISTRY.get(cls)
+        if rule is None:
+            continue
+        if type(layer).call is not cls.call:  # a subclass changed the math
+            return None
+        return rule if rule.supports(layer) else None
+    return None
+
+
+def own_trainable_variables(layer: keras.layers.Layer) -> list:
+    """Trainable variables created by ``layer`` itself (not by its sub-layers)."""
+    if not layer.trainable:
+        return []
+    return [v for v in getattr(layer, "_trainable_variables", []) if v.trainable]
+
+
+def _plain(layer) -> bool:
+    return (not getattr(layer, "lora_enabled", False)
+            and getattr(layer, "quantization_mode", None) is None)
+
+
+def _present(*variables):
+    return [v for v in variables if v is not None and v.trainable]
