@@ -27,6 +27,7 @@ class _Step:
         self.pending: dict = {}        # id(param) -> [J sum (B, numel), received, expected, param]
         self.grad_dtype: torch.dtype | None = None
         self.stack: list = []          # units whose forward is running
+        self.multi: set | None = None  # ids of units with a parameter used more than once
 
 
 class GramRecorder:
@@ -328,11 +329,14 @@ class GramRecorder:
 
     def _multi_use(self, unit) -> bool:
         """True if a selected parameter of ``unit`` is used more than once in this step."""
-        for _, p in unit.params:
-            if id(p) in unit.selected:
-                if sum(u.calls for u in self._param_units[id(p)]) > 1:
-                    return True
-        return False
+        step = self._step
+        if step.multi is None:            # the forward is complete once a backward runs
+            step.multi = set()
+            for u in self._units:
+                for _, p in u.params:
+                    if id(p) in u.selected and sum(v.calls for v in self._param_units[id(p)]) > 1:
+                        step.multi.add(id(u))
+        return id(unit) in step.multi
 
     def _acc(self, like: torch.Tensor) -> torch.Tensor:
         step = self._step
