@@ -30,7 +30,6 @@ __all__ = [
     "check_positive_int",
     "check_positive_number",
     "check_real_floating",
-    "check_values",
     "compute_dtype",
     "default_int_dtype",
     "eps_of",
@@ -39,7 +38,9 @@ __all__ = [
     "is_concrete",
     "jit_for",
     "resolve_namespace",
+    "symmetrise",
     "symmetry_tolerance",
+    "validated_symmetric",
 ]
 
 _JIT_CACHE: dict[tuple[Callable[..., Any], tuple[str, ...]], Callable[..., Any]] = {}
@@ -136,19 +137,32 @@ def check_gram(gram: Any, xp: Any, *, name: str = "gram") -> int:
     return int(shape[0])
 
 
-def check_values(gram: Any, xp: Any, *, name: str = "gram", where: str = "") -> None:
-    """Host-side checks of a concrete Gram: finite, symmetric, non-negative diagonal.
+def validated_symmetric(
+    gram: Any, xp: Any, *, name: str = "gram", where: str = "", allow_nonfinite: bool = False
+) -> tuple[Any, bool | None]:
+    """The symmetrised Gram (G + Gᵀ)/2 in the compute dtype, after host-side value checks.
+
+    One pass builds the symmetric part and the statistics the checks need (the
+    transposed read is the costly part for large B; it is done once). The checks, made
+    only on concrete values: finite (unless ``allow_nonfinite``), symmetric within
+    ``sqrt(eps)·max|G|`` of the Gram's dtype, non-negative diagonal.
+
+    Returns:
+        ``(sym, finite)``; ``finite`` is None for a value traced by JAX (no checks then).
 
     Raises:
         ValueError: naming what failed (and ``where``, e.g. the tracker step).
     """
-    if not is_concrete(gram):
-        return
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a non-finite Gram
+        sym, scale, asym, diag_min = jit_for(_symmetrised_stats, xp)(gram)
+    if not is_concrete(sym):
+        return sym, None
     at = f" {where}" if where else ""
-    finite, scale, asym, diag_min = (
-        host_scalar(v) for v in jit_for(_value_stats, xp)(gram)
-    )
+    scale, asym, diag_min = host_scalar(scale), host_scalar(asym), host_scalar(diag_min)
+    finite = math.isfinite(scale)
     if not finite:
+        if allow_nonfinite:
+            return sym, False
         raise ValueError(
             f"{name}{at} must be finite; received a Gram with NaN or inf entries. Check the "
             "loss and gradients for overflow (lower the learning rate, use float64), or pass "
@@ -166,6 +180,7 @@ def check_values(gram: Any, xp: Any, *, name: str = "gram", where: str = "") -> 
             f"{name}{at} must have a non-negative diagonal (G_ii = ‖J_i‖² >= 0); received a "
             f"diagonal entry {diag_min:.3e}. Pass the Gram G = J Jᵀ of per-sample gradients."
         )
+    return sym, True
 
 
 def host_scalar(value: Any) -> float:
@@ -176,12 +191,19 @@ def host_scalar(value: Any) -> float:
     return float(value)
 
 
-def _value_stats(gram: Any, *, xp: Any) -> tuple[Any, Any, Any, Any]:
-    """(all finite, max|G|, max|G - Gᵀ|, min diag G) as 0-D arrays."""
-    finite = xp.all(xp.isfinite(gram))
-    scale = xp.max(xp.abs(gram))
-    asym = xp.max(xp.abs(gram - xp.matrix_transpose(gram)))
-    return finite, scale, asym, xp.min(xp.linalg.diagonal(gram))
+def symmetrise(gram: Any, *, xp: Any) -> Any:
+    """(G + Gᵀ)/2 in the compute dtype (halves first: no overflow near the dtype's max)."""
+    half = xp.astype(gram, compute_dtype(xp), copy=False) / 2
+    return half + xp.matrix_transpose(half)
+
+
+def _symmetrised_stats(gram: Any, *, xp: Any) -> tuple[Any, Any, Any, Any]:
+    """((G + Gᵀ)/2, max|G|, max|G - Gᵀ|, min diag G); max|G| is NaN/inf if G is not finite."""
+    g = xp.astype(gram, compute_dtype(xp), copy=False)
+    sym = symmetrise(g, xp=xp)
+    scale = xp.max(xp.abs(g))
+    asym = 2 * xp.max(xp.abs(g - sym))
+    return sym, scale, asym, xp.min(xp.linalg.diagonal(g))
 
 
 def symmetry_tolerance(dtype: Any, xp: Any) -> float:

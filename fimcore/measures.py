@@ -33,7 +33,7 @@ from ._namespace import (
     jit_for,
     resolve_namespace,
 )
-from .spectral import _condition, _spectrum, resolve_rtol
+from .spectral import _condition, _eigs, _spectrum, resolve_rtol
 
 __all__ = ["MeasureState", "measure_init", "measure_update"]
 
@@ -184,12 +184,17 @@ def check_options(
     return size, rtol, batch
 
 
-def step_values(gram: Any, lr: Any, rtol: Any, *, batch: int, xp: Any) -> dict[str, Any]:
-    """Per-iteration quantities, NaN-flagged instead of raising (no value branching)."""
-    g = xp.astype(gram, compute_dtype(xp))
-    finite = xp.all(xp.isfinite(g))
+def step_values(
+    gram: Any, lr: Any, rtol: Any, *, batch: int, xp: Any, symmetric: bool = False
+) -> dict[str, Any]:
+    """Per-iteration quantities, NaN-flagged instead of raising (no value branching).
+
+    ``symmetric=True`` says ``gram`` is already (G + Gᵀ)/2 in the compute dtype.
+    """
+    g = xp.astype(gram, compute_dtype(xp), copy=False)
+    finite = xp.isfinite(xp.max(xp.abs(g)))  # max propagates NaN; inf stays inf
     g = xp.where(finite, g, xp.zeros_like(g))
-    eigs = _spectrum(g, xp=xp)
+    eigs = _eigs(g, xp=xp) if symmetric else _spectrum(g, xp=xp)
     c, lam_max, _, rank, defined = _condition(eigs, rtol=rtol, xp=xp)
     nan = xp.full_like(c, float("nan"))
     trace = xp.sum(xp.linalg.diagonal(g))

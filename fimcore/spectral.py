@@ -36,7 +36,6 @@ from ._namespace import (
     check_gram,
     check_nonnegative_number,
     check_positive_int,
-    check_values,
     compute_dtype,
     default_int_dtype,
     eps_of,
@@ -44,6 +43,8 @@ from ._namespace import (
     is_concrete,
     jit_for,
     resolve_namespace,
+    symmetrise,
+    validated_symmetric,
 )
 
 __all__ = [
@@ -119,8 +120,8 @@ def spectrum(gram: Any, /, *, xp: Any = None) -> Any:
     """
     xp = resolve_namespace(gram, xp=xp)
     check_gram(gram, xp)
-    check_values(gram, xp)
-    return jit_for(_spectrum, xp)(gram)
+    sym, _ = validated_symmetric(gram, xp)
+    return jit_for(_eigs, xp)(sym)
 
 
 def truncated_condition_number(
@@ -168,8 +169,8 @@ def truncated_condition_number(
     size = check_gram(gram, xp)
     check_convention(convention)
     rtol = resolve_rtol(rtol, size, grad_dtype if grad_dtype is not None else gram.dtype, xp)
-    check_values(gram, xp)
-    c, lam_max = jit_for(_condition_of_gram, xp)(gram, rtol)
+    sym, _ = validated_symmetric(gram, xp)
+    c, lam_max = jit_for(_condition_of_symmetric, xp)(sym, rtol)
     if is_concrete(lam_max) and not host_scalar(lam_max) > 0:
         raise ValueError(
             "the truncated condition number needs λ_max > 0; received an all-zero Gram "
@@ -195,8 +196,8 @@ def energy(gram: Any, /, *, xp: Any = None) -> Any:
     """
     xp = resolve_namespace(gram, xp=xp)
     check_gram(gram, xp)
-    check_values(gram, xp)
-    return jit_for(_trace, xp)(gram)
+    sym, _ = validated_symmetric(gram, xp)
+    return jit_for(_trace, xp)(sym)
 
 
 def weighted_energy(
@@ -228,8 +229,8 @@ def weighted_energy(
     size = check_gram(gram, xp)
     check_nonnegative_number(lr, name="lr")
     batch = size if batch_size is None else check_positive_int(batch_size, name="batch_size")
-    check_values(gram, xp)
-    trace = jit_for(_trace, xp)(gram)
+    sym, _ = validated_symmetric(gram, xp)
+    trace = jit_for(_trace, xp)(sym)
     return (lr / batch) * xp.sqrt(trace)
 
 
@@ -261,19 +262,22 @@ def resolve_rtol(rtol: float | None, size: int, dtype: Any, xp: Any) -> float:
 
 def _spectrum(gram: Any, *, xp: Any) -> Any:
     """Ascending eigenvalues clamped at 0, in the compute dtype (no validation)."""
-    g = xp.astype(gram, compute_dtype(xp))
-    g = (g + xp.matrix_transpose(g)) / 2
-    eigs = xp.sort(xp.linalg.eigvalsh(g))
+    return _eigs(symmetrise(gram, xp=xp), xp=xp)
+
+
+def _eigs(sym: Any, *, xp: Any) -> Any:
+    """Ascending eigenvalues of a symmetric matrix already in the compute dtype, clamped at 0."""
+    eigs = xp.sort(xp.linalg.eigvalsh(sym))
     return xp.maximum(eigs, xp.zeros_like(eigs))
 
 
-def _condition_of_gram(gram: Any, rtol: Any, *, xp: Any) -> tuple[Any, Any]:
-    c, lam_max, _, _, _ = _condition(_spectrum(gram, xp=xp), rtol=rtol, xp=xp)
+def _condition_of_symmetric(sym: Any, rtol: Any, *, xp: Any) -> tuple[Any, Any]:
+    c, lam_max, _, _, _ = _condition(_eigs(sym, xp=xp), rtol=rtol, xp=xp)
     return c, lam_max
 
 
 def _trace(gram: Any, *, xp: Any) -> Any:
-    return xp.sum(xp.astype(xp.linalg.diagonal(gram), compute_dtype(xp)))
+    return xp.sum(xp.astype(xp.linalg.diagonal(gram), compute_dtype(xp), copy=False))
 
 
 def _condition(eigs: Any, *, rtol: float, xp: Any) -> tuple[Any, Any, Any, Any, Any]:

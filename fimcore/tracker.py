@@ -37,7 +37,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._namespace import check_values, host_scalar, is_concrete, jit_for, resolve_namespace
+from ._namespace import host_scalar, is_concrete, jit_for, resolve_namespace, validated_symmetric
 from .measures import check_options, step_values
 from .record import Measurement
 from .spectral import resolve_rtol
@@ -128,17 +128,16 @@ class MeasureTracker:
                 "MeasureTracker.update needs a concrete Gram; received a value traced by a "
                 "JAX transformation. Use measure_init/measure_update inside jax.jit."
             )
-        finite = bool(host_scalar(xp.all(xp.isfinite(gram))))
+        sym, finite = validated_symmetric(gram, xp, where=f"at step k={k}", allow_nonfinite=True)
         if not finite and self.on_nonfinite == "raise":
             raise ValueError(
                 f"the Gram at step k={k} must be finite; received NaN or inf entries. Check "
                 "the loss and gradients for overflow (lower the learning rate, use float64), "
                 "or construct MeasureTracker(on_nonfinite='skip') to count and skip such steps."
             )
-        if finite:
-            check_values(gram, xp, where=f"at step k={k}")
+        compute = jit_for(step_values, xp, static=("batch", "symmetric"))
         step = {name: _to_host(value) for name, value in
-                jit_for(step_values, xp, static=("batch",))(gram, lr, rtol, batch=batch).items()}
+                compute(sym, lr, rtol, batch=batch, symmetric=True).items()}
         lr_f, weight_f = host_scalar(lr), host_scalar(weight)
         self._steps = k
         if step["defined"]:
