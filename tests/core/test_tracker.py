@@ -242,3 +242,15 @@ def test_update_rejects_non_arrays_and_traced_grams():
     tracker = fimcore.MeasureTracker()
     with pytest.raises(TypeError, match="needs a concrete Gram"):
         jax.jit(lambda G: tracker.update(G, lr=0.1).k)(jnp.eye(2))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_every_kind_of_nonfinite_entry_is_caught(xp, bad):
+    G = np.diag([2.0, 1.0, 1.0])
+    G[0, 2] = G[2, 0] = bad
+    state = fimcore.measure_update(fimcore.measure_init(), xp.asarray(G), lr=0.1)
+    assert not bool(state.finite) and not bool(state.defined) and int(state.nonfinite) == 1
+    with pytest.raises(ValueError, match="must be finite"):
+        fimcore.spectrum(xp.asarray(G))
+    m = fimcore.MeasureTracker(on_nonfinite="skip").update(xp.asarray(G), lr=0.1)
+    assert m.finite is False and m.I_k is None
