@@ -4,7 +4,11 @@ Run from the repository root (the project's ``benchmarks`` package must win over
 installs into site-packages)::
 
     python -m benchmarks.bench_torch            # full run, writes benchmarks/results/torch.md
-    python -m benchmarks.bench_torch --quick    # a few models at B = 32, about two minutes
+    python -m benchmarks.bench_torch --quick    # five small models at B = 32, 3 reps, 10 s cap
+
+The default caps (75 s per configuration) are chosen so that the full run takes about 20 minutes
+on 2 idle cores (an estimate from the step times in performance.md; configurations that cannot
+finish their repetitions in the cap are reported as skipped), ``--quick`` about 2 minutes.
 
 For every model and batch size B it measures, as ratios to the plain step (forward, mean
 cross-entropy, backward, SGD with momentum), the time and the peak extra memory of a training
