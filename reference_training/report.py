@@ -244,10 +244,11 @@ def _plane_figure(runs: list[Run], path: Path, title: str, weights: str) -> None
     ax.set_xlim(10 ** (c0 - 0.06 * cs), 10 ** (c0 + 1.12 * cs))
     ax.set_ylim(10 ** (l0 - 0.06 * ls), 10 ** (l0 + 1.08 * ls))
     lrs = sorted({p[1] for p in pts if not p[5]})
-    cmap = plt.get_cmap("autumn", max(len(lrs), 2) + 1)
+    palette = ["#ff2020", "#ff9f1c", "#ff66cc", "#ffffff", "#c0c0c0", "#a0522d", "#00e5ff"]
     for i, lr in enumerate(lrs):
         line = sorted((p for p in pts if not p[5] and p[1] == lr), key=lambda p: p[6])
-        ax.plot([p[2] for p in line], [p[3] for p in line], "-o", color=cmap(i), lw=2, ms=6,
+        ax.plot([p[2] for p in line], [p[3] for p in line], "-o", color=palette[i % len(palette)],
+                lw=2, ms=6,
                 mec="black", label=f"LR {lr:g}", zorder=3)
         for p in line:
             ax.annotate(f"s{p[6]}", (p[2], p[3]), textcoords="offset points", xytext=(5, 4),
@@ -339,6 +340,10 @@ def _trajectory_figure(runs: list[Run], path: Path, title: str) -> None:
 # --------------------------------------------------------------------------- tables
 
 
+def _pm(mean: float, std: float, n: int) -> str:
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
 def _fmt_time(s: float) -> str:
     if s >= 3600:
         return f"{s / 3600:.2f} h"
@@ -355,7 +360,7 @@ def _group_markdown(name: str, runs: list[Run]) -> list[str]:
     s0 = runs[0].summary
     lines = [f"## {s0['model']} on {_dataset_title(s0['dataset'])}, {s0['epochs_planned']} epochs",
              ""]
-    lines += ["| setting | LR | seeds | test error (%) | train error (%) | training time | "
+    lines += ["| setting | LR | seeds | test error (%, mean ± std) | train error (%) | training time | "
               "C̄_K | C̄_K (√, released code) | L_K | diverged |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     by = _settings(runs)
@@ -371,8 +376,8 @@ def _group_markdown(name: str, runs: list[Run]) -> list[str]:
             c_m, _ = _mean_std([m.summary["C_bar"] for m in ok])
             cj, _ = _mean_std([m.summary["C_bar_jacobian"] for m in ok])
             l_m, _ = _mean_std([m.summary["L"] for m in ok])
-            lines.append(f"| {key[0]} | {key[1]:g} | {len(ok)} | {e_m:.2f} ± {e_s:.2f} | "
-                         f"{t_m:.2f} ± {t_s:.2f} | {_fmt_time(w_m)} | {c_m:.4g} | {cj:.4g} | "
+            lines.append(f"| {key[0]} | {key[1]:g} | {len(ok)} | {_pm(e_m, e_s, len(ok))} | "
+                         f"{_pm(t_m, t_s, len(ok))} | {_fmt_time(w_m)} | {c_m:.4g} | {cj:.4g} | "
                          f"{l_m:.4g} | {div} |")
         else:
             lines.append(f"| {key[0]} | {key[1]:g} | 0 | – | – | – | – | – | – | {div} |")
