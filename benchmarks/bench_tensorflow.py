@@ -223,7 +223,7 @@ def main(argv=None):
         exact.append([MODELS[model], "8", f"{r.value:.1e}" if r.status == "ok" else r.status])
     headers = ["model", "B", "method", "plain step (ms)", "step with G (ms)",
                "ratio (target ≤ 1.5× at B=128, registry)", "reps", "plain extra MB", "method extra MB"]
-    versions = H.package_versions(["tensorflow", "keras", "numpy"])
+    versions = H.package_versions(["tensorflow-cpu", "keras", "numpy"])
     text = "\n\n".join([
         "# TensorFlow adapter benchmark",
         f"Command: `{H.command_line()}`" + (" (quick mode)" if args.quick else ""),
