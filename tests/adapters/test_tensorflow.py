@@ -27,16 +27,17 @@ from fimcore_adapters.tensorflow import (  # noqa: E402
     rule_for,
 )
 
-F64 = "float64"
 RTOL = 1e-10
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _float64():
-    old = keras.config.floatx()
-    keras.config.set_floatx(F64)
+    old, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # Keras caches the policy it derived from floatx
     yield
     keras.config.set_floatx(old)
+    keras.config.set_dtype_policy(policy)
 
 
 def xent(from_logits=True, reduction="sum_over_batch_size"):

@@ -106,7 +106,8 @@ def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", train
     Example:
         >>> import numpy as np, keras
         >>> from fimcore_adapters.tensorflow import per_sample_gram
-        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> model = keras.Sequential([keras.Input((3,), dtype="float32"),
+        ...                           keras.layers.Dense(2, dtype="float32")])
         >>> x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
         >>> G = per_sample_gram(model, keras.losses.MeanSquaredError(), x, y)
         >>> G.shape, G.dtype, bool(np.allclose(G, G.T))
