@@ -9,6 +9,7 @@ For every (model, dataset, epochs) group of runs found below ``RUNS_DIR`` (any f
   interpolated on a 51 × 51 grid over the log-transformed, min-max-normalised axes from the 5
   nearest runs by inverse-distance weighting, drawn with 30 contour levels.
 * ``trajectories_<group>.png`` — C̄_K and L_K against epochs for every run.
+* ``runs.csv`` — final values of every run.
 * ``report.md`` — a table in the paper's form (test error mean ± std over seeds, training time,
   C̄_K, L_K), Welch t-test p-values (``scipy.stats.ttest_ind(equal_var=False)``) between a fixed
   batch sA and the dynamic runs sA-to-B and sA-to-B-MS at the same LR, and Spearman rank
@@ -361,8 +362,8 @@ def _group_markdown(name: str, runs: list[Run]) -> list[str]:
     lines = [f"## {s0['model']} on {_dataset_title(s0['dataset'])}, {s0['epochs_planned']} epochs",
              ""]
     lines += ["| setting | LR | seeds | test error (%, mean ± std) | train error (%) | training time | "
-              "C̄_K | C̄_K (√, released code) | L_K | diverged |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "iterations | C̄_K | C̄_K (√, released code) | L_K | diverged |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     by = _settings(runs)
     order = sorted(by, key=lambda k: (k[1], by[k][0].dynamic, by[k][0].batch, k[0]))
     for key in order:
@@ -376,11 +377,13 @@ def _group_markdown(name: str, runs: list[Run]) -> list[str]:
             c_m, _ = _mean_std([m.summary["C_bar"] for m in ok])
             cj, _ = _mean_std([m.summary["C_bar_jacobian"] for m in ok])
             l_m, _ = _mean_std([m.summary["L"] for m in ok])
+            it_m, _ = _mean_std([m.summary.get("iterations", math.nan) for m in ok])
             lines.append(f"| {key[0]} | {key[1]:g} | {len(ok)} | {_pm(e_m, e_s, len(ok))} | "
-                         f"{_pm(t_m, t_s, len(ok))} | {_fmt_time(w_m)} | {c_m:.4g} | {cj:.4g} | "
+                         f"{_pm(t_m, t_s, len(ok))} | {_fmt_time(w_m)} | {it_m:.0f} | {c_m:.4g} | "
+                         f"{cj:.4g} | "
                          f"{l_m:.4g} | {div} |")
         else:
-            lines.append(f"| {key[0]} | {key[1]:g} | 0 | – | – | – | – | – | – | {div} |")
+            lines.append(f"| {key[0]} | {key[1]:g} | 0 | – | – | – | – | – | – | – | {div} |")
     lines.append("")
     # Welch tests: s<A> vs s<A>-to-<B> vs s<A>-to-<B>-MS at the same LR.
     tests = []
@@ -459,4 +462,20 @@ def make_report(runs_dir: str | Path, out: str | Path | None = None, *, title: s
         md += _group_markdown(name, members)
         md += [f"![plane]({plane.name})", "", f"![trajectories]({traj.name})", ""]
     (out / "report.md").write_text("\n".join(md) + "\n")
+    _write_csv(runs, out / "runs.csv", runs_dir)
     return out
+
+
+_CSV_KEYS = ("model", "dataset", "label", "lr", "seed", "epochs", "iterations", "diverged",
+             "test_error", "train_error", "C_bar", "C_bar_jacobian", "L", "wall_time_s")
+
+
+def _write_csv(runs: list[Run], path: Path, root: Path) -> None:
+    """One row per run with the final values (``runs.csv``)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("run",) + _CSV_KEYS)
+        for r in sorted(runs, key=lambda r: str(r.path)):
+            w.writerow((str(r.path.relative_to(root)),) + tuple(r.summary.get(k) for k in _CSV_KEYS))
