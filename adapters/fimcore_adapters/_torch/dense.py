@@ -111,13 +111,11 @@ class LinearUnit(Unit):
             acc = rec._acc(G)
             if T == 1:
                 if w_sel:
-                    a = A[:, 0].to(acc.dtype)
-                    K = a @ a.T
-                    if b_sel:
-                        K += 1
-                    g = G[:, 0].to(acc.dtype)
-                    K.mul_(g @ g.T)
-                    acc.add_(K)
+                    a = A[:, 0] if A.dtype == acc.dtype else A[:, 0].to(acc.dtype)
+                    g = G[:, 0] if G.dtype == acc.dtype else G[:, 0].to(acc.dtype)
+                    # G += (A Aᵀ [+ 1 for the bias]) ⊙ (Gₒ Gₒᵀ)
+                    K = torch.addmm(acc.new_ones(()), a, a.T) if b_sel else a @ a.T
+                    acc.addcmul_(K, g @ g.T)
                 elif b_sel:
                     g = G[:, 0].to(acc.dtype)
                     acc.addmm_(g, g.T)
