@@ -2,13 +2,15 @@
 
 For each model and batch size: the median over interleaved repetitions of (step with
 ``GramRecorder`` + ``gram()``) / (plain step), and a per-layer table of the time the recorder spends
-in each layer's rule during the backward (per-sample terms, Gram update, batch weight gradient),
-with the path each layer took. Prints the tables and writes them to ``--out`` (Markdown).
+in each layer's rule during the backward (per-sample terms, Gram update, and the batch weight
+gradient, which for Linear/Conv replaces autograd's own), with the path each layer took. Prints
+the tables and writes them to ``--out`` (Markdown). On a shared machine wall-clock ratios at 2
+threads swing by ±0.3; ``--threads 1 --cpu-time`` gives steadier ratios.
 
 Run (about 3 minutes for the defaults on 2 cores)::
 
     .venv/bin/python -m benchmarks.profile_torch_layers --models resnet20-bn resnet20-gn mlp cnn \
-        --batch 128 32 --reps 7
+        --batch 128 32 --reps 7 [--threads 1 --cpu-time] [--out profile.md]
 """
 
 from __future__ import annotations
