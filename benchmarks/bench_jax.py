@@ -20,12 +20,17 @@ Both then take the eigenvalues of G with ``fimcore.spectrum`` (float64, on the h
 PyTorch benchmark does. Timing: plain and method interleaved in one child process after a warm-up
 (compilation excluded), median of paired ratios. Memory: a fresh child per configuration
 (``benchmarks._harness.step_memory``: peak resident set over three steps minus the set before).
+
+The children run NumPy's BLAS single-threaded (``OPENBLAS_NUM_THREADS=1`` etc. unless already set):
+a multi-threaded OpenBLAS pool spinning beside XLA's threads on 2 cores made the 128×128
+eigenvalue call take 17 ms instead of 1.4 ms and slowed the next XLA step (MLP B=128: 3.0× vs 1.4×).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from benchmarks import _harness as H
@@ -210,6 +215,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     sizes = args.batch_sizes or ([32] if args.quick else [32, 128])
     reps = args.reps or (5 if args.quick else 15)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")  # inherited by the spawned children (see module docstring)
     runner = H.IsolatedRunner(start_method="spawn")
     rows, notes = [], []
     for model in args.models:
