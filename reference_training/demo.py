@@ -10,6 +10,7 @@ over five stages of two epochs. This is a small, quick setting for a laptop CPU,
 from __future__ import annotations
 
 import time
+import unicodedata
 from pathlib import Path
 
 from .data import load_dataset
@@ -47,17 +48,22 @@ def run_demo(args) -> int:
             ("train error", lambda s: "–" if s["diverged"] else f"{100 * s['train_error']:.2f} %"),
             ("wall time", lambda s: f"{s['wall_time_s']:.1f} s")]
     labels = [run_label(c) for c in configs]
-    w0 = max(len(r[0]) for r in rows) + 2
+    w0 = max(_width(r[0]) for r in rows) + 2
     model = "resnet20" + (f" (width {args.width})" if args.width else "")
     data = "MNIST-5k" + (f" (subset {args.subset})" if args.subset else "")
     print(f"\n{data}, {model}, {args.epochs} epochs, LR {args.lr:g} (not the paper's setting)")
     print(" " * w0 + "".join(f"{lab:>16}" for lab in labels))
     for name, fmt in rows:
-        print(f"{name:<{w0}}" + "".join(f"{fmt(s):>16}" for s in summaries))
+        print(name + " " * (w0 - _width(name)) + "".join(f"{fmt(s):>16}" for s in summaries))
     report = make_report(out, out / "report",
                          title="Demo: fixed batch 64 vs s16-to-64 on MNIST-5k (not the paper's setting)")
     print(f"\nfigures and table: {report}/ (total {total:.0f} s)", flush=True)
     return 0
+
+
+def _width(text: str) -> int:
+    """Printed width: combining marks (the bar of C̄) take no column."""
+    return sum(1 for ch in text if not unicodedata.combining(ch))
 
 
 def _num(v) -> str:
