@@ -192,17 +192,11 @@ def resnet56(**kwargs) -> CifarResNet:
 # --------------------------------------------------------------------------- Liao et al. ResNet
 
 
-class _CBRCBBlock(nn.Module):
-    """conv→BN→ReLU→conv→BN plus shortcut (average pool, zero channels); no ReLU after the sum."""
+class _CBRCBBlock(_BasicBlock):
+    """conv→BN→ReLU→conv→BN plus shortcut (average pool, zero channels); no ReLU after the sum.
 
-    def __init__(self, c_in: int, c_out: int, stride: int, norm: str) -> None:
-        super().__init__()
-        self.conv1 = _conv3x3(c_in, c_out, stride)
-        self.bn1 = _norm(norm, c_out)
-        self.conv2 = _conv3x3(c_out, c_out)
-        self.bn2 = _norm(norm, c_out)
-        self.stride = stride
-        self.c_out = c_out
+    Same layers as :class:`_BasicBlock`; only the shortcut and the missing final ReLU differ.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
