@@ -18,6 +18,7 @@ if "tensorflow" in required_backends():
 else:
     tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
+from tests.adapters._keras_float64 import keras_float64  # noqa: E402
 
 from fimcore_adapters.tensorflow import (  # noqa: E402
     GramTape,
@@ -32,12 +33,8 @@ RTOL = 1e-10
 
 @pytest.fixture(autouse=True, scope="module")
 def _float64():
-    old, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")  # Keras caches the policy it derived from floatx
-    yield
-    keras.config.set_floatx(old)
-    keras.config.set_dtype_policy(policy)
+    with keras_float64():
+        yield
 
 
 def xent(from_logits=True, reduction="sum_over_batch_size"):

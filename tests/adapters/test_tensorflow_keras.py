@@ -14,6 +14,7 @@ if "tensorflow" in required_backends():
 else:
     tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
+from tests.adapters._keras_float64 import keras_float64  # noqa: E402
 
 import fimcore  # noqa: E402
 from fimcore_adapters.tensorflow import (  # noqa: E402
@@ -32,12 +33,8 @@ N, B, LR = 12, 4, 0.0625  # LR and the data are exact in float32 (Keras feeds fl
 def _float64():
     """float64 end to end (Keras' own compute_loss cannot mix a float32 loss with float64
     regularisers, and its data adapters feed floatx)."""
-    old, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")  # Keras caches the policy it derived from floatx
-    yield
-    keras.config.set_floatx(old)
-    keras.config.set_dtype_policy(policy)
+    with keras_float64():
+        yield
 
 
 def xent():
