@@ -122,6 +122,32 @@ def _timed(fn: Callable[[], Any], clock: Callable[[], float]) -> float:
     return clock() - t0
 
 
+def warm_then_time(
+    baseline: Callable[[], Any],
+    candidate: Callable[[], Any],
+    *,
+    reps: int,
+    cap_seconds: float,
+) -> dict:
+    """Calls each step once untimed (compilation or tracing), then :func:`interleaved_times`.
+
+    Returns a JSON-friendly dict: ``ratio``, the upper-median ``plain`` and ``step`` times,
+    ``reps``, ``capped`` and ``warmup_s`` (seconds spent in the untimed first calls).
+    """
+    t0 = time.perf_counter()
+    baseline()
+    candidate()
+    warmup_s = time.perf_counter() - t0
+    t = interleaved_times(baseline, candidate, reps=reps, cap_seconds=cap_seconds)
+    return {"ratio": t.ratio, "plain": _upper_median(t.baseline), "step": _upper_median(t.candidate),
+            "reps": t.reps, "capped": t.capped, "warmup_s": warmup_s}
+
+
+def _upper_median(xs: Sequence[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
 def interleaved_times(
     baseline: Callable[[], Any],
     candidate: Callable[[], Any],

@@ -158,16 +158,9 @@ def _steps(name, batch_size, method, seed=0):
 
 
 def timing_job(model, batch_size, method, reps, cap_seconds):
-    import time
-
     plain, candidate = _steps(model, batch_size, method)
-    t0 = time.perf_counter()
-    plain()
-    candidate()  # compilation, outside the timed and capped repetitions
-    compile_seconds = time.perf_counter() - t0
-    t = H.interleaved_times(plain, candidate, reps=reps, cap_seconds=cap_seconds)
-    return {"ratio": t.ratio, "plain": _median(t.baseline), "step": _median(t.candidate),
-            "reps": t.reps, "capped": t.capped, "compile": compile_seconds}
+    # the first call of each (compilation) stays outside the timed and capped repetitions
+    return H.warm_then_time(plain, candidate, reps=reps, cap_seconds=cap_seconds)
 
 
 def memory_job(model, batch_size, method):
@@ -199,9 +192,6 @@ def exactness_job(model, batch_size):
     return float(jnp.linalg.norm(g1 - g2) / jnp.linalg.norm(g2))
 
 
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if xs else float("nan")
 
 
 def main(argv=None):
