@@ -50,6 +50,9 @@ from typing import Any, Callable, Iterable, Sequence
 MMAP_THRESHOLD_BYTES = 65536
 """Value of ``MALLOC_MMAP_THRESHOLD_`` used for memory measurements (performance.md)."""
 
+MIN_REP_SECONDS = 0.2
+"""Shortest timed run: steps shorter than this are timed as runs of consecutive calls."""
+
 _M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 
 
@@ -68,6 +71,7 @@ class PairedTimes:
         capped: True when the time cap stopped the measurement before ``reps`` repetitions.
         elapsed: Wall time spent, warm-up included.
         warmup: ``(baseline, candidate)`` times of the warm-up steps.
+        number: Consecutive calls per timed run (the times above are per call).
     """
 
     baseline: list[float] = field(default_factory=list)
@@ -75,6 +79,7 @@ class PairedTimes:
     capped: bool = False
     elapsed: float = 0.0
     warmup: tuple[float, float] = (float("nan"), float("nan"))
+    number: int = 1
 
     @property
     def reps(self) -> int:
@@ -122,25 +127,36 @@ def _timed(fn: Callable[[], Any], clock: Callable[[], float]) -> float:
     return clock() - t0
 
 
+def _timed_run(fn: Callable[[], Any], number: int, clock: Callable[[], float]) -> float:
+    """Mean time per call of ``number`` consecutive calls."""
+    t0 = clock()
+    for _ in range(number):
+        fn()
+    return (clock() - t0) / number
+
+
 def warm_then_time(
     baseline: Callable[[], Any],
     candidate: Callable[[], Any],
     *,
     reps: int,
     cap_seconds: float,
+    min_rep_seconds: float = 0.0,
 ) -> dict:
     """Calls each step once untimed (compilation or tracing), then :func:`interleaved_times`.
 
-    Returns a JSON-friendly dict: ``ratio``, the upper-median ``plain`` and ``step`` times,
-    ``reps``, ``capped`` and ``warmup_s`` (seconds spent in the untimed first calls).
+    Returns a JSON-friendly dict: ``ratio``, the upper-median ``plain`` and ``step`` times (per
+    call), ``reps``, ``number`` (calls per timed run), ``capped`` and ``warmup_s`` (seconds spent
+    in the untimed first calls).
     """
     t0 = time.perf_counter()
     baseline()
     candidate()
     warmup_s = time.perf_counter() - t0
-    t = interleaved_times(baseline, candidate, reps=reps, cap_seconds=cap_seconds)
+    t = interleaved_times(baseline, candidate, reps=reps, cap_seconds=cap_seconds,
+                          min_rep_seconds=min_rep_seconds)
     return {"ratio": t.ratio, "plain": _upper_median(t.baseline), "step": _upper_median(t.candidate),
-            "reps": t.reps, "capped": t.capped, "warmup_s": warmup_s}
+            "reps": t.reps, "number": t.number, "capped": t.capped, "warmup_s": warmup_s}
 
 
 def _upper_median(xs: Sequence[float]) -> float:
@@ -155,11 +171,16 @@ def interleaved_times(
     reps: int,
     cap_seconds: float,
     warmup: int = 1,
+    min_rep_seconds: float = 0.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> PairedTimes:
     """Times ``baseline`` and ``candidate`` alternately under a time cap.
 
-    Runs ``warmup`` untimed pairs, then up to ``reps`` pairs ``baseline(); candidate()``. Before
+    Runs ``warmup`` untimed pairs, then up to ``reps`` pairs ``baseline(); candidate()``. A step
+    much shorter than ``min_rep_seconds`` (a few-millisecond MLP step) is timed as a run of
+    ``number`` consecutive calls, ``number`` chosen from the last warm-up pair so that each of the
+    two runs lasts about ``min_rep_seconds``; the recorded time is the run's mean per call, so a
+    single scheduler hiccup cannot decide a repetition's ratio. Before
     each repetition the elapsed time plus the remaining repetitions (at the median cost of the
     pairs so far; before the first one, at half the warm-up pair's cost, since a first call may
     pay one-off costs) is compared with ``cap_seconds``; if they cannot fit, it stops and sets
@@ -172,10 +193,12 @@ def interleaved_times(
         reps: Repetitions wanted (≥ 1).
         cap_seconds: Time budget of the whole measurement, warm-up included (> 0).
         warmup: Untimed pairs before the repetitions.
+        min_rep_seconds: Shortest wanted duration of one timed run (0: one call per run).
         clock: Monotonic clock in seconds.
 
     Returns:
-        The paired times (possibly fewer than ``reps`` when capped).
+        The paired times, per call (possibly fewer than ``reps`` when capped); ``number`` is
+        the calls per timed run.
 
     Raises:
         ValueError: If ``reps < 1`` or ``cap_seconds <= 0``.
@@ -189,27 +212,35 @@ def interleaved_times(
         raise ValueError(f"reps must be at least 1; received {reps}. Ask for ≥ 5 for a median.")
     if not cap_seconds > 0:
         raise ValueError(f"cap_seconds must be positive; received {cap_seconds}.")
+    if not min_rep_seconds >= 0:
+        raise ValueError(f"min_rep_seconds must be >= 0; received {min_rep_seconds}.")
     out = PairedTimes()
     start = clock()
     warm_pair = 0.0
+    shortest = float("inf")
     for i in range(warmup):
         tb, tc = _timed(baseline, clock), _timed(candidate, clock)
         if i == 0:
             out.warmup = (tb, tc)
         warm_pair = tb + tc
+        shortest = min(tb, tc)
+    if min_rep_seconds > 0 and 0 < shortest < min_rep_seconds:
+        out.number = max(1, int(min_rep_seconds / shortest))
+        warm_pair *= out.number
+    n = out.number
     while out.reps < reps:
         # all remaining pairs must fit at their median cost so far; before the first repetition,
         # at half the warm-up pair's cost (a first call may pay for caches, plans, lazy imports)
         if out.reps:
             pairs = [b + c for b, c in zip(out.baseline, out.candidate)]
-            needed = statistics.median(pairs) * (reps - out.reps)
+            needed = statistics.median(pairs) * n * (reps - out.reps)
         else:
             needed = warm_pair / 2 * reps
         if clock() - start + needed > cap_seconds:
             out.capped = True
             break
-        out.baseline.append(_timed(baseline, clock))
-        out.candidate.append(_timed(candidate, clock))
+        out.baseline.append(_timed_run(baseline, n, clock))
+        out.candidate.append(_timed_run(candidate, n, clock))
     out.elapsed = clock() - start
     return out
 

@@ -160,7 +160,8 @@ def _steps(name, batch_size, method, seed=0):
 def timing_job(model, batch_size, method, reps, cap_seconds):
     plain, candidate = _steps(model, batch_size, method)
     # the first call of each (compilation) stays outside the timed and capped repetitions
-    return H.warm_then_time(plain, candidate, reps=reps, cap_seconds=cap_seconds)
+    return H.warm_then_time(plain, candidate, reps=reps, cap_seconds=cap_seconds,
+                            min_rep_seconds=H.MIN_REP_SECONDS)
 
 
 def memory_job(model, batch_size, method):
@@ -247,7 +248,9 @@ def main(argv=None):
         f"Command: `{H.command_line()}`" + (" (quick mode)" if args.quick else ""),
         "Ratio = median over interleaved repetitions of (jitted step with G + `fimcore.spectrum`) / (plain "
         "jitted step: value_and_grad of the mean cross-entropy + SGD), float32, compilation excluded. Extra MB: "
-        "peak resident set over three steps minus the set before them, one fresh process per cell.",
+        "peak resident set over three steps minus the set before them, one fresh process per cell. "
+        f"Steps shorter than {H.MIN_REP_SECONDS} s are timed in runs of consecutive calls lasting about "
+        "that long (paired per-call means).",
         H.markdown_table(headers, rows),
         "Exactness in float64: ‖G_factored − G_generic‖_F / ‖G_generic‖_F",
         H.markdown_table(["model", "B", "relative difference"], exact),

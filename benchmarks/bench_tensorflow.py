@@ -123,7 +123,8 @@ def _steps(name, batch_size, method):
 def timing_job(model, batch_size, method, reps, cap_seconds):
     plain, candidate = _steps(model, batch_size, method)
     # the first call of each (tracing) stays outside the timed and capped repetitions
-    return H.warm_then_time(plain, candidate, reps=reps, cap_seconds=cap_seconds)
+    return H.warm_then_time(plain, candidate, reps=reps, cap_seconds=cap_seconds,
+                            min_rep_seconds=H.MIN_REP_SECONDS)
 
 
 def memory_job(model, batch_size, method):
@@ -222,7 +223,9 @@ def main(argv=None):
         "host) / (Keras' own `train_step` under `tf.function`: mean cross-entropy + SGD), float32, "
         "tracing excluded, no XLA. Extra MB: peak resident set over three steps minus the set before "
         "them, one fresh process per cell. Children run with "
-        f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']} (host eigenvalues).",
+        f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']} (host eigenvalues). "
+        f"Steps shorter than {H.MIN_REP_SECONDS} s are timed in runs of consecutive calls lasting about "
+        "that long (paired per-call means).",
         H.markdown_table(headers, rows),
         "Exactness in float64: max |G_registry − G_loop| / max |G_loop| against one GradientTape per sample",
         H.markdown_table(["model", "B", "relative difference"], exact),

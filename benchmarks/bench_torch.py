@@ -352,7 +352,8 @@ def timing_job(model: str, batch_size: int, method: str, reps: int, cap_seconds:
         if not first:
             first.append(None if G is None else G.detach().double().cpu().numpy())
 
-    t = H.interleaved_times(plain, candidate, reps=reps, cap_seconds=cap_seconds)
+    t = H.interleaved_times(plain, candidate, reps=reps, cap_seconds=cap_seconds,
+                            min_rep_seconds=H.MIN_REP_SECONDS)
     rel_err = None
     if first and first[0] is not None and reference is not None:
         rel_err = float(np.linalg.norm(first[0] - reference) / np.linalg.norm(reference))
@@ -548,7 +549,9 @@ def render(results: list[ConfigResult], plain_memory: dict, ref_notes: dict, *, 
             ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".", ""]
     out += ["Time: median over the repetitions of the paired ratio (step with G and its eigenvalues) / "
             "(plain step: forward, mean cross-entropy, backward, SGD), plain and method interleaved in one "
-            "child process per configuration. Memory: extra resident memory of a step (peak over 3 steps "
+            "child process per configuration. "
+            f"Steps shorter than {H.MIN_REP_SECONDS} s are timed in runs of consecutive calls lasting about "
+            "that long (paired per-call means). Memory: extra resident memory of a step (peak over 3 steps "
             "after 2 warm-ups minus the resident set before them) in a fresh child with "
             "`MALLOC_MMAP_THRESHOLD_=65536`; in brackets the ratio to the plain step's extra memory. "
             "Rel. error: ‖G − G_ref‖_F / ‖G_ref‖_F against fimcore's G of a float64 copy of the model "

@@ -65,9 +65,42 @@ def test_interleaved_times_stops_after_warmup_when_the_repetitions_cannot_fit():
     assert t.elapsed == 8.0
 
 
+def test_short_steps_are_timed_in_runs_of_consecutive_calls():
+    clock = FakeClock()
+    calls = {"plain": 0, "method": 0}
+
+    def plain():
+        calls["plain"] += 1
+        clock.now += 0.01
+
+    def method():
+        calls["method"] += 1
+        clock.now += 0.03
+
+    # the shorter warm-up step (10 ms) sets the run length: 0.2 s / 10 ms = 20 calls per run
+    t = H.interleaved_times(plain, method, reps=3, cap_seconds=100.0, min_rep_seconds=0.2, clock=clock)
+    assert t.number == 20
+    assert calls == {"plain": 1 + 3 * 20, "method": 1 + 3 * 20}
+    assert t.baseline == pytest.approx([0.01] * 3) and t.candidate == pytest.approx([0.03] * 3)
+    assert t.ratio == pytest.approx(3.0)
+
+
+def test_the_cap_counts_every_call_of_a_run():
+    clock = FakeClock()
+    # 10 calls per run, so a timed pair costs 0.4 s. Warm-up 0.04 s; 5 pairs at half the scaled
+    # warm-up cost (1.0 s) fit the 2 s cap, so pair 1 runs (to 0.44 s); the 4 left need 1.6 s more
+    # (0.16 s if the cap counted one call per run): 2.04 s > 2 s, so it stops
+    t = H.interleaved_times(clock.step(0.01), clock.step(0.03), reps=5, cap_seconds=2.0,
+                            min_rep_seconds=0.1, clock=clock)
+    assert t.number == 10
+    assert (t.reps, t.capped) == (1, True)
+    assert t.elapsed == pytest.approx(0.44)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(reps=0, cap_seconds=1.0), "reps must be at least 1"),
     (dict(reps=1, cap_seconds=0.0), "cap_seconds must be positive"),
+    (dict(reps=1, cap_seconds=1.0, min_rep_seconds=-1.0), "min_rep_seconds must be >= 0"),
 ])
 def test_interleaved_times_validates_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
