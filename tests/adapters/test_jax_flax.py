@@ -139,9 +139,9 @@ def test_conv_net_matches_loop_and_reports_paths(conv_problem):
     assert float(loss) == pytest.approx(ref_loss, rel=1e-12)
     assert jax.tree_util.tree_structure(grad) == jax.tree_util.tree_structure(variables["params"])
     assert step.report == {
-        "Conv_0": "conv: materialised per-sample kernel gradients",
+        "Conv_0": "conv: materialised per-sample kernel gradients by patches (lax.map)",
         "GroupNorm_0": "norm: per-sample affine",
-        "Conv_1": "conv: materialised per-sample kernel gradients",
+        "Conv_1": "conv: materialised per-sample kernel gradients by patches (lax.map)",
         "LayerNorm_0": "norm: per-sample affine",
         "DenseGeneral_0": "dense_general: materialised (T=3)",
         "Dense_0": "dense: factored (T=1)",
@@ -160,6 +160,43 @@ def test_tokens_shared_weights_fallback_match_loop(token_problem, dense_form):
     if dense_form != "auto":
         assert step.report["Dense_0"] == f"dense: {dense_form} (T=6)"
         assert step.report["Embed_0"] == f"embed: {dense_form} (T=3)"
+
+
+CONV_OPTIONS = [
+    dict(features=4, kernel_size=(3, 3), strides=(2, 1), padding="VALID"),
+    dict(features=6, kernel_size=(2, 3), padding="CIRCULAR", kernel_dilation=(1, 2)),
+    dict(features=4, kernel_size=(3, 3), padding="REFLECT", strides=2),
+    dict(features=6, kernel_size=(3, 1), padding=((0, 2), (1, 0)), feature_group_count=3),
+    dict(features=4, kernel_size=(3,), padding="CAUSAL", kernel_dilation=2, one_d=True),
+    dict(features=4, kernel_size=(2, 2, 2), padding="SAME", strides=(1, 2, 1), three_d=True),
+    dict(features=4, kernel_size=(3, 3), padding=((1, 1), (1, 1)), input_dilation=2),  # vmap path
+    dict(features=4, kernel_size=(3, 3), padding=((-1, 1), (1, 1))),               # vmap path
+]
+
+
+@pytest.mark.parametrize("options", CONV_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_conv_option_matches_the_loop(options):
+    options = dict(options)
+    shape = (5, 9, 3) if options.pop("one_d", False) else (
+        (5, 5, 6, 4, 3) if options.pop("three_d", False) else (5, 7, 8, 3))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = jnp.tanh(nn.Conv(**options, **F64)(x))
+            return nn.Dense(3, **F64)(h.reshape(h.shape[0], -1))
+
+    model = Net()
+    x = jnp.asarray(np.random.default_rng(2).normal(size=shape))
+    y = jnp.arange(5) % 3
+    variables = numpy_init(model, x)
+    step = FlaxGram(model, cross_entropy)
+    _, grad, gram = jax.jit(step)(variables, x, y)
+    _, ref_grad, ref_gram = loop_reference(model, variables, x, y)
+    np.testing.assert_allclose(np.asarray(gram), ref_gram, rtol=1e-10, atol=1e-12 * np.abs(ref_gram).max())
+    np.testing.assert_allclose(flat(grad), ref_grad, rtol=1e-10, atol=1e-13)
+    fallback = "input_dilation" in options or options["padding"] == ((-1, 1), (1, 1))
+    assert step.report["Conv_0"].endswith("vmap of the convolution VJP" if fallback else "patches (lax.map)")
 
 
 def test_factored_matches_generic_path(conv_problem):

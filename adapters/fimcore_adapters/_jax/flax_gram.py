@@ -177,12 +177,14 @@ class FlaxGram:
             block, grads = layers.embed_block(ids, g, num_embeddings=v, form=form, dtype=acc,
                                               param_dtype=module.param_dtype)
             return block, grads, f"embed: {form} (T={t})"
-        per_sample = None
+        per_sample, forms = None, set()
         for c, captured, d in items:
-            ps = _per_sample(c, captured, d, size)
+            ps, form = _per_sample(c, captured, d, size)
+            forms.add(form)
             per_sample = ps if per_sample is None else jax.tree_util.tree_map(jnp.add, per_sample, ps)
         block, grads = layers.materialised_block(per_sample, acc)
-        how = {"conv": "conv: materialised per-sample kernel gradients", "norm": "norm: per-sample affine",
+        how = {"conv": "conv: materialised per-sample kernel gradients by " + " and ".join(sorted(forms - {None})),
+               "norm": "norm: per-sample affine",
                "fallback": "fallback: vmap per-sample VJP of the module"}[kind]
         return block, grads, how
 
@@ -213,7 +215,7 @@ def _dense_operands(call, x, d, size):
 
 
 def _per_sample(call, captured, deltas, size):
-    """Per-sample gradients (leading axis B) of one conv / norm / fallback call."""
+    """Per-sample gradients (leading axis B) of one conv / norm / fallback call, and how (conv)."""
     module = call.module
     if call.kind == "norm":
         (d,) = deltas
@@ -224,20 +226,25 @@ def _per_sample(call, captured, deltas, size):
             out["scale"] = jnp.sum(captured.astype(d.dtype) * d, axis=reduce)
         if getattr(module, "use_bias", False):
             out["bias"] = jnp.sum(d, axis=reduce)
-        return out
+        return out, None
     if call.kind == "conv":
         (d,) = deltas
         kernel = nn.meta.unbox(module.variables["params"]["kernel"])
-        plain = module.clone(parent=None, use_bias=False)
+        per_sample = layers.conv_kernel_per_sample(module, captured, d)
+        form = "patches (lax.map)"
+        if per_sample is None:
+            form = "vmap of the convolution VJP"
+            plain = module.clone(parent=None, use_bias=False)
 
-        def one(x_i, d_i):
-            f = lambda k: plain.apply({"params": {"kernel": k}}, x_i[None])
-            return jax.vjp(f, kernel)[1](d_i[None])[0]
+            def one(x_i, d_i):
+                f = lambda k: plain.apply({"params": {"kernel": k}}, x_i[None])
+                return jax.vjp(f, kernel)[1](d_i[None])[0]
 
-        out = {"kernel": jax.vmap(one)(captured, d)}
+            per_sample = jax.vmap(one)(captured, d)
+        out = {"kernel": per_sample.astype(kernel.dtype)}
         if module.use_bias:
             out["bias"] = jnp.sum(d, axis=tuple(range(1, d.ndim - 1)))
-        return out
+        return out, form
     # fallback: VJP of the module alone with respect to its own parameters, one sample at a time
     st = call.static
     array_leaves, others = captured
@@ -259,7 +266,7 @@ def _per_sample(call, captured, deltas, size):
 
         return jax.vjp(f, direct)[1]([x[None] for x in d_list])[0]
 
-    return jax.vmap(one, in_axes=(0, *in_axes))(list(deltas), *array_leaves)
+    return jax.vmap(one, in_axes=(0, *in_axes))(list(deltas), *array_leaves), None
 
 
 def _expand(is_array, in_axes):
