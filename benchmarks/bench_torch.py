@@ -17,6 +17,7 @@ step that also yields G and its eigenvalues (``fimcore.spectrum``):
 * ``fimcore`` — :class:`fimcore_adapters.torch.GramRecorder` around the ordinary forward and
   backward, strategy ``auto`` (and, on ResNet-20 BN and the MLP, each forced strategy:
   ``factored``, ``materialize``, ``generic``);
+* ``fimcore-noeig`` — the same auto recorder without the eigenvalue step: the cost of G alone;
 * ``torch.func`` — ``vmap(grad)`` over single samples, then G; its BatchNorm layers normalise
   each sample with its own statistics (``replace_all_batch_norm_modules_``), which changes G;
 * ``backpack`` — BackPACK ``BatchGrad``, then G (GroupNorm/LayerNorm have no BackPACK extension:
@@ -53,6 +54,7 @@ from benchmarks._torch_models import MODEL_LABELS, MODEL_NAMES
 
 METHOD_LABELS = {
     "fimcore": "fimcore `GramRecorder` (auto)",
+    "fimcore-noeig": "fimcore `GramRecorder` (auto), G without its eigenvalues",
     "fimcore-factored": "fimcore (strategy=\"factored\")",
     "fimcore-materialize": "fimcore (strategy=\"materialize\")",
     "fimcore-generic": "fimcore (strategy=\"generic\")",
@@ -173,7 +175,7 @@ def _sum_of_grams(per_sample: list, scale: float = 1.0):
     return G if scale == 1.0 else G.mul_(scale)
 
 
-def _fimcore_step(model, x, y, strategy: str, notes: list):
+def _fimcore_step(model, x, y, strategy: str, notes: list, eigenvalues: bool = True):
     import torch.nn.functional as F
     from fimcore_adapters.torch import GramRecorder
 
@@ -185,9 +187,10 @@ def _fimcore_step(model, x, y, strategy: str, notes: list):
         with recorder:
             F.cross_entropy(model(x), y).backward()
         G = recorder.gram()
-        _spectrum(G)
+        if eigenvalues:
+            _spectrum(G)
         opt.step()
-        if not notes and strategy == "auto":
+        if not notes and strategy == "auto" and eigenvalues:
             notes.append(str(recorder.report()))
         return G
 
@@ -304,6 +307,8 @@ def method_step(method: str, model, x, y, *, seed: int = 0, notes: list | None =
     notes = [] if notes is None else notes
     if method == "plain":
         return plain_step(model, x, y)
+    if method == "fimcore-noeig":
+        return _fimcore_step(model, x, y, "auto", notes, eigenvalues=False)
     if method.startswith("fimcore"):
         return _fimcore_step(model, x, y, method.partition("-")[2] or "auto", notes)
     if method == "torch.func":
@@ -561,16 +566,19 @@ def render(results: list[ConfigResult], plain_memory: dict, ref_notes: dict, *, 
         out += ["## Targets of issue 3 (fimcore, strategy auto)", ""]
         rows = []
         for r in targeted:
-            base = {x.method: _time_cell(x) for x in results
-                    if (x.model, x.batch_size) == (r.model, r.batch_size)
-                    and x.method in ("torch.func", "backpack", "opacus")}
+            same = [x for x in results if (x.model, x.batch_size) == (r.model, r.batch_size)]
+            base = {x.method: _time_cell(x) for x in same if x.method in ("torch.func", "backpack", "opacus")}
+            g_only = next((x for x in same if x.method == "fimcore-noeig"), None)
+            g_cell = "–" if g_only is None else _time_cell(g_only) + (
+                f" {_mark(g_only.ratio <= TIME_TARGETS[r.model])}" if g_only.status == "ok" else "")
             rows.append([MODEL_LABELS[r.model], r.batch_size, f"≤ {TIME_TARGETS[r.model]}×", _time_cell(r),
-                         _mark(None if r.status != "ok" else r.ratio <= TIME_TARGETS[r.model]),
+                         _mark(None if r.status != "ok" else r.ratio <= TIME_TARGETS[r.model]), g_cell,
                          _mem_cell(r), f"{r.plain_mem_mb:.0f} MB" if r.plain_mem_mb is not None else "–",
                          _mark(_mem_ok(r.mem_mb, r.plain_mem_mb)),
                          "; ".join(f"{k} {v}" for k, v in base.items()),
                          PERFORMANCE_MD_B128.get(r.model, "") if r.batch_size == 128 else ""])
-        out += [H.markdown_table(["model", "B", "time target", "fimcore (auto)", "time met", "extra memory",
+        out += [H.markdown_table(["model", "B", "time target", "fimcore (auto), G + eigenvalues", "time met",
+                                  "G alone (no eigenvalues)", "extra memory",
                                   "plain step's", "memory ≤ 1.3× (or +50 MB) met", "baselines in this run",
                                   "baselines in performance.md (B = 128)"], rows), ""]
     for model in dict.fromkeys(r.model for r in results):

@@ -95,10 +95,10 @@ class LinearUnit(Unit):
         m = self.module
         B = x.shape[0]
         d_in, d_out = m.in_features, m.out_features
-        A = x.reshape(B, -1, d_in)
-        G = go.reshape(B, -1, d_out)
+        A = x.reshape(B, -1, d_in) if x.dim() != 3 else x
+        G = go.reshape(B, -1, d_out) if go.dim() != 3 else go
         T = A.shape[1]
-        w_sel, b_sel = self.is_selected(m.weight), self.is_selected(m.bias)
+        w_sel, b_sel = self.w_sel, self.b_sel
         multi = rec._multi_use(self)
         path, reason = choose(self.strategy, B, T, d_in if w_sel else 0, d_out,
                               d_in * d_out if w_sel else 0)
@@ -242,7 +242,7 @@ class ConvUnit(Unit):
         spec = self.spec
         B = x.shape[0]
         T = go[0, 0].numel()
-        w_sel, b_sel = self.is_selected(m.weight), self.is_selected(m.bias)
+        w_sel, b_sel = self.w_sel, self.b_sel
         multi = rec._multi_use(self)
         d_a = spec.in_channels * spec.kernel_numel
         p_w = m.weight.numel() if w_sel else 0

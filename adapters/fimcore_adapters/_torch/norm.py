@@ -160,7 +160,7 @@ class NormUnit(Unit):
         m = self.module
         xr, mean, invstd = ctx
         B = xr.shape[0]
-        w_sel, b_sel = self.is_selected(m.weight), self.is_selected(getattr(m, "bias", None))
+        w_sel, b_sel = self.w_sel, self.b_sel
         with torch.no_grad():
             gr = g.reshape(xr.shape)
             blocks = []

@@ -51,6 +51,10 @@ class Unit:
         self.strategy = strategy
         n_sel = sum(p.numel() for _, p in self.params if id(p) in self.selected)
         self.record = LayerRecord(name=name, module=type(module).__name__, params=n_sel)
+        # whether the module's own ``weight`` / ``bias`` enter G (fixed at construction, read on
+        # every backward)
+        self.w_sel = self.is_selected(getattr(module, "weight", None))
+        self.b_sel = self.is_selected(getattr(module, "bias", None))
         self.calls = 0
         self.bw_calls = 0
 
