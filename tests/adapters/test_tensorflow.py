@@ -203,6 +203,43 @@ def test_float64_accumulation_of_a_float32_model():
     np.testing.assert_allclose(g64, g32, rtol=1e-4, atol=1e-5 * np.abs(g64).max())
 
 
+GROUPED_CASES = [
+    dict(rank=2, filters=6, kernel_size=3, strides=2, padding="same"),
+    dict(rank=2, filters=6, kernel_size=(2, 3), strides=(1, 2), padding="valid", groups=2),
+    dict(rank=1, filters=4, kernel_size=3, strides=2, padding="valid"),
+    dict(rank=1, filters=4, kernel_size=3, padding="causal"),
+]
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_float32_convolutions_take_the_grouped_filter_gradient_and_match_the_loop(case, monkeypatch):
+    """float32 1-D/2-D convolutions use one grouped filter gradient over the batch (no float64
+    CPU kernel exists for it, so the float64 tests above run the unfold): checked against the
+    float64 loop on the same weights, within float32 rounding."""
+    from fimcore_adapters._tensorflow import _conv
+
+    case = dict(case)
+    rank = case.pop("rank")
+    layer_cls = keras.layers.Conv2D if rank == 2 else keras.layers.Conv1D
+    shape = (7, 6, 4) if rank == 2 else (9, 4)
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(5,) + shape), rng.integers(0, 3, 5)
+
+    def build(dtype):
+        return _seq(shape, layer_cls(**case, activation="tanh", dtype=dtype), keras.layers.Flatten(dtype=dtype),
+                    keras.layers.Dense(3, dtype=dtype), dtype=dtype)
+
+    m32, m64 = build("float32"), build("float64")
+    m64.set_weights([w.astype(np.float64) for w in m32.get_weights()])
+    calls = []
+    real = _conv.grouped_kernel_grads
+    monkeypatch.setattr(_conv, "grouped_kernel_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gram = per_sample_gram(m32, xent(), x.astype(np.float32), y)
+    assert calls, "the float32 convolution did not take the grouped filter gradient"
+    expected = loop_gram(m64, x, y)
+    assert_close(gram, expected, rtol=1e-5)
+
+
 def test_layers_filter_restricts_the_gram(models):
     model, x, y = models["mlp"]
     first = model.layers[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -164,49 +166,63 @@ class ConvRule(LayerRule):
         out = layer.activation(y) if layer.activation is not None else y
         return out, {"a": x, "padding": padding, "watch": [y]}
 
-    def _factors(self, layer, capture, deltas):
+    @staticmethod
+    def _channels_last(layer, capture, deltas):
         x, g = capture["a"], deltas[0]
         if layer.data_format == "channels_first":
             perm = [0, *range(2, layer.rank + 2), 1]
             x, g = tf.transpose(x, perm), tf.transpose(g, perm)
+        return x, g
+
+    @staticmethod
+    def _patches(layer, x, g, padding):
         out_shape = [g.shape[i + 1] if g.shape[i + 1] is not None else tf.shape(g)[i + 1]
                      for i in range(layer.rank)]
-        patches = _conv.unfold(x, out_shape=out_shape, kernel_size=tuple(layer.kernel_size),
-                               strides=tuple(layer.strides),
-                               dilation_rate=tuple(layer.dilation_rate), padding=capture["padding"])
-        g = tf.reshape(g, tf.stack([tf.shape(g)[0], -1, g.shape[-1]]))
-        return patches, g
+        return _conv.unfold(x, out_shape=out_shape, kernel_size=tuple(layer.kernel_size),
+                            strides=tuple(layer.strides),
+                            dilation_rate=tuple(layer.dilation_rate), padding=padding)
 
-    def per_sample(self, layer, capture, deltas):
-        patches, g = self._factors(layer, capture, deltas)
+    def _blocks(self, layer, capture, deltas):
+        """Per-sample kernel gradients (grouped filter gradient or unfold) and bias rows."""
+        x, g = self._channels_last(layer, capture, deltas)
         blocks = []
         if layer.kernel.trainable:
-            blocks.append(_conv.per_sample_kernel_grads(
-                patches, g, groups=layer.groups, kernel_shape=list(layer.kernel.shape)))
+            kernel_shape = list(layer.kernel.shape)
+            if _conv.grouped_applies(x, rank=layer.rank, dilation_rate=tuple(layer.dilation_rate)):
+                blocks.append(_conv.grouped_kernel_grads(
+                    x, g, kernel_size=layer.kernel_size, strides=layer.strides,
+                    padding=capture["padding"], groups=layer.groups, kernel_shape=kernel_shape))
+            else:
+                g_rows = tf.reshape(g, tf.stack([tf.shape(g)[0], -1, g.shape[-1]]))
+                blocks.append(_conv.per_sample_kernel_grads(
+                    self._patches(layer, x, g, capture["padding"]), g_rows, groups=layer.groups, kernel_shape=kernel_shape))
         if layer.bias is not None and layer.bias.trainable:
-            blocks.append(tf.reduce_sum(g, axis=1))
+            blocks.append(tf.reduce_sum(tf.reshape(g, tf.stack([tf.shape(g)[0], -1, g.shape[-1]])), axis=1))
         return blocks
 
+    def per_sample(self, layer, capture, deltas):
+        return self._blocks(layer, capture, deltas)
+
     def gram_and_grads(self, layer, capture, deltas):
-        patches, g = self._factors(layer, capture, deltas)
-        positions, k, c_in = patches.shape[1], patches.shape[2], patches.shape[3]
+        x, g = self._channels_last(layer, capture, deltas)
+        positions = 1
+        for n in g.shape[1:-1]:
+            positions = None if n is None or positions is None else positions * n
+        d_a = x.shape[-1] * math.prod(layer.kernel_size)
         all_trainable = layer.kernel.trainable and (layer.bias is None or layer.bias.trainable)
-        batch = patches.shape[0] or 128
+        batch = g.shape[0] or 128
         if (layer.groups == 1 and all_trainable and positions is not None
-                and _linalg.factored_cost(batch, positions, k * c_in, layer.filters)
-                < _linalg.materialised_cost(batch, positions, k * c_in, layer.filters)):
-            a = tf.reshape(patches, tf.stack([tf.shape(patches)[0], -1, k * c_in]))
+                and _linalg.factored_cost(batch, positions, d_a, layer.filters)
+                < _linalg.materialised_cost(batch, positions, d_a, layer.filters)):
+            patches = self._patches(layer, x, g, capture["padding"])
+            a = tf.reshape(patches, tf.stack([tf.shape(patches)[0], -1, d_a]))
+            g = tf.reshape(g, tf.stack([tf.shape(g)[0], -1, g.shape[-1]]))
             gram = _linalg.factored_gram(a, g, bias=layer.bias is not None)
             grads = [tf.reshape(tf.einsum("btd,bto->do", a, g), layer.kernel.shape)]
             if layer.bias is not None:
                 grads.append(tf.reduce_sum(g, axis=[0, 1]))
             return gram, grads, "factored"
-        blocks = []
-        if layer.kernel.trainable:
-            blocks.append(_conv.per_sample_kernel_grads(
-                patches, g, groups=layer.groups, kernel_shape=list(layer.kernel.shape)))
-        if layer.bias is not None and layer.bias.trainable:
-            blocks.append(tf.reduce_sum(g, axis=1))
+        blocks = self._blocks(layer, capture, deltas)
         rows = tf.concat([_linalg.flat_rows(b) for b in blocks], axis=1)
         return _linalg.gram_of_rows(rows), [tf.reduce_sum(b, axis=0) for b in blocks], "materialised"
 
