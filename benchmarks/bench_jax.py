@@ -13,10 +13,11 @@ shortcuts, as ``reference_training.models``). The plain step is ``jax.jit`` of
 
 * ``factored`` — :class:`fimcore_adapters.jax.FlaxGram` (layer-factored/materialised per layer)
   inside the same jitted step;
+* ``factored-noeig`` — the same step without the eigenvalue call: the cost of G alone;
 * ``generic`` — :func:`fimcore_adapters.jax.value_grad_and_gram` (``vmap(grad)`` of the
   per-example loss, leaf-wise ``J_l J_lᵀ``) inside the jitted step.
 
-Both then take the eigenvalues of G with ``fimcore.spectrum`` (float64, on the host), as the
+The measured steps (except ``factored-noeig``) then take the eigenvalues of G with ``fimcore.spectrum`` (float64, on the host), as the
 PyTorch benchmark does. Timing: plain and method interleaved in one child process after a warm-up
 (compilation excluded), median of paired ratios. Memory: a fresh child per configuration
 (``benchmarks._harness.step_memory``: peak resident set over three steps minus the set before).
@@ -38,6 +39,7 @@ from benchmarks import _harness as H
 MODELS = {"mlp": "MLP 784-512-256-10", "cnn": "small CNN (3 conv + dense, 3×32×32)",
           "resnet20-gn": "ResNet-20, GroupNorm"}
 METHODS = {"factored": "fimcore `FlaxGram` (layer-factored)",
+           "factored-noeig": "fimcore `FlaxGram`, G without its eigenvalues",
            "generic": "fimcore `value_grad_and_gram` (vmap(grad))"}
 TARGET = 1.5  # step-with-Gram / plain step at B = 128 (issue 5)
 
@@ -129,7 +131,7 @@ def _steps(name, batch_size, method, seed=0):
         loss, g = jax.value_and_grad(lambda q: jnp.mean(losses(model.apply({"params": q}, x), y)))(p)
         return sgd(p, g), loss
 
-    if method == "factored":
+    if method.startswith("factored"):
         fg = FlaxGram(model, losses, check_finite=False)
 
         @jax.jit
@@ -152,7 +154,10 @@ def _steps(name, batch_size, method, seed=0):
 
     def candidate():
         _, _, gram = gram_step(params, x, y)
-        fimcore.spectrum(np.asarray(gram, dtype=np.float64))
+        if method.endswith("-noeig"):
+            jax.block_until_ready(gram)
+        else:
+            fimcore.spectrum(np.asarray(gram, dtype=np.float64))
 
     return plain, candidate
 
@@ -214,7 +219,7 @@ def main(argv=None):
         for b in sizes:
             mem = {}
             if not args.quick:
-                for method in ("plain", *METHODS):
+                for method in ("plain", *(m for m in METHODS if not m.endswith("-noeig"))):
                     r = runner.run("benchmarks.bench_jax:memory_job", dict(model=model, batch_size=b, method=method),
                                    timeout=600, memory=True)
                     mem[method] = r.value["extra_mb"] if r.status == "ok" else None
