@@ -170,7 +170,7 @@ def test_convolution_options(case):
     x = torch.randn(B, 4, *dims, dtype=torch.float64)
     model(x.float())                                   # materialise the lazy layer
     y = torch.randint(0, 3, (B,))
-    for method in ("grouped", "unfold"):
+    for method in ("grouped", "unfold", "channels_last"):
         check_against_loop(model, x, y, F.cross_entropy, ce_sum,
                            strategies=["factored", "materialize"], conv_method=method)
     check_against_loop(model, x, y, F.cross_entropy, ce_sum, strategies=["auto"])
@@ -182,8 +182,9 @@ def test_cnn_with_memory_budget_chunks():
     x = torch.randn(B, 3, 7, 7, dtype=torch.float64)
     y = torch.randint(0, 3, (B,))
     # 2 kB forces several chunks per layer (output channels; samples for the factored form)
-    check_against_loop(model, x, y, F.cross_entropy, ce_sum, strategies=["auto", "materialize", "factored"],
-                       memory_budget=2048)
+    for method in ("auto", "channels_last"):   # channels-last chunks the ungrouped layer's output channels
+        check_against_loop(model, x, y, F.cross_entropy, ce_sum, strategies=["auto", "materialize", "factored"],
+                           memory_budget=2048, conv_method=method)
 
 
 # ---------------------------------------------------------------- norm layers
@@ -417,7 +418,7 @@ def test_float64_accumulation_of_a_float32_model():
     assert G.dtype == torch.float64 and rec.grad_dtype == torch.float32
 
 
-@pytest.mark.parametrize("method", ["grouped", "unfold"])
+@pytest.mark.parametrize("method", ["grouped", "unfold", "channels_last"])
 def test_convolution_called_twice_per_forward(method):
     class Twice(nn.Module):
         def __init__(self):

@@ -35,7 +35,7 @@ def conv_configs(draw):
         padding = 1
     size = draw(st.integers(dilation * (k - 1) + 2, 7))
     bias = draw(st.booleans())
-    method = draw(st.sampled_from(["grouped", "unfold"]))
+    method = draw(st.sampled_from(["grouped", "unfold", "channels_last"]))
     strategy = draw(st.sampled_from(["auto", "factored", "materialize"]))
     batch = draw(st.integers(1, 4))
     return dict(dim=dim, groups=groups, c_in=c_in, c_out=c_out, k=k, stride=stride, dilation=dilation,

@@ -16,6 +16,7 @@ from .units import build_units
 __all__ = ["GramRecorder"]
 
 _REDUCTIONS = ("mean", "sum")
+CONV_METHODS = ("auto", "grouped", "unfold", "channels_last")
 
 
 class _Step:
@@ -75,7 +76,9 @@ class GramRecorder:
             into chunks of output channels (or samples, for the factored form).
         conv_method: how per-sample convolution weight gradients are formed: ``"auto"`` (time the
             candidates once per layer shape and cache), ``"grouped"`` (one convolution backward
-            with groups = B) or ``"unfold"`` (strided-view unfold + batched GEMM).
+            with groups = B), ``"unfold"`` (strided-view unfold + batched GEMM) or
+            ``"channels_last"`` (patches of a channels-last copy + batched GEMM; layers without
+            channel groups, others use ``"unfold"``).
         check_uses: ``"first"`` (default) watches, during the first measured step, every torch
             call for a selected parameter used with gradients outside the forward of the module
             that covers it (tied weights applied through a function, a penalty term in the loss),
@@ -126,8 +129,8 @@ class GramRecorder:
             raise ValueError(f"memory_budget must be None or a positive number of bytes; received {memory_budget!r}")
         if check_uses not in ("first", "always"):
             raise ValueError(f"check_uses must be 'first' or 'always'; received {check_uses!r}")
-        if conv_method not in ("auto", "grouped", "unfold"):
-            raise ValueError(f"conv_method must be 'auto', 'grouped' or 'unfold'; received {conv_method!r}")
+        if conv_method not in CONV_METHODS:
+            raise ValueError(f"conv_method must be one of {CONV_METHODS}; received {conv_method!r}")
         self.model = model
         self.loss_reduction = loss_reduction
         self.dtype = dtype
