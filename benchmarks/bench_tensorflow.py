@@ -12,12 +12,13 @@ pool, dense head, 32×32×3 inputs, channels last). The plain step is Keras' own
 
 * ``registry`` — :class:`fimcore_adapters.tensorflow.GramModel` (``every=1``): the same step under
   a ``GramTape`` (factored dense layers, materialised per-layer conv gradients), one backward;
+* ``registry-noeig`` — the same without the eigenvalue call: the cost of G alone;
 * ``generic`` — the same with ``mode="generic"``: every layer through the exact per-layer
   ``GradientTape.jacobian`` (pfor) fallback;
 * ``vectorized_map`` — what users can do today: ``tf.vectorized_map`` of the single-sample
   gradient, ``J Jᵀ`` over the concatenated per-sample gradients, SGD from their mean.
 
-Each then takes the eigenvalues of G on the host with ``fimcore.spectrum`` (float64). Timing:
+Each (but ``registry-noeig``) then takes the eigenvalues of G on the host with ``fimcore.spectrum`` (float64). Timing:
 plain and method interleaved in one child process after a warm-up (tracing excluded), median of
 paired ratios. Memory: a fresh child per configuration (``benchmarks._harness.step_memory``: peak
 resident set over three steps minus the set before them).
@@ -33,6 +34,7 @@ from benchmarks import _harness as H
 
 MODELS = {"mlp": "MLP 784-512-256-10", "cnn": "small CNN (3 conv + dense, 32×32×3)"}
 METHODS = {"registry": "fimcore `GramModel` (layer registry)",
+           "registry-noeig": "fimcore `GramModel`, G without its eigenvalues",
            "generic": "fimcore `GramModel(mode='generic')` (per-layer jacobian)",
            "vectorized_map": "`tf.vectorized_map` per-sample grads + JJᵀ"}
 TARGET = 1.5  # step-with-Gram / plain step at B = 128 (issue 6)
@@ -84,14 +86,16 @@ def _steps(name, batch_size, method):
         logs = plain_step(data)
         float(logs["loss"])
 
-    if method in ("registry", "generic"):
-        model = GramModel(build(name), every=1, mode=method)
+    if method in ("registry", "registry-noeig", "generic"):
+        model = GramModel(build(name), every=1, mode=method.partition("-")[0])
         model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss(), jit_compile=False)
         step = tf.function(model.train_step)
 
         def candidate():
             logs = step(data)
-            fimcore.spectrum(np.asarray(logs["fimcore_gram"]))
+            gram = np.asarray(logs["fimcore_gram"])
+            if not method.endswith("-noeig"):
+                fimcore.spectrum(gram)
 
         return plain, candidate
 
@@ -182,7 +186,7 @@ def main(argv=None):
         for b in sizes:
             mem = {}
             if memory:
-                for method in ("plain", *args.methods):
+                for method in ("plain", *(m for m in args.methods if not m.endswith("-noeig"))):
                     r = runner.run("benchmarks.bench_tensorflow:memory_job",
                                    dict(model=model, batch_size=b, method=method), timeout=900, memory=True)
                     mem[method] = r.value["extra_mb"] if r.status == "ok" else None
@@ -198,7 +202,7 @@ def main(argv=None):
                     continue
                 v = r.value
                 mark = ""
-                if b == 128 and method == "registry":
+                if b == 128 and method.startswith("registry"):
                     mark = " ✓" if v["ratio"] <= TARGET else " ✗"
                 m = mem.get(method)
                 rows.append([MODELS[model], b, METHODS[method], H.fmt_ms(v["plain"]), H.fmt_ms(v["step"]),
