@@ -178,9 +178,10 @@ def interleaved_times(
 
     Runs ``warmup`` untimed pairs, then up to ``reps`` pairs ``baseline(); candidate()``. A step
     much shorter than ``min_rep_seconds`` (a few-millisecond MLP step) is timed as a run of
-    ``number`` consecutive calls, ``number`` chosen from the last warm-up pair so that each of the
-    two runs lasts about ``min_rep_seconds``; the recorded time is the run's mean per call, so a
-    single scheduler hiccup cannot decide a repetition's ratio. Before
+    ``number`` consecutive calls, ``number`` chosen from the last warm-up pair so that the longer
+    of the two runs lasts about ``min_rep_seconds`` (a 1 ms step beside a 300 ms one is not
+    repeated: that would repeat the long one too); the recorded time is the run's mean per call,
+    so a single scheduler hiccup cannot decide a repetition's ratio. Before
     each repetition the elapsed time plus the remaining repetitions (at the median cost of the
     pairs so far; before the first one, at half the warm-up pair's cost, since a first call may
     pay one-off costs) is compared with ``cap_seconds``; if they cannot fit, it stops and sets
@@ -217,15 +218,15 @@ def interleaved_times(
     out = PairedTimes()
     start = clock()
     warm_pair = 0.0
-    shortest = float("inf")
+    longest = float("inf")
     for i in range(warmup):
         tb, tc = _timed(baseline, clock), _timed(candidate, clock)
         if i == 0:
             out.warmup = (tb, tc)
         warm_pair = tb + tc
-        shortest = min(tb, tc)
-    if min_rep_seconds > 0 and 0 < shortest < min_rep_seconds:
-        out.number = max(1, int(min_rep_seconds / shortest))
+        longest = max(tb, tc)
+    if min_rep_seconds > 0 and 0 < longest < min_rep_seconds:
+        out.number = max(1, int(min_rep_seconds / longest))
         warm_pair *= out.number
     n = out.number
     while out.reps < reps:

@@ -77,24 +77,31 @@ def test_short_steps_are_timed_in_runs_of_consecutive_calls():
         calls["method"] += 1
         clock.now += 0.03
 
-    # the shorter warm-up step (10 ms) sets the run length: 0.2 s / 10 ms = 20 calls per run
+    # the longer warm-up step (30 ms) sets the run length: 0.2 s / 30 ms -> 6 calls per run
     t = H.interleaved_times(plain, method, reps=3, cap_seconds=100.0, min_rep_seconds=0.2, clock=clock)
-    assert t.number == 20
-    assert calls == {"plain": 1 + 3 * 20, "method": 1 + 3 * 20}
+    assert t.number == 6
+    assert calls == {"plain": 1 + 3 * 6, "method": 1 + 3 * 6}
     assert t.baseline == pytest.approx([0.01] * 3) and t.candidate == pytest.approx([0.03] * 3)
     assert t.ratio == pytest.approx(3.0)
 
 
+def test_a_short_step_beside_a_long_one_is_not_repeated():
+    clock = FakeClock()
+    t = H.interleaved_times(clock.step(0.3), clock.step(0.001), reps=3, cap_seconds=100.0,
+                            min_rep_seconds=0.2, clock=clock)
+    assert t.number == 1 and t.reps == 3
+
+
 def test_the_cap_counts_every_call_of_a_run():
     clock = FakeClock()
-    # 10 calls per run, so a timed pair costs 0.4 s. Warm-up 0.04 s; 5 pairs at half the scaled
-    # warm-up cost (1.0 s) fit the 2 s cap, so pair 1 runs (to 0.44 s); the 4 left need 1.6 s more
-    # (0.16 s if the cap counted one call per run): 2.04 s > 2 s, so it stops
-    t = H.interleaved_times(clock.step(0.01), clock.step(0.03), reps=5, cap_seconds=2.0,
+    # 0.1 s / 10 ms -> 10 calls per run, so a timed pair costs 0.2 s. Warm-up 0.02 s; 5 pairs at
+    # half the scaled warm-up cost (0.5 s) fit the 0.8 s cap, so pair 1 runs (to 0.22 s); the 4
+    # left need 0.8 s more (0.08 s if the cap counted one call per run): 1.02 s > 0.8 s, it stops
+    t = H.interleaved_times(clock.step(0.01), clock.step(0.01), reps=5, cap_seconds=0.8,
                             min_rep_seconds=0.1, clock=clock)
     assert t.number == 10
     assert (t.reps, t.capped) == (1, True)
-    assert t.elapsed == pytest.approx(0.44)
+    assert t.elapsed == pytest.approx(0.22)
 
 
 @pytest.mark.parametrize("kwargs, match", [
