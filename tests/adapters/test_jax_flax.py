@@ -199,6 +199,26 @@ def test_every_conv_option_matches_the_loop(options):
     assert step.report["Conv_0"].endswith("vmap of the convolution VJP" if fallback else "patches (lax.map)")
 
 
+@pytest.mark.parametrize("over_samples", ["map", "vmap"])
+def test_per_sample_conv_kernels_both_loop_forms_match_the_vjp(over_samples):
+    """The patches form, looped (CPU) or batched (accelerators), against jax.vjp per sample."""
+    from fimcore_adapters._jax.flax_layers import conv_kernel_per_sample
+
+    conv = nn.Conv(6, (3, 2), strides=(2, 1), padding="SAME", feature_group_count=2, **F64)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(3, 7, 6, 4)))
+    variables = numpy_init(conv, x)
+    out = conv.apply(variables, x)
+    g = jnp.asarray(rng.normal(size=out.shape))
+    got = conv_kernel_per_sample(conv, x, g, over_samples=over_samples)
+    for i in range(3):
+        ref = jax.vjp(lambda k: conv.apply({"params": {**variables["params"], "kernel": k}}, x[i:i + 1]),
+                      variables["params"]["kernel"])[1](g[i:i + 1])[0]
+        np.testing.assert_allclose(np.asarray(got[i]), np.asarray(ref), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="over_samples must be"):
+        conv_kernel_per_sample(conv, x, g, over_samples="scan")
+
+
 def test_factored_matches_generic_path(conv_problem):
     model, variables, x, y = conv_problem
     g_fact = jax.jit(lambda v, x_, y_: flax_per_sample_gram(model, cross_entropy, v, x_, y_))(variables, x, y)

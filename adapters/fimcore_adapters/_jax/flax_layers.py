@@ -158,19 +158,22 @@ def _explicit_conv_padding(x, padding, kernel_size, strides, dilation):
     return x, pad
 
 
-def conv_kernel_per_sample(module, x, g):
+def conv_kernel_per_sample(module, x, g, *, over_samples="auto"):
     """Per-sample kernel gradients (B, *kernel_size, C/groups, O) of a ``flax.linen.Conv`` call.
 
     Sample i's gradient is ``Σ_t P_i[t]ᵀ g_i[t]``, with ``P_i`` its input patches (T positions ×
-    kernel offsets × channels) taken by strided slices of the padded input. The samples go through
-    ``lax.map`` one plain matrix product each: on CPU this runs at about the speed of XLA's own
+    kernel offsets × channels) taken by strided slices of the padded input. On CPU the samples go
+    through ``lax.map``, one plain matrix product each: this runs at about the speed of XLA's own
     batch kernel gradient, where ``vmap`` of the convolution's VJP (a convolution grouped over
-    the batch) was 2–10× slower (``benchmarks/bench_jax.py``).
+    the batch) was 2–10× slower (``benchmarks/bench_jax.py``). On accelerators, where a loop of
+    B small products would leave the device idle, the same body is ``vmap``-ed into one batched
+    product.
 
     Args:
         module: the bound or unbound ``nn.Conv`` (its strides, padding, dilations, groups).
         x: the call's input, (B, *spatial, C) (one batch axis).
         g: the cotangent at the call's output, (B, *out_spatial, O).
+        over_samples: ``"map"``, ``"vmap"`` or ``"auto"`` (``"map"`` on the CPU backend).
 
     Returns:
         The per-sample kernel gradients, or None where this form does not apply (input
@@ -215,5 +218,9 @@ def conv_kernel_per_sample(module, x, g):
                                precision=module.precision)
         return per_group.reshape(len(cols) * (c_in // groups), c_out)
 
-    per_sample = lax.map(one, (x, g))
+    if over_samples == "auto":
+        over_samples = "map" if jax.default_backend() == "cpu" else "vmap"
+    if over_samples not in ("map", "vmap"):
+        raise ValueError(f"over_samples must be 'auto', 'map' or 'vmap'; received {over_samples!r}.")
+    per_sample = lax.map(one, (x, g)) if over_samples == "map" else jax.vmap(one)((x, g))
     return per_sample.reshape((x.shape[0],) + kernel_size + (c_in // groups, c_out))
