@@ -19,8 +19,11 @@ ORDER = ("torch", "torch_large", "torch_large_densenet_b128", "jax", "tensorflow
 HEADER = """# Benchmark results
 
 Every table below was produced by the command printed with it, on the machine it names.
-Ratios are a training step that also yields the per-sample Gram G = J Jᵀ (and its eigenvalues)
-divided by the plain training step of the same framework, measured interleaved in one process.
+Ratios are a training step that also yields the per-sample Gram G = J Jᵀ (and its eigenvalues,
+except in the rows marked "G without its eigenvalues") divided by the plain training step of the same
+framework, measured interleaved in one process. `torch_large_densenet_b128` re-measures the DenseNet-110
+B = 128 rows that `torch_large` reports as skipped (its first step, before a cheaper conv-method probe,
+exceeded the cap).
 Speed and memory are measured here and never asserted in tests.
 
 """
