@@ -11,21 +11,32 @@ from . import _conv, _linalg
 from ._registry import LayerRule, _plain, _present
 
 
-# --------------------------------------------------------------------------- dense
+def _tokens(x):
+    """(B, T, C) view of a (B, *positions, C) tensor; a (B, C) tensor is returned as is."""
+    if x.shape.rank == 2:
+        return x
+    return tf.reshape(x, tf.stack([tf.shape(x)[0], -1, x.shape[-1]]))
 
 
-class DenseRule(LayerRule):
-    """``keras.layers.Dense``: factored :math:`(AA^\\top+1)\\odot(G_oG_o^\\top)` for 2-D inputs;
-    for inputs with T token positions the cheaper of the factored T×T form and materialised
-    per-sample gradients (cost model in :mod:`._linalg`)."""
-
-    name = "dense"
+class _KernelBiasRule(LayerRule):
+    """Layers whose variables are a ``kernel`` and an optional ``bias`` (Dense, EinsumDense, Conv)."""
 
     def supports(self, layer):
         return _plain(layer)
 
     def variables(self, layer):
         return _present(layer.kernel, layer.bias)
+
+
+# --------------------------------------------------------------------------- dense
+
+
+class DenseRule(_KernelBiasRule):
+    """``keras.layers.Dense``: factored :math:`(AA^\\top+1)\\odot(G_oG_o^\\top)` for 2-D inputs;
+    for inputs with T token positions the cheaper of the factored T×T form and materialised
+    per-sample gradients (cost model in :mod:`._linalg`)."""
+
+    name = "dense"
 
     def forward(self, layer, call, args, kwargs):
         x = args[0]
@@ -35,15 +46,9 @@ class DenseRule(LayerRule):
         out = layer.activation(y) if layer.activation is not None else y
         return out, {"a": x, "watch": [y]}
 
-    @staticmethod
-    def _tokens(x):
-        if x.shape.rank == 2:
-            return x
-        return tf.reshape(x, tf.stack([tf.shape(x)[0], -1, x.shape[-1]]))
-
     def per_sample(self, layer, capture, deltas):
-        a = self._tokens(capture["a"])
-        g = self._tokens(deltas[0])
+        a = _tokens(capture["a"])
+        g = _tokens(deltas[0])
         blocks = []
         if layer.kernel.trainable:
             blocks.append(_linalg.per_sample_outer(a, g))
@@ -52,8 +57,8 @@ class DenseRule(LayerRule):
         return blocks
 
     def gram_and_grads(self, layer, capture, deltas):
-        a = self._tokens(capture["a"])
-        g = self._tokens(deltas[0])
+        a = _tokens(capture["a"])
+        g = _tokens(deltas[0])
         if not (layer.kernel.trainable and (layer.bias is None or layer.bias.trainable)):
             return super().gram_and_grads(layer, capture, deltas)
         positions = 1 if a.shape.rank == 2 else a.shape[1]
@@ -77,7 +82,7 @@ class DenseRule(LayerRule):
 # --------------------------------------------------------------------------- einsum dense
 
 
-class EinsumDenseRule(LayerRule):
+class EinsumDenseRule(_KernelBiasRule):
     """``keras.layers.EinsumDense``: per-sample kernel gradients from one einsum that keeps
     the batch index, bias rows by summing δ over the broadcast axes."""
 
@@ -95,9 +100,6 @@ class EinsumDenseRule(LayerRule):
             return False
         b = spec_in[:1]
         return bool(b) and spec_out[:1] == b and b not in spec_k
-
-    def variables(self, layer):
-        return _present(layer.kernel, layer.bias)
 
     def forward(self, layer, call, args, kwargs):
         x = args[0]
@@ -135,19 +137,13 @@ def _reduce_to_shape(g, shape):
 # --------------------------------------------------------------------------- convolutions
 
 
-class ConvRule(LayerRule):
+class ConvRule(_KernelBiasRule):
     """``Conv1D/2D/3D`` (strides, padding incl. causal, dilation, groups, both data formats):
     per-sample kernel gradients materialised from a strided-slice unfold (one batched matmul
     over output positions), bias rows ``Σ_t δ_t``; the factored T×T form when cheaper
     (ungrouped only)."""
 
     name = "conv"
-
-    def supports(self, layer):
-        return _plain(layer)
-
-    def variables(self, layer):
-        return _present(layer.kernel, layer.bias)
 
     def forward(self, layer, call, args, kwargs):
         x = args[0]
@@ -182,7 +178,7 @@ class ConvRule(LayerRule):
                             strides=tuple(layer.strides),
                             dilation_rate=tuple(layer.dilation_rate), padding=padding)
 
-    def _blocks(self, layer, capture, deltas):
+    def per_sample(self, layer, capture, deltas):
         """Per-sample kernel gradients (grouped filter gradient or unfold) and bias rows."""
         x, g = self._channels_last(layer, capture, deltas)
         blocks = []
@@ -193,15 +189,12 @@ class ConvRule(LayerRule):
                     x, g, kernel_size=layer.kernel_size, strides=layer.strides,
                     padding=capture["padding"], groups=layer.groups, kernel_shape=kernel_shape))
             else:
-                g_rows = tf.reshape(g, tf.stack([tf.shape(g)[0], -1, g.shape[-1]]))
                 blocks.append(_conv.per_sample_kernel_grads(
-                    self._patches(layer, x, g, capture["padding"]), g_rows, groups=layer.groups, kernel_shape=kernel_shape))
+                    self._patches(layer, x, g, capture["padding"]), _tokens(g), groups=layer.groups,
+                    kernel_shape=kernel_shape))
         if layer.bias is not None and layer.bias.trainable:
-            blocks.append(tf.reduce_sum(tf.reshape(g, tf.stack([tf.shape(g)[0], -1, g.shape[-1]])), axis=1))
+            blocks.append(tf.reduce_sum(_tokens(g), axis=1))
         return blocks
-
-    def per_sample(self, layer, capture, deltas):
-        return self._blocks(layer, capture, deltas)
 
     def gram_and_grads(self, layer, capture, deltas):
         x, g = self._channels_last(layer, capture, deltas)
@@ -216,15 +209,13 @@ class ConvRule(LayerRule):
                 < _linalg.materialised_cost(batch, positions, d_a, layer.filters)):
             patches = self._patches(layer, x, g, capture["padding"])
             a = tf.reshape(patches, tf.stack([tf.shape(patches)[0], -1, d_a]))
-            g = tf.reshape(g, tf.stack([tf.shape(g)[0], -1, g.shape[-1]]))
+            g = _tokens(g)
             gram = _linalg.factored_gram(a, g, bias=layer.bias is not None)
             grads = [tf.reshape(tf.einsum("btd,bto->do", a, g), layer.kernel.shape)]
             if layer.bias is not None:
                 grads.append(tf.reduce_sum(g, axis=[0, 1]))
             return gram, grads, "factored"
-        blocks = self._blocks(layer, capture, deltas)
-        rows = tf.concat([_linalg.flat_rows(b) for b in blocks], axis=1)
-        return _linalg.gram_of_rows(rows), [tf.reduce_sum(b, axis=0) for b in blocks], "materialised"
+        return super().gram_and_grads(layer, capture, deltas)
 
 
 # --------------------------------------------------------------------------- embedding
