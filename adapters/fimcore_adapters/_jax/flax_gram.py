@@ -183,9 +183,9 @@ class FlaxGram:
             forms.add(form)
             per_sample = ps if per_sample is None else jax.tree_util.tree_map(jnp.add, per_sample, ps)
         block, grads = layers.materialised_block(per_sample, acc)
-        how = {"conv": "conv: materialised per-sample kernel gradients by " + " and ".join(sorted(forms - {None})),
-               "norm": "norm: per-sample affine",
-               "fallback": "fallback: vmap per-sample VJP of the module"}[kind]
+        if kind == "conv":
+            return block, grads, "conv: materialised per-sample kernel gradients by " + " and ".join(sorted(forms))
+        how = {"norm": "norm: per-sample affine", "fallback": "fallback: vmap per-sample VJP of the module"}[kind]
         return block, grads, how
 
 
