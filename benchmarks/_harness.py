@@ -121,12 +121,6 @@ def median_ratio(baseline: Sequence[float], candidate: Sequence[float]) -> float
     return statistics.median(c / b for b, c in zip(baseline, candidate))
 
 
-def _timed(fn: Callable[[], Any], clock: Callable[[], float]) -> float:
-    t0 = clock()
-    fn()
-    return clock() - t0
-
-
 def _timed_run(fn: Callable[[], Any], number: int, clock: Callable[[], float]) -> float:
     """Mean time per call of ``number`` consecutive calls."""
     t0 = clock()
@@ -220,7 +214,7 @@ def interleaved_times(
     warm_pair = 0.0
     longest = float("inf")
     for i in range(warmup):
-        tb, tc = _timed(baseline, clock), _timed(candidate, clock)
+        tb, tc = _timed_run(baseline, 1, clock), _timed_run(candidate, 1, clock)
         if i == 0:
             out.warmup = (tb, tc)
         warm_pair = tb + tc
