@@ -87,6 +87,21 @@ def test_mlp_auto_takes_factored_path_and_linear_without_bias():
     assert [r.path for r in rec.report()] == ["factored", "factored"]
 
 
+def test_factored_linear_runs_natively_and_materialised_linear_through_the_recorder():
+    """On the factored path autograd's own Linear backward forms the batch gradients (the
+    recorder only reads the output gradient); on the materialised path the recorder's backward
+    replaces it and returns Σ_i J_i."""
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3)).double()
+    x = torch.randn(B, 6, dtype=torch.float64)
+    for strategy, native in (("factored", True), ("materialize", False)):
+        rec = GramRecorder(model, strategy=strategy)
+        with rec:
+            out = model[0](x)
+            assert (type(out.grad_fn).__name__ == "AddmmBackward0") == native, strategy
+            model[2](torch.tanh(out)).sum().backward()
+        assert rec.gram().shape == (B, B)
+
+
 def test_linear_with_leading_dimensions_and_sum_reduction():
     model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2))
     x = torch.randn(B, 3, 2, 4, dtype=torch.float64)

@@ -1,13 +1,19 @@
-"""Exact rules for ``nn.Linear`` and ``nn.Conv1d/2d/3d``, fused into the layer's own backward.
+"""Exact rules for ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
 
-The layer's forward is routed through a custom autograd function for the duration of a step. Its
-backward receives the output gradient g (B, T, d_out) of the ordinary batch backward, computes the
-input gradient as usual, adds this layer's share of G by the cheaper exact form, and returns the
-batch weight gradient — as the sum Σ_i J_i of the per-sample gradients when those were formed
-anyway, so autograd never computes the weight gradient a second time.
+Where the layer's share of G is formed from its per-sample gradients J_i (every convolution
+with many output positions, and dense layers whose cost model says so), the layer's forward is
+routed through a custom autograd function for the duration of a step. Its backward receives the
+output gradient g (B, T, d_out) of the ordinary batch backward, computes the input gradient as
+usual, adds ``J Jᵀ`` and returns the batch weight gradient as the sum Σ_i J_i, so autograd never
+computes the weight gradient a second time. A dense layer on the factored path runs natively
+instead (its batch gradients are autograd's own) and a hook on its output adds
+``Σ_{t,s}(a_it·a_js)(g_it·g_js)`` from the output gradient and the saved input.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +24,7 @@ from .units import Unit, override_forward
 
 __all__ = ["LinearUnit", "ConvUnit"]
 
+_REUSED = "parameters reused in this step: per-sample gradients summed over uses"
 _DEFAULT_WORK = 1 << 27   # bytes of temporaries for the factored form when no budget is given
 
 
@@ -72,7 +79,14 @@ class _LinearFn(torch.autograd.Function):
 
 
 class LinearUnit(Unit):
-    """``nn.Linear`` on inputs (B, *, d_in): T = product of the middle dimensions."""
+    """``nn.Linear`` on inputs (B, *, d_in): T = product of the middle dimensions.
+
+    The path is chosen in the forward, where B and T are known. On the factored path the layer
+    runs natively (autograd forms the input, weight and bias gradients in C++) and a hook on its
+    output receives the output gradient, from which the layer's share of G is formed; on the
+    materialised path the forward goes through :class:`_LinearFn`, whose backward forms the
+    per-sample weight gradients J_i and returns Σ_i J_i as the weight gradient.
+    """
 
     kind = "linear"
 
@@ -83,75 +97,101 @@ class LinearUnit(Unit):
         def forward(x):
             rec._forward(self, x.shape[0], m.weight.dtype)
             try:
+                if self._path(x)[0] == "factored":
+                    out = F.linear(x, m.weight, m.bias)
+                    if out.requires_grad:
+                        out.register_hook(functools.partial(self._factored_hook, x))
+                    return out
                 return _LinearFn.apply(x, m.weight, m.bias, self)
             finally:
                 rec._forward_done(self)
 
         return [override_forward(m, forward)]
 
+    def _path(self, x) -> tuple[str, str]:
+        B = x.shape[0]
+        d_in, d_out = self.module.in_features, self.module.out_features
+        T = math.prod(x.shape[1:-1])
+        return choose(self.strategy, B, T, d_in if self.w_sel else 0, d_out,
+                      d_in * d_out if self.w_sel else 0)
+
+    def _factored_hook(self, x, go) -> None:
+        """Output-gradient hook of the factored path: add ``Σ_{t,s}(a_it·a_js)(g_it·g_js)``."""
+        rec = self.rec
+        rec._backward(self)
+        w_sel, b_sel = self.w_sel, self.b_sel
+        if rec._multi_use(self):
+            # a reused weight: the per-sample gradient is the sum over its uses (autograd still
+            # forms the batch gradient)
+            self.set_path("materialize", _REUSED)
+            A, G = self._per_position(x, go)
+            blocks = [(self.module.weight, torch.bmm(G.transpose(1, 2), A).reshape(x.shape[0], -1))] if w_sel else []
+            if b_sel:
+                blocks.append((self.module.bias, G.sum(1)))
+            rec._add_rows(self, blocks)
+            return None
+        self.set_path(*self._path(x))
+        acc = rec._acc(go)
+        if x.dim() == 2:                 # one position per sample: rank-one per-sample gradients
+            g = go if go.dtype == acc.dtype else go.to(acc.dtype)
+            if w_sel:
+                a = x if x.dtype == acc.dtype else x.to(acc.dtype)
+                # G += (A Aᵀ [+ 1 for the bias]) ⊙ (Gₒ Gₒᵀ)
+                K = torch.addmm(acc.new_ones(()), a, a.T) if b_sel else a @ a.T
+                acc.addcmul_(K, g @ g.T)
+            elif b_sel:
+                acc.addmm_(g, g.T)
+        else:
+            A, G = self._per_position(x, go)
+            if w_sel:
+                factored_sum(acc, A, G, rec.memory_budget)
+            if b_sel:
+                s = G.sum(1).to(acc.dtype)
+                acc.addmm_(s, s.T)
+        rec._mark(self)
+        return None
+
+    def _per_position(self, x, go):
+        """Input and output gradient as (B, T, d_in) and (B, T, d_out)."""
+        B = x.shape[0]
+        return x.reshape(B, -1, self.module.in_features), go.reshape(B, -1, self.module.out_features)
+
     def backward(self, x, go, need_w, need_b):
+        """Backward of the materialised path: per-sample weight gradients J_i = G_iᵀ A_i."""
         rec = self.rec
         rec._backward(self)
         m = self.module
         B = x.shape[0]
         d_in, d_out = m.in_features, m.out_features
-        A = x.reshape(B, -1, d_in) if x.dim() != 3 else x
-        G = go.reshape(B, -1, d_out) if go.dim() != 3 else go
-        T = A.shape[1]
+        A, G = self._per_position(x, go)
         w_sel, b_sel = self.w_sel, self.b_sel
         multi = rec._multi_use(self)
-        path, reason = choose(self.strategy, B, T, d_in if w_sel else 0, d_out,
-                              d_in * d_out if w_sel else 0)
-        if multi:
-            path, reason = "materialize", "parameters reused in this step: per-sample gradients summed over uses"
-        self.set_path(path, reason)
+        self.set_path(*(("materialize", _REUSED) if multi else self._path(x)))
         gw = gb = None
-        Sb = G.sum(1) if (b_sel or need_b) and T > 1 else (G[:, 0] if (b_sel or need_b) else None)
-        if path == "factored":
-            acc = rec._acc(G)
-            if T == 1:
-                if w_sel:
-                    a = A[:, 0] if A.dtype == acc.dtype else A[:, 0].to(acc.dtype)
-                    g = G[:, 0] if G.dtype == acc.dtype else G[:, 0].to(acc.dtype)
-                    # G += (A Aᵀ [+ 1 for the bias]) ⊙ (Gₒ Gₒᵀ)
-                    K = torch.addmm(acc.new_ones(()), a, a.T) if b_sel else a @ a.T
-                    acc.addcmul_(K, g @ g.T)
-                elif b_sel:
-                    g = G[:, 0].to(acc.dtype)
-                    acc.addmm_(g, g.T)
-            else:
-                if w_sel:
-                    factored_sum(acc, A, G, rec.memory_budget)
-                if b_sel:
-                    s = Sb.to(acc.dtype)
-                    acc.addmm_(s, s.T)
-            rec._mark(self)
-            if need_w:
-                gw = G.reshape(-1, d_out).T.mm(A.reshape(-1, d_in))
-        else:
-            blocks = []
-            if w_sel:
-                per = B * d_in * x.element_size()
-                parts = []
-                for o0, o1 in _chunks(d_out, per, rec.memory_budget):
-                    J = torch.bmm(G[:, :, o0:o1].transpose(1, 2), A)      # (B, o, d_in)
-                    if multi:
-                        parts.append(J)
-                    else:
-                        rec._add_rows(self, [(m.weight, J.reshape(B, -1))])
-                    if need_w:
-                        if gw is None:
-                            gw = x.new_empty(d_out, d_in)
-                        gw[o0:o1] = _batch_sum(J)
-                    del J
+        Sb = G.sum(1) if (b_sel or need_b) else None
+        blocks = []
+        if w_sel:
+            per = B * d_in * x.element_size()
+            parts = []
+            for o0, o1 in _chunks(d_out, per, rec.memory_budget):
+                J = torch.bmm(G[:, :, o0:o1].transpose(1, 2), A)      # (B, o, d_in)
                 if multi:
-                    blocks.append((m.weight, torch.cat(parts, 1).reshape(B, -1)))
-            elif need_w:
-                gw = G.reshape(-1, d_out).T.mm(A.reshape(-1, d_in))
-            if b_sel:
-                blocks.append((m.bias, Sb))
-            if blocks:
-                rec._add_rows(self, blocks)
+                    parts.append(J)
+                else:
+                    rec._add_rows(self, [(m.weight, J.reshape(B, -1))])
+                if need_w:
+                    if gw is None:
+                        gw = x.new_empty(d_out, d_in)
+                    gw[o0:o1] = _batch_sum(J)
+                del J
+            if multi:
+                blocks.append((m.weight, torch.cat(parts, 1).reshape(B, -1)))
+        elif need_w:
+            gw = G.reshape(-1, d_out).T.mm(A.reshape(-1, d_in))
+        if b_sel:
+            blocks.append((m.bias, Sb))
+        if blocks:
+            rec._add_rows(self, blocks)
         if need_b:
             gb = Sb.sum(0)
         return gw, gb
@@ -248,7 +288,7 @@ class ConvUnit(Unit):
         p_w = m.weight.numel() if w_sel else 0
         path, reason = choose(self.strategy, B, T, d_a if w_sel else 0, spec.out_channels, p_w)
         if multi:
-            path, reason = "materialize", "parameters reused in this step: per-sample gradients summed over uses"
+            path, reason = "materialize", _REUSED
         Sb = go.reshape(B, spec.out_channels, -1).sum(2) if (b_sel or need_b) else None
         gw = None
         if path == "factored":
