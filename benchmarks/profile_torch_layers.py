@@ -47,7 +47,7 @@ def build(name: str) -> tuple[nn.Module, tuple]:
 def _wrap_units(rec: GramRecorder, totals: dict, clock=time.perf_counter) -> None:
     """Accumulate wall time of every unit's backward rule into ``totals[name]``."""
     for u in rec._units:
-        for attr in ("backward", "_grad"):
+        for attr in ("backward", "_grad", "_factored_hook"):
             fn = getattr(u, attr, None)
             if fn is None:
                 continue

@@ -391,6 +391,23 @@ def test_frozen_parameters_are_left_out():
     check_against_loop(model, x, y, F.cross_entropy, ce_sum)
 
 
+def test_frozen_weight_of_a_reused_sequence_layer_bias_rows_only():
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mid = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):                       # (B, T, 4): mid applied twice per token
+            return self.head(torch.tanh(self.mid(torch.tanh(self.mid(x)))))
+
+    model = Reuse()
+    model.mid.weight.requires_grad_(False)
+    x = torch.randn(B, 3, 4, dtype=torch.float64)
+    tgt = torch.randint(0, 3, (B, 3))
+    check_against_loop(model, x, tgt, token_loss, token_loss, strategies=["auto", "factored", "materialize"])
+
+
 def test_per_sample_gram_functional_and_grad_left_as_plain_step():
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 2)).double()
     x = torch.randn(B, 2, 5, 5, dtype=torch.float64)

@@ -100,7 +100,10 @@ class LinearUnit(Unit):
                 if self._path(x)[0] == "factored":
                     out = F.linear(x, m.weight, m.bias)
                     if out.requires_grad:
-                        out.register_hook(functools.partial(self._factored_hook, x))
+                        # a bias-only layer needs just the input's shape: holding the input
+                        # itself would keep an activation autograd does not save
+                        held = x if self.w_sel else x.new_empty(()).expand(x.shape)
+                        out.register_hook(functools.partial(self._factored_hook, held))
                     return out
                 return _LinearFn.apply(x, m.weight, m.bias, self)
             finally:
@@ -124,8 +127,12 @@ class LinearUnit(Unit):
             # a reused weight: the per-sample gradient is the sum over its uses (autograd still
             # forms the batch gradient)
             self.set_path("materialize", _REUSED)
-            A, G = self._per_position(x, go)
-            blocks = [(self.module.weight, torch.bmm(G.transpose(1, 2), A).reshape(x.shape[0], -1))] if w_sel else []
+            B = x.shape[0]
+            G = go.reshape(B, -1, self.module.out_features)
+            blocks = []
+            if w_sel:
+                A = x.reshape(B, -1, self.module.in_features)
+                blocks.append((self.module.weight, torch.bmm(G.transpose(1, 2), A).reshape(B, -1)))
             if b_sel:
                 blocks.append((self.module.bias, G.sum(1)))
             rec._add_rows(self, blocks)
@@ -142,19 +149,15 @@ class LinearUnit(Unit):
             elif b_sel:
                 acc.addmm_(g, g.T)
         else:
-            A, G = self._per_position(x, go)
+            B = x.shape[0]
+            G = go.reshape(B, -1, self.module.out_features)
             if w_sel:
-                factored_sum(acc, A, G, rec.memory_budget)
+                factored_sum(acc, x.reshape(B, -1, self.module.in_features), G, rec.memory_budget)
             if b_sel:
                 s = G.sum(1).to(acc.dtype)
                 acc.addmm_(s, s.T)
         rec._mark(self)
         return None
-
-    def _per_position(self, x, go):
-        """Input and output gradient as (B, T, d_in) and (B, T, d_out)."""
-        B = x.shape[0]
-        return x.reshape(B, -1, self.module.in_features), go.reshape(B, -1, self.module.out_features)
 
     def backward(self, x, go, need_w, need_b):
         """Backward of the materialised path: per-sample weight gradients J_i = G_iᵀ A_i."""
@@ -163,7 +166,7 @@ class LinearUnit(Unit):
         m = self.module
         B = x.shape[0]
         d_in, d_out = m.in_features, m.out_features
-        A, G = self._per_position(x, go)
+        A, G = x.reshape(B, -1, d_in), go.reshape(B, -1, d_out)
         w_sel, b_sel = self.w_sel, self.b_sel
         multi = rec._multi_use(self)
         self.set_path(*(("materialize", _REUSED) if multi else self._path(x)))
