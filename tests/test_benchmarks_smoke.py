@@ -114,6 +114,27 @@ def test_interleaved_times_validates_arguments(kwargs, match):
         H.interleaved_times(lambda: None, lambda: None, **kwargs)
 
 
+def test_fault_counter_sees_the_pages_a_step_touches_first():
+    import mmap
+
+    pages = 256
+    size = pages * mmap.PAGESIZE
+
+    def touch_fresh_pages():
+        with mmap.mmap(-1, size) as m:             # anonymous mapping: no page present yet
+            for offset in range(0, size, mmap.PAGESIZE):
+                m[offset] = 1
+
+    step = H.FaultCounter(touch_fresh_pages)
+    idle = H.FaultCounter(lambda: None)
+    for _ in range(4):
+        step()
+        idle()
+    assert step.median() >= pages
+    assert idle.median() < pages / 4
+    assert H.FaultCounter(lambda: None).median() is None
+
+
 def test_markdown_table_escapes_pipes():
     assert H.markdown_table(["a", "b"], [[1, "x|y"]]).splitlines() == [
         "| a | b |", "| --- | --- |", "| 1 | x\\|y |"]
@@ -190,7 +211,9 @@ def test_bench_torch_runs_one_tiny_configuration_and_writes_a_table(tmp_path):
     assert set(rows) == {bench_torch.METHOD_LABELS["fimcore"], bench_torch.METHOD_LABELS["torch.func"]}
     for cells in rows.values():
         assert cells[4].endswith("×"), cells  # a measured ratio, not an error or a cap
-        assert cells[5].endswith(("MB", "×)")), cells  # a memory figure
+        plain_faults, method_faults = cells[5].split(" / ")   # page faults per step, both steps
+        assert plain_faults.replace(",", "").isdigit() and method_faults.replace(",", "").isdigit(), cells
+        assert cells[6].endswith(("MB", "×)")), cells  # a memory figure
     # torch.func's float32 G against fimcore's float64 G: an MLP has no BatchNorm, so they agree
-    rel_err = float(rows[bench_torch.METHOD_LABELS["torch.func"]][6])
+    rel_err = float(rows[bench_torch.METHOD_LABELS["torch.func"]][7])
     assert rel_err < 1e-4
