@@ -214,55 +214,22 @@ def main(argv=None):
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")  # inherited by the spawned children (see module docstring)
     runner = H.IsolatedRunner(start_method="spawn")
-    rows, notes = [], []
-    for model in args.models:
-        for b in sizes:
-            mem = {}
-            if not args.quick:
-                for method in ("plain", *(m for m in METHODS if not m.endswith("-noeig"))):
-                    r = runner.run("benchmarks.bench_jax:memory_job", dict(model=model, batch_size=b, method=method),
-                                   timeout=600, memory=True)
-                    mem[method] = r.value["extra_mb"] if r.status == "ok" else None
-            for method in METHODS:
-                r = runner.run("benchmarks.bench_jax:timing_job",
-                               dict(model=model, batch_size=b, method=method, reps=reps, cap_seconds=args.cap),
-                               timeout=args.cap + 300)
-                if r.status != "ok":
-                    notes.append(f"{model} B={b} {method}: {r.status} {(r.error or '')[-300:]}")
-                    rows.append([MODELS[model], b, METHODS[method], "–", "–", "–", "–", "–", "–"])
-                    continue
-                v = r.value
-                mark = ""
-                if b == 128:
-                    mark = " ✓" if v["ratio"] <= TARGET else " ✗"
-                m = mem.get(method)
-                rows.append([MODELS[model], b, METHODS[method], H.fmt_ms(v["plain"]), H.fmt_ms(v["step"]),
-                             H.fmt_ratio(v["ratio"]) + mark, f"{v['reps']}{' (cap)' if v['capped'] else ''}",
-                             "–" if mem.get("plain") is None else f"{mem['plain']:.0f}",
-                             "–" if m is None else f"{m:.0f}"])
-                print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    exact = []
-    for model in args.models:
-        r = runner.run("benchmarks.bench_jax:exactness_job", dict(model=model, batch_size=8), timeout=900)
-        exact.append([MODELS[model], "8", f"{r.value:.1e}" if r.status == "ok" else r.status])
-    headers = ["model", "B", "method", "plain step (ms)", "step with G (ms)", "ratio (target ≤ 1.5× at B=128)",
-               "reps", "plain extra MB", "method extra MB"]
-    versions = H.package_versions(["jax", "jaxlib", "flax", "optax", "numpy"])
-    text = "\n\n".join([
-        "# JAX adapter benchmark",
-        f"Command: `{H.command_line()}`" + (" (quick mode)" if args.quick else ""),
-        "Ratio = median over interleaved repetitions of (jitted step with G + `fimcore.spectrum`) / (plain "
-        "jitted step: value_and_grad of the mean cross-entropy + SGD), float32, compilation excluded. Extra MB: "
-        "peak resident set over three steps minus the set before them, one fresh process per cell. "
-        f"Steps shorter than {H.MIN_REP_SECONDS} s are timed in runs of consecutive calls lasting about "
-        "that long (paired per-call means).",
-        H.markdown_table(headers, rows),
-        "Exactness in float64: ‖G_factored − G_generic‖_F / ‖G_generic‖_F",
-        H.markdown_table(["model", "B", "relative difference"], exact),
-        "## Machine\n\n" + H.key_value_table(H.machine_info()),
-        "## Versions\n\n" + H.key_value_table(versions),
-        *(["## Notes\n\n" + "\n".join(f"- {n}" for n in notes)] if notes else []),
-    ])
+    rows, notes = H.run_timing_grid(
+        runner, "benchmarks.bench_jax", model_labels=MODELS, method_labels=METHODS, models=args.models,
+        methods=list(METHODS), batch_sizes=sizes, reps=reps, cap_seconds=args.cap, memory=not args.quick,
+        target=TARGET, timing_slack=300.0, memory_timeout=600.0)
+    text = H.framework_report(
+        "JAX adapter benchmark", quick=args.quick,
+        paragraphs=[
+            "Ratio = median over interleaved repetitions of (jitted step with G + `fimcore.spectrum`) / (plain "
+            "jitted step: value_and_grad of the mean cross-entropy + SGD), float32, compilation excluded. Extra MB: "
+            "peak resident set over three steps minus the set before them, one fresh process per cell. "
+            f"Steps shorter than {H.MIN_REP_SECONDS} s are timed in runs of consecutive calls lasting about "
+            "that long (paired per-call means)."],
+        headers=H.grid_headers("ratio (target ≤ 1.5× at B=128)"), rows=rows,
+        exact_caption="Exactness in float64: ‖G_factored − G_generic‖_F / ‖G_generic‖_F",
+        exact=H.exactness_rows(runner, "benchmarks.bench_jax", MODELS, args.models),
+        packages=["jax", "jaxlib", "flax", "optax", "numpy"], notes=notes)
     path = H.write_report(args.out, text)
     print(f"wrote {path}")
     return 0

@@ -181,62 +181,26 @@ def main(argv=None):
     reps = args.reps or (5 if args.quick else 11)
     memory = not (args.quick or args.no_memory)
     runner = H.IsolatedRunner(start_method="spawn")
-    rows, notes = [], []
-    for model in args.models:
-        for b in sizes:
-            mem = {}
-            if memory:
-                for method in ("plain", *(m for m in args.methods if not m.endswith("-noeig"))):
-                    r = runner.run("benchmarks.bench_tensorflow:memory_job",
-                                   dict(model=model, batch_size=b, method=method), timeout=900, memory=True)
-                    mem[method] = r.value["extra_mb"] if r.status == "ok" else None
-                    if r.status != "ok":
-                        notes.append(f"memory {model} B={b} {method}: {r.status} {(r.error or '')[-200:]}")
-            for method in args.methods:
-                r = runner.run("benchmarks.bench_tensorflow:timing_job",
-                               dict(model=model, batch_size=b, method=method, reps=reps,
-                                    cap_seconds=args.cap), timeout=args.cap + 600)
-                if r.status != "ok":
-                    notes.append(f"{model} B={b} {method}: {r.status} {(r.error or '')[-300:]}")
-                    rows.append([MODELS[model], b, METHODS[method], "–", "–", "–", "–", "–", "–"])
-                    continue
-                v = r.value
-                mark = ""
-                if b == 128 and method.startswith("registry"):
-                    mark = " ✓" if v["ratio"] <= TARGET else " ✗"
-                m = mem.get(method)
-                rows.append([MODELS[model], b, METHODS[method], H.fmt_ms(v["plain"]), H.fmt_ms(v["step"]),
-                             H.fmt_ratio(v["ratio"]) + mark,
-                             f"{v['reps']}{' (cap)' if v['capped'] else ''}",
-                             "–" if mem.get("plain") is None else f"{mem['plain']:.0f}",
-                             "–" if m is None else f"{m:.0f}"])
-                print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    exact = []
-    for model in args.models:
-        r = runner.run("benchmarks.bench_tensorflow:exactness_job", dict(model=model, batch_size=8),
-                       timeout=900)
-        exact.append([MODELS[model], "8", f"{r.value:.1e}" if r.status == "ok" else r.status])
-    headers = ["model", "B", "method", "plain step (ms)", "step with G (ms)",
-               "ratio (target ≤ 1.5× at B=128, registry)", "reps", "plain extra MB", "method extra MB"]
-    versions = H.package_versions(["tensorflow-cpu", "keras", "numpy"])
-    text = "\n\n".join([
-        "# TensorFlow adapter benchmark",
-        f"Command: `{H.command_line()}`" + (" (quick mode)" if args.quick else ""),
-        *([args.note] if args.note else []),
-        "Ratio = median over interleaved repetitions of (traced step with G + `fimcore.spectrum` on the "
-        "host) / (Keras' own `train_step` under `tf.function`: mean cross-entropy + SGD), float32, "
-        "tracing excluded, no XLA. Extra MB: peak resident set over three steps minus the set before "
-        "them, one fresh process per cell. Children run with "
-        f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']} (host eigenvalues). "
-        f"Steps shorter than {H.MIN_REP_SECONDS} s are timed in runs of consecutive calls lasting about "
-        "that long (paired per-call means).",
-        H.markdown_table(headers, rows),
-        "Exactness in float64: max |G_registry − G_loop| / max |G_loop| against one GradientTape per sample",
-        H.markdown_table(["model", "B", "relative difference"], exact),
-        "## Machine\n\n" + H.key_value_table(H.machine_info()),
-        "## Versions\n\n" + H.key_value_table(versions),
-        *(["## Notes\n\n" + "\n".join(f"- {n}" for n in notes)] if notes else []),
-    ])
+    rows, notes = H.run_timing_grid(
+        runner, "benchmarks.bench_tensorflow", model_labels=MODELS, method_labels=METHODS,
+        models=args.models, methods=args.methods, batch_sizes=sizes, reps=reps, cap_seconds=args.cap,
+        memory=memory, target=TARGET, targeted=lambda method: method.startswith("registry"),
+        timing_slack=600.0, memory_timeout=900.0)
+    text = H.framework_report(
+        "TensorFlow adapter benchmark", quick=args.quick,
+        paragraphs=[*([args.note] if args.note else []),
+                    "Ratio = median over interleaved repetitions of (traced step with G + `fimcore.spectrum` on the "
+                    "host) / (Keras' own `train_step` under `tf.function`: mean cross-entropy + SGD), float32, "
+                    "tracing excluded, no XLA. Extra MB: peak resident set over three steps minus the set before "
+                    "them, one fresh process per cell. Children run with "
+                    f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']} (host eigenvalues). "
+                    f"Steps shorter than {H.MIN_REP_SECONDS} s are timed in runs of consecutive calls lasting about "
+                    "that long (paired per-call means)."],
+        headers=H.grid_headers("ratio (target ≤ 1.5× at B=128, registry)"), rows=rows,
+        exact_caption="Exactness in float64: max |G_registry − G_loop| / max |G_loop| against one "
+                      "GradientTape per sample",
+        exact=H.exactness_rows(runner, "benchmarks.bench_tensorflow", MODELS, args.models),
+        packages=["tensorflow-cpu", "keras", "numpy"], notes=notes)
     path = H.write_report(args.out, text)
     print(f"wrote {path}")
     return 0

@@ -135,6 +135,42 @@ def test_fault_counter_sees_the_pages_a_step_touches_first():
     assert H.FaultCounter(lambda: None).median() is None
 
 
+class _StubRunner:
+    """Answers memory/timing children from tables, records the calls."""
+
+    def __init__(self, timing: dict, memory: dict):
+        self.timing, self.memory, self.calls = timing, memory, []
+
+    def run(self, target, kwargs, *, timeout, memory=False):
+        self.calls.append((target.split(":")[1], kwargs["method"], memory))
+        table = self.memory if memory else self.timing
+        value = table.get(kwargs["method"])
+        if value is None:
+            return H.IsolatedResult("error", error="Traceback ...\nRuntimeError: boom")
+        return H.IsolatedResult("ok", value=value)
+
+
+def test_run_timing_grid_marks_targeted_ratios_and_notes_failed_children():
+    timing = {"fast": dict(plain=0.010, step=0.012, ratio=1.2, reps=5, capped=False),
+              "fast-noeig": dict(plain=0.010, step=0.011, ratio=1.1, reps=5, capped=False),
+              "slow": dict(plain=0.010, step=0.030, ratio=3.0, reps=2, capped=True)}
+    memory = {"plain": {"extra_mb": 10.0}, "fast": {"extra_mb": 12.4}}
+    runner = _StubRunner(timing, memory)
+    labels = {"fast": "Fast", "fast-noeig": "Fast, no eig", "slow": "Slow", "broken": "Broken"}
+    rows, notes = H.run_timing_grid(
+        runner, "benchmarks.x", model_labels={"m": "Model"}, method_labels=labels, models=["m"],
+        methods=["fast", "fast-noeig", "slow", "broken"], batch_sizes=[128], reps=5, cap_seconds=10.0,
+        memory=True, target=1.5, targeted=lambda method: method != "slow", log=lambda s: None)
+    assert rows[0] == ["Model", 128, "Fast", "10.0", "12.0", "1.20× ✓", "5", "10", "12"]
+    assert rows[1][5] == "1.10× ✓" and rows[1][8] == "–"          # no memory child for *-noeig
+    assert rows[2][5] == "3.00×" and rows[2][6] == "2 (cap)"      # not targeted: no mark
+    assert rows[3] == ["Model", 128, "Broken", "–", "–", "–", "–", "–", "–"]
+    assert [c for c in runner.calls if c[2]] == [("memory_job", m, True) for m in ("plain", "fast", "slow", "broken")]
+    assert any(n.startswith("m B=128 broken: error") for n in notes)
+    assert any(n.startswith("memory m B=128 slow: error") for n in notes)
+    assert len(H.grid_headers("ratio")) == len(rows[0])
+
+
 def test_markdown_table_escapes_pipes():
     assert H.markdown_table(["a", "b"], [[1, "x|y"]]).splitlines() == [
         "| a | b |", "| --- | --- |", "| 1 | x\\|y |"]
