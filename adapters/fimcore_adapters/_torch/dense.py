@@ -63,9 +63,10 @@ def _batch_sum(J: torch.Tensor) -> torch.Tensor:
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, unit):
+    def forward(ctx, x, weight, bias, unit, choice):
         ctx.save_for_backward(x, weight)
         ctx.unit = unit
+        ctx.choice = choice
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
@@ -74,8 +75,9 @@ class _LinearFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         unit = ctx.unit
         gx = go.matmul(w) if ctx.needs_input_grad[0] else None
-        gw, gb = unit.backward(x, go, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        return gx, gw, gb, None
+        gw, gb = unit.backward(x, go, ctx.choice, ctx.needs_input_grad[1],
+                               ctx.has_bias and ctx.needs_input_grad[2])
+        return gx, gw, gb, None, None
 
 
 class LinearUnit(Unit):
@@ -97,15 +99,16 @@ class LinearUnit(Unit):
         def forward(x):
             rec._forward(self, x.shape[0], m.weight.dtype)
             try:
-                if self._path(x)[0] == "factored":
+                choice = self._path(x)          # (path, reason), reported by the backward
+                if choice[0] == "factored":
                     out = F.linear(x, m.weight, m.bias)
                     if out.requires_grad:
                         # a bias-only layer needs just the input's shape: holding the input
                         # itself would keep an activation autograd does not save
                         held = x if self.w_sel else x.new_empty(()).expand(x.shape)
-                        out.register_hook(functools.partial(self._factored_hook, held))
+                        out.register_hook(functools.partial(self._factored_hook, held, choice))
                     return out
-                return _LinearFn.apply(x, m.weight, m.bias, self)
+                return _LinearFn.apply(x, m.weight, m.bias, self, choice)
             finally:
                 rec._forward_done(self)
 
@@ -118,7 +121,7 @@ class LinearUnit(Unit):
         return choose(self.strategy, B, T, d_in if self.w_sel else 0, d_out,
                       d_in * d_out if self.w_sel else 0)
 
-    def _factored_hook(self, x, go) -> None:
+    def _factored_hook(self, x, choice, go) -> None:
         """Output-gradient hook of the factored path: add ``Σ_{t,s}(a_it·a_js)(g_it·g_js)``."""
         rec = self.rec
         rec._backward(self)
@@ -137,7 +140,7 @@ class LinearUnit(Unit):
                 blocks.append((self.module.bias, G.sum(1)))
             rec._add_rows(self, blocks)
             return None
-        self.set_path(*self._path(x))
+        self.set_path(*choice)
         acc = rec._acc(go)
         if x.dim() == 2:                 # one position per sample: rank-one per-sample gradients
             g = go if go.dtype == acc.dtype else go.to(acc.dtype)
@@ -159,7 +162,7 @@ class LinearUnit(Unit):
         rec._mark(self)
         return None
 
-    def backward(self, x, go, need_w, need_b):
+    def backward(self, x, go, choice, need_w, need_b):
         """Backward of the materialised path: per-sample weight gradients J_i = G_iᵀ A_i."""
         rec = self.rec
         rec._backward(self)
@@ -169,7 +172,7 @@ class LinearUnit(Unit):
         A, G = x.reshape(B, -1, d_in), go.reshape(B, -1, d_out)
         w_sel, b_sel = self.w_sel, self.b_sel
         multi = rec._multi_use(self)
-        self.set_path(*(("materialize", _REUSED) if multi else self._path(x)))
+        self.set_path(*(("materialize", _REUSED) if multi else choice))
         gw = gb = None
         Sb = G.sum(1) if (b_sel or need_b) else None
         blocks = []
