@@ -252,7 +252,7 @@ class FaultCounter:
     are returned to the operating system when freed (glibc does so for blocks above its mmap
     and trim thresholds) pays for them again on every call, and how often that happens varies
     with the heap's history. The per-call counts let a report say when a ratio moved with them.
-    Counts are None where ``resource`` is missing (Windows).
+    Where ``resource`` is missing (Windows) nothing is recorded and :meth:`median` is None.
 
     Example:
         >>> step = FaultCounter(lambda: None)
