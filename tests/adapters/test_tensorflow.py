@@ -211,12 +211,18 @@ GROUPED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-call", "one-sample-chunks"])
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_float32_convolutions_take_the_grouped_filter_gradient_and_match_the_loop(case, monkeypatch):
-    """float32 1-D/2-D convolutions use one grouped filter gradient over the batch (no float64
-    CPU kernel exists for it, so the float64 tests above run the unfold): checked against the
-    float64 loop on the same weights, within float32 rounding."""
+def test_float32_convolutions_take_the_grouped_filter_gradient_and_match_the_loop(case, chunk_bytes,
+                                                                                    monkeypatch):
+    """float32 1-D/2-D convolutions use grouped filter gradients over the batch (no float64
+    CPU kernel exists for them, so the float64 tests above run the unfold), in one call or in
+    batch chunks: checked against the float64 loop on the same weights, within float32
+    rounding."""
     from fimcore_adapters._tensorflow import _conv
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(_conv, "CHUNK_BYTES", chunk_bytes)
 
     case = dict(case)
     rank = case.pop("rank")
@@ -232,12 +238,43 @@ def test_float32_convolutions_take_the_grouped_filter_gradient_and_match_the_loo
     m32, m64 = build("float32"), build("float64")
     m64.set_weights([w.astype(np.float64) for w in m32.get_weights()])
     calls = []
-    real = _conv.grouped_kernel_grads
-    monkeypatch.setattr(_conv, "grouped_kernel_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = _conv.grouped_filter_blocks
+    monkeypatch.setattr(_conv, "grouped_filter_blocks",
+                        lambda *a, **k: calls.append(len(real(*a, **k))) or real(*a, **k))
     gram = per_sample_gram(m32, xent(), x.astype(np.float32), y)
     assert calls, "the float32 convolution did not take the grouped filter gradient"
+    assert set(calls) == ({1} if chunk_bytes is None else {5}), calls
     expected = loop_gram(m64, x, y)
     assert_close(gram, expected, rtol=1e-5)
+
+
+def test_grouped_columns_in_uneven_chunks_equal_one_call_and_the_per_sample_loop():
+    """Chunks of 2, 2 and 1 samples give the same (P, B) columns and kernel gradient as one
+    call, and each column is that sample's own kernel gradient (one tape per sample)."""
+    from fimcore_adapters._tensorflow import _conv
+
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(size=(5, 6, 7, 4)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(3, 2, 2, 6)), tf.float32)  # groups = 2
+    delta = tf.constant(rng.normal(size=(5, 3, 4, 6)), tf.float32)
+    opts = dict(kernel_size=(3, 2), strides=(2, 2), padding="same", groups=2,
+                kernel_shape=[3, 2, 2, 6])
+    per_sample_bytes = 3 * 4 * 6 * 4
+    assert _conv._chunk_sizes(delta, 2 * per_sample_bytes) == [2, 2, 1]
+    one, grad_one = _conv.grouped_kernel_columns(x, delta, chunk_bytes=10**9, **opts)
+    split, grad_split = _conv.grouped_kernel_columns(x, delta, chunk_bytes=2 * per_sample_bytes, **opts)
+    rows = []
+    for i in range(5):
+        with tf.GradientTape() as tape:
+            tape.watch(kernel)
+            y = tf.nn.conv2d(x[i:i + 1], kernel, strides=2, padding="SAME")
+        rows.append(tape.gradient(y, kernel, output_gradients=delta[i:i + 1]).numpy().ravel())
+    expected = np.stack(rows, axis=1)
+    assert one.shape == (3 * 2 * 2 * 6, 5)
+    np.testing.assert_allclose(one.numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(split.numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_split.numpy().ravel(), expected.sum(axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_one.numpy(), grad_split.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_layers_filter_restricts_the_gram(models):

@@ -139,9 +139,10 @@ def _reduce_to_shape(g, shape):
 
 class ConvRule(_KernelBiasRule):
     """``Conv1D/2D/3D`` (strides, padding incl. causal, dilation, groups, both data formats):
-    per-sample kernel gradients materialised from a strided-slice unfold (one batched matmul
-    over output positions), bias rows ``Σ_t δ_t``; the factored T×T form when cheaper
-    (ungrouped only)."""
+    per-sample kernel gradients materialised from a grouped filter gradient over the batch
+    (float32, 1-D/2-D, no dilation; handed to the Gram as (P, B) columns) or else from a
+    strided-slice unfold (one batched matmul over output positions), bias rows ``Σ_t δ_t``;
+    the factored T×T form when cheaper (ungrouped only)."""
 
     name = "conv"
 
@@ -215,6 +216,18 @@ class ConvRule(_KernelBiasRule):
             if layer.bias is not None:
                 grads.append(tf.reduce_sum(g, axis=[0, 1]))
             return gram, grads, "factored"
+        if layer.kernel.trainable and _conv.grouped_applies(
+                x, rank=layer.rank, dilation_rate=tuple(layer.dilation_rate)):
+            cols, grads = _conv.grouped_kernel_columns(
+                x, g, kernel_size=layer.kernel_size, strides=layer.strides,
+                padding=capture["padding"], groups=layer.groups,
+                kernel_shape=list(layer.kernel.shape))
+            cols, grads = [cols], [grads]
+            if layer.bias is not None and layer.bias.trainable:
+                rows = tf.reduce_sum(_tokens(g), axis=1)  # (B, C_out)
+                cols.append(tf.transpose(rows))
+                grads.append(tf.reduce_sum(rows, axis=0))
+            return _linalg.gram_of_columns(tf.concat(cols, axis=0)), grads, "materialised"
         return super().gram_and_grads(layer, capture, deltas)
 
 

@@ -19,6 +19,11 @@ def gram_of_rows(rows):
     return tf.matmul(rows, rows, transpose_b=True)
 
 
+def gram_of_columns(columns):
+    """``J_l J_lᵀ`` of a materialised block held as (P_l, B) columns (``J_lᵀ``)."""
+    return tf.matmul(columns, columns, transpose_a=True)
+
+
 def factored_gram(a, g, *, bias: bool):
     r"""Exact Gram of a weight used at T positions, without forming per-sample gradients.
 
