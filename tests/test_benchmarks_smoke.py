@@ -253,3 +253,47 @@ def test_bench_torch_runs_one_tiny_configuration_and_writes_a_table(tmp_path):
     # torch.func's float32 G against fimcore's float64 G: an MLP has no BatchNorm, so they agree
     rel_err = float(rows[bench_torch.METHOD_LABELS["torch.func"]][7])
     assert rel_err < 1e-4
+
+
+# ---- the TensorFlow per-layer profile: its ablation is a valid plain step --------------------
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_tf_profile_stand_in_gives_the_conv_rules_batch_gradients(use_bias):
+    """The profile's "batch filter gradient only" stand-in must update the weights as the rule
+    does (else the ablated step is not the plain step's work), and return a zero Gram."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+    import numpy as np
+
+    from benchmarks.profile_tensorflow_layers import _batch_filter_rule
+    from fimcore_adapters._tensorflow import _layers
+
+    rng = np.random.default_rng(0)
+    layer = keras.layers.Conv2D(5, 3, strides=2, padding="same", use_bias=use_bias)
+    x = tf.constant(rng.normal(size=(4, 7, 6, 3)), tf.float32)
+    out = layer(x)
+    delta = tf.constant(rng.normal(size=out.shape), tf.float32)
+    capture = {"a": x, "padding": "same"}
+    rule = _layers.ConvRule()
+    gram, grads, _ = _batch_filter_rule(rule, layer, capture, [delta])
+    _, expected, _ = rule.gram_and_grads(layer, capture, [delta])
+    assert len(grads) == len(expected) == (2 if use_bias else 1)
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-5, atol=1e-5)
+    assert gram.shape == (4, 4) and not np.any(gram.numpy())
+
+
+def test_tf_profile_report_attributes_each_variant_against_the_gram_step():
+    from benchmarks.profile_tensorflow_layers import report
+
+    pytest.importorskip("tensorflow")
+    result = {"times": {"plain": 20.0, "gram": 35.0, "no_conv": 20.5, "conv0": 30.0, "no_gemm": 31.0},
+              "convs": ["c1"]}
+    text = report("cnn", 8, 3, result)
+    cells = [[c.strip() for c in line.strip("| ").split(" | ")] for line in text.splitlines()
+             if line.startswith("| ")]
+    lines = {c[0]: c for c in cells}
+    assert lines["Keras `train_step` (plain)"][2:4] == ["1.00×", "+15.0"]
+    assert lines["… only `c1` (convolution 1) replaced"][1:4] == ["30.0", "1.50×", "+5.0"]
+    assert "median of 3 repetitions" in text
