@@ -136,9 +136,14 @@ def main(argv=None) -> None:
     text = table(results, args.top)
     print(text)
     if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(f"# GramRecorder per-layer profile (torch {torch.__version__}, "
-                     f"{args.threads} threads, median of {args.reps} interleaved repetitions)\n\n{text}\n")
+        from . import _harness as H
+
+        H.write_report(args.out, "\n".join([
+            f"# GramRecorder per-layer profile (torch {torch.__version__}, {args.threads} threads, "
+            f"median of {args.reps} interleaved repetitions)", "", f"Command: `{H.command_line()}`", "",
+            "Per layer: wall time of the recorder's work in that layer's backward (per-sample terms, "
+            "Gram update, and for Linear/Conv the batch weight gradient that replaces autograd's).",
+            "", text, "", "## Machine", "", H.key_value_table(H.machine_info())]))
 
 
 if __name__ == "__main__":
