@@ -250,7 +250,8 @@ def test_float32_convolutions_take_the_grouped_filter_gradient_and_match_the_loo
 
 def test_grouped_columns_in_uneven_chunks_equal_one_call_and_the_per_sample_loop():
     """Chunks of 2, 2 and 1 samples give the same (P, B) columns and kernel gradient as one
-    call, and each column is that sample's own kernel gradient (one tape per sample)."""
+    call, and each column (and each per-sample block of ``grouped_kernel_grads``) is that
+    sample's own kernel gradient (one tape per sample)."""
     from fimcore_adapters._tensorflow import _conv
 
     rng = np.random.default_rng(5)
@@ -275,6 +276,9 @@ def test_grouped_columns_in_uneven_chunks_equal_one_call_and_the_per_sample_loop
     np.testing.assert_allclose(split.numpy(), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad_split.numpy().ravel(), expected.sum(axis=1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad_one.numpy(), grad_split.numpy(), rtol=1e-6, atol=1e-6)
+    blocks = _conv.grouped_kernel_grads(x, delta, chunk_bytes=2 * per_sample_bytes, **opts)
+    assert blocks.shape == (5, 3, 2, 2, 6)
+    np.testing.assert_allclose(blocks.numpy().reshape(5, -1).T, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_layers_filter_restricts_the_gram(models):
