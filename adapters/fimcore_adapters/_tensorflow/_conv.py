@@ -18,6 +18,7 @@ matmul on the small CNN's layers (``benchmarks/bench_tensorflow.py``);
 from __future__ import annotations
 
 import itertools
+import math
 
 import tensorflow as tf
 
@@ -187,7 +188,7 @@ def grouped_kernel_columns(x, delta, *, kernel_size, strides, padding, groups: i
     """
     blocks = grouped_filter_blocks(x, delta, kernel_size=kernel_size, strides=strides,
                                    padding=padding, groups=groups, chunk_bytes=chunk_bytes)
-    p = tf.reduce_prod(tf.convert_to_tensor(kernel_shape))
-    cols = [tf.reshape(tf.transpose(b, [0, 2, 1]), tf.stack([p, -1])) for b in blocks]
+    p = math.prod(int(n) for n in kernel_shape)
+    cols = [tf.reshape(tf.transpose(b, [0, 2, 1]), [p, -1]) for b in blocks]
     grad = tf.add_n([tf.reduce_sum(b, axis=1) for b in blocks])
     return (cols[0] if len(cols) == 1 else tf.concat(cols, axis=1)), tf.reshape(grad, kernel_shape)
