@@ -7,7 +7,14 @@ B ∈ {32, 128, 512, 2048}, NumPy and PyTorch, float32 and float64 Grams, it tim
   the floor any implementation pays;
 * ``spectrum``: :func:`fimcore.spectrum` (validation: finite, symmetric, diagonal; cast
   to float64, symmetrise, eigvalsh, sort, clamp);
-* ``cond``: :func:`fimcore.truncated_condition_number` (the same plus the truncation).
+* ``cond``: :func:`fimcore.truncated_condition_number` with its default rule (the rank read
+  off the diagonally scaled Gram, a Cholesky test of full rank, the projection onto the
+  resolved subspace when that test fails);
+* ``legacy``: the same call with the previous default tolerance, ``rtol = B·eps`` relative to
+  λ_max (one ``eigvalsh`` and a comparison).
+
+Two Grams per size: ``full``, J Jᵀ of a Gaussian J of shape (B, 2B) (the common, full-rank
+case), and ``deficient``, of shape (B, B/2) (rank B/2: the projection route).
 
 Each figure is the median wall time of ``--repeats`` calls after one warm-up call, the
 three functions interleaved per repetition. Nothing is asserted: the table is printed and
@@ -48,9 +55,13 @@ def repeats_for(size: int, base: int) -> int:
     return max(3, base if size <= 128 else base // 2 if size <= 512 else base // 4)
 
 
-def make_gram(size: int, dtype: str, seed: int = 0) -> np.ndarray:
-    """A full-rank Gram J Jᵀ of a (B, 2B) Gaussian J, in ``dtype``."""
-    J = np.random.default_rng(seed).standard_normal((size, 2 * size)) / np.sqrt(2 * size)
+KINDS = {"full": 2.0, "deficient": 0.5}  # columns of J per row
+
+
+def make_gram(size: int, dtype: str, kind: str = "full", seed: int = 0) -> np.ndarray:
+    """J Jᵀ of a Gaussian J of shape (B, KINDS[kind]·B), in ``dtype``."""
+    cols = max(1, int(KINDS[kind] * size))
+    J = np.random.default_rng(seed).standard_normal((size, cols)) / np.sqrt(cols)
     J = J.astype(dtype)
     return J @ J.T
 
@@ -79,13 +90,15 @@ def time_call(fn: Callable[[], Any]) -> tuple[float, float]:
 def measure(sizes: tuple[int, ...], base_repeats: int) -> list[dict[str, Any]]:
     rows = []
     for name, (convert, raw) in backends().items():
-        for dtype in ("float32", "float64"):
+        for dtype, kind in ((d, k) for k in KINDS for d in ("float32", "float64")):
             for size in sizes:
-                gram = convert(make_gram(size, dtype))
+                gram = convert(make_gram(size, dtype, kind))
+                old = fimcore.default_rtol(size, getattr(np, dtype))
                 calls = {
                     "eigvalsh": lambda g=gram: raw(g),
                     "spectrum": lambda g=gram: fimcore.spectrum(g),
                     "cond": lambda g=gram: fimcore.truncated_condition_number(g),
+                    "legacy": lambda g=gram, r=old: fimcore.truncated_condition_number(g, rtol=r),
                 }
                 for fn in calls.values():
                     fn()  # warm-up
@@ -97,11 +110,11 @@ def measure(sizes: tuple[int, ...], base_repeats: int) -> list[dict[str, Any]]:
                         w, c = time_call(fn)
                         wall[key].append(w)
                         cpu[key].append(c)
-                row = {"backend": name, "dtype": dtype, "B": size, "repeats": n}
+                row = {"backend": name, "dtype": dtype, "kind": kind, "B": size, "repeats": n}
                 row.update({key: statistics.median(v) for key, v in wall.items()})
                 row.update({f"{key}_cpu": statistics.median(v) for key, v in cpu.items()})
                 rows.append(row)
-                print(f"  {name:6s} {dtype} B={size:5d}: "
+                print(f"  {name:6s} {dtype} {kind} B={size:5d}: "
                       + ", ".join(f"{k} {row[k] * 1e3:.3f} ms (CPU {row[k + '_cpu'] * 1e3:.3f})"
                                   for k in calls), file=sys.stderr)
     return rows
@@ -161,10 +174,13 @@ def render(rows: list[dict[str, Any]], load: tuple[float, float, float], command
         "repetition): CPU time of the process and, in brackets, wall time. With one thread",
         "the CPU time is what the call costs; the wall time adds waiting for the shared CPU.",
         "`eigvalsh` is the library's own solver on the Gram cast to float64 (the",
-        "floor); `spectrum` and `cond` add fimcore's validation (finite, symmetric, diagonal),",
-        "the float64 cast, symmetrisation, sort, clamp and (for `cond`) the truncation.",
-        "The Gram is J Jᵀ of a Gaussian J of shape (B, 2B), stored in the dtype shown;",
-        "eigenvalues are always computed in float64.",
+        "floor); `spectrum` adds fimcore's validation (finite, symmetric, diagonal), the",
+        "float64 cast, symmetrisation, sort and clamp; `cond` is `truncated_condition_number`",
+        "with its default rule (rank on the diagonally scaled Gram, a Cholesky test of full",
+        "rank, projection onto the resolved subspace when it fails); `legacy` is the same",
+        "call with the previous default tolerance `rtol = B·eps` relative to λ_max.",
+        "Gram `full`: J Jᵀ of a Gaussian J of shape (B, 2B); `deficient`: (B, B/2), rank B/2",
+        "(the projection route). Stored in the dtype shown; eigenvalues always in float64.",
         "",
         f"- Machine: {cpu_model()}, {os.cpu_count()} logical cores (shared; load average at "
         f"start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f})",
@@ -173,15 +189,16 @@ def render(rows: list[dict[str, Any]], load: tuple[float, float, float], command
         f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Command: `{' '.join(['nice -n 5 python -m benchmarks.bench_spectrum', *command])}`",
         "",
-        "| backend | Gram dtype | B | eigvalsh CPU (wall) ms | spectrum CPU (wall) ms "
-        "| cond CPU (wall) ms | cond / eigvalsh (CPU) | repeats |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| backend | Gram dtype | Gram | B | eigvalsh CPU (wall) ms | spectrum CPU (wall) ms "
+        "| cond CPU (wall) ms | legacy CPU (wall) ms | cond / legacy (CPU) | repeats |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        cells = [f"{ms(r[k + '_cpu'])} ({ms(r[k])})" for k in ("eigvalsh", "spectrum", "cond")]
-        ratio = r["cond_cpu"] / r["eigvalsh_cpu"] if r["eigvalsh_cpu"] > 0 else float("nan")
+        cells = [f"{ms(r[k + '_cpu'])} ({ms(r[k])})"
+                 for k in ("eigvalsh", "spectrum", "cond", "legacy")]
+        ratio = r["cond_cpu"] / r["legacy_cpu"] if r["legacy_cpu"] > 0 else float("nan")
         lines.append(
-            f"| {r['backend']} | {r['dtype']} | {r['B']} | {' | '.join(cells)} "
+            f"| {r['backend']} | {r['dtype']} | {r['kind']} | {r['B']} | {' | '.join(cells)} "
             f"| {ratio:.2f} | {r['repeats']} |"
         )
     return "\n".join(lines) + "\n"

@@ -33,7 +33,9 @@ from ._namespace import (
     jit_for,
     resolve_namespace,
 )
-from .spectral import _condition, _eigs, _spectrum, resolve_rtol
+from .rank import legacy
+from .spectral import (_eigs, condition_of, default_rtol, dtype_epsilons, must_project,
+                       resolve_rtol, symmetrise)
 
 __all__ = ["MeasureState", "measure_init", "measure_update"]
 
@@ -43,19 +45,25 @@ class MeasureState(NamedTuple):
 
     Running totals: ``steps`` (updates so far, k of the last one), ``measured`` (steps with
     a defined :math:`c_k`), ``skipped`` (steps without: undefined or non-finite),
-    ``nonfinite`` (of which non-finite), ``c_sum`` = :math:`\sum c_k`, ``c_jacobian_sum`` =
-    :math:`\sum\sqrt{c_k}` over defined steps, and ``L`` = :math:`L_K = \sum_k w_k I_k`.
-    Hence :math:`\bar C_K` = ``c_sum / measured``.
+    ``nonfinite`` (of which non-finite), ``limited`` (defined steps whose :math:`c_k` is
+    within a factor 2 of the largest value the Gram could resolve), ``c_sum`` =
+    :math:`\sum c_k`, ``c_jacobian_sum`` = :math:`\sum\sqrt{c_k}` over defined steps, and
+    ``L`` = :math:`L_K = \sum_k w_k I_k`. Hence :math:`\bar C_K` = ``c_sum / measured``.
 
     Last step: ``c_k``, ``c_k_jacobian`` (NaN when undefined), ``I_k``, ``trace``,
-    ``lambda_max``, ``rank`` (eigenvalues above rtol·λ_max), ``defined``, ``finite``
-    (NaN fields where the Gram was not finite).
+    ``lambda_max``, ``rank`` (resolved rank), ``zero_rows`` (samples with a zero gradient,
+    excluded), ``c_limit`` (:math:`c_{\mathrm{limit}}`, the largest resolvable
+    :math:`c_k`), ``resolution_limited`` (:math:`c_k \ge c_{\mathrm{limit}}/2`),
+    ``c_k_legacy`` (:math:`c_k` under the legacy tolerance :math:`B\varepsilon_{\mathrm{grad}}
+    \lambda_{\max}`, kept for one release), ``defined``, ``finite`` (NaN fields where the
+    Gram was not finite). The rule: :mod:`fimcore.rank`.
     """
 
     steps: Any
     measured: Any
     skipped: Any
     nonfinite: Any
+    limited: Any
     c_sum: Any
     c_jacobian_sum: Any
     L: Any
@@ -65,6 +73,10 @@ class MeasureState(NamedTuple):
     trace: Any
     lambda_max: Any
     rank: Any
+    zero_rows: Any
+    c_limit: Any
+    resolution_limited: Any
+    c_k_legacy: Any
     defined: Any
     finite: Any
 
@@ -87,9 +99,10 @@ def measure_init(*, xp: Any = None, device: Any = None) -> MeasureState:
     """
     nan = float("nan")
     fields = dict(
-        steps=0, measured=0, skipped=0, nonfinite=0, c_sum=0.0, c_jacobian_sum=0.0,
-        L=0.0, c_k=nan, c_k_jacobian=nan, I_k=nan, trace=nan, lambda_max=nan, rank=0,
-        defined=False, finite=True,
+        steps=0, measured=0, skipped=0, nonfinite=0, limited=0, c_sum=0.0,
+        c_jacobian_sum=0.0, L=0.0, c_k=nan, c_k_jacobian=nan, I_k=nan, trace=nan,
+        lambda_max=nan, rank=0, zero_rows=0, c_limit=nan, resolution_limited=False,
+        c_k_legacy=nan, defined=False, finite=True,
     )
     if xp is None:
         return MeasureState(**fields)
@@ -128,7 +141,8 @@ def measure_update(
         lr: learning rate :math:`\alpha_k` in force (>= 0).
         weight: :math:`w_k`, training iterations this measurement stands for (> 0).
         batch_size: :math:`B_k`; defaults to the Gram's size.
-        rtol: truncation tolerance; default B·eps(``grad_dtype`` or the Gram's dtype).
+        rtol: None (the resolved rank of :mod:`fimcore.rank`) or an explicit tolerance
+            relative to :math:`\lambda_{\max}` (``rtol=0``: exact zero after clamping).
         grad_dtype: dtype of the per-sample gradients the Gram was built from.
         xp: array namespace; resolved from ``gram`` when None.
 
@@ -140,9 +154,9 @@ def measure_update(
             :func:`fimcore.weighted_energy`), never on values.
     """
     xp = resolve_namespace(gram, xp=xp)
-    size, rtol, batch = check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size,
-                                       rtol=rtol, grad_dtype=grad_dtype)
-    step = jit_for(step_values, xp, static=("batch",))(gram, lr, rtol, batch=batch)
+    opts = check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size, rtol=rtol,
+                         grad_dtype=grad_dtype)
+    step = jit_for(step_values, xp, static=STEP_STATIC)(gram, lr, **opts)
     zero = xp.zeros_like(step["c_k"])
     int_dtype = getattr(state.steps, "dtype", None)
     if int_dtype is None:
@@ -157,6 +171,7 @@ def measure_update(
         measured=state.measured + one_if(defined),
         skipped=state.skipped + one_if(xp.logical_not(defined)),
         nonfinite=state.nonfinite + one_if(xp.logical_not(finite)),
+        limited=state.limited + one_if(step["resolution_limited"]),
         c_sum=state.c_sum + xp.where(defined, step["c_k"], zero),
         c_jacobian_sum=state.c_jacobian_sum + xp.where(defined, step["c_k_jacobian"], zero),
         L=state.L + xp.where(finite, weight * step["I_k"], zero),
@@ -166,26 +181,47 @@ def measure_update(
         trace=step["trace"],
         lambda_max=step["lambda_max"],
         rank=step["rank"],
+        zero_rows=step["zero_rows"],
+        c_limit=step["c_limit"],
+        resolution_limited=step["resolution_limited"],
+        c_k_legacy=step["c_k_legacy"],
         defined=defined,
         finite=finite,
     )
 
 
+#: keyword arguments of :func:`step_values` that are Python values (static under ``jax.jit``)
+STEP_STATIC = ("batch", "rtol", "legacy_rtol", "eps_acc", "eps_grad", "project", "symmetric")
+
+
 def check_options(
     gram: Any, xp: Any, *, lr: Any, weight: Any, batch_size: int | None, rtol: float | None,
     grad_dtype: Any,
-) -> tuple[int, float, int]:
-    """Validate the metadata of one update; return (B, rtol, B_k)."""
+) -> dict[str, Any]:
+    """Validate the metadata of one update; return the static options of :func:`step_values`."""
     size = check_gram(gram, xp)
     check_nonnegative_number(lr, name="lr")
     check_positive_number(weight, name="weight")
     batch = size if batch_size is None else check_positive_int(batch_size, name="batch_size")
-    rtol = resolve_rtol(rtol, size, grad_dtype if grad_dtype is not None else gram.dtype, xp)
-    return size, rtol, batch
+    if rtol is not None:
+        rtol = resolve_rtol(rtol, size, gram.dtype, xp)
+    grad = grad_dtype if grad_dtype is not None else gram.dtype
+    eps_acc, eps_grad = dtype_epsilons(gram.dtype, grad, xp)
+    return dict(batch=batch, rtol=rtol, legacy_rtol=_legacy_rtol(size, grad, xp),
+                eps_acc=eps_acc, eps_grad=eps_grad, project=must_project(xp))
+
+
+def _legacy_rtol(size: int, dtype: Any, xp: Any) -> float:
+    """B·eps(gradient dtype), or 0 where that would reach 1 (tiny dtypes, huge B)."""
+    try:
+        return default_rtol(size, dtype, xp=xp)
+    except ValueError:
+        return 0.0
 
 
 def step_values(
-    gram: Any, lr: Any, rtol: Any, *, batch: int, xp: Any, symmetric: bool = False
+    gram: Any, lr: Any, *, batch: int, rtol: float | None, legacy_rtol: float, eps_acc: float,
+    eps_grad: float, project: bool, xp: Any, symmetric: bool = False,
 ) -> dict[str, Any]:
     """Per-iteration quantities, NaN-flagged instead of raising (no value branching).
 
@@ -194,18 +230,26 @@ def step_values(
     g = xp.astype(gram, compute_dtype(xp), copy=False)
     finite = xp.isfinite(xp.max(xp.abs(g)))  # max propagates NaN; inf stays inf
     g = xp.where(finite, g, xp.zeros_like(g))
-    eigs = _eigs(g, xp=xp) if symmetric else _spectrum(g, xp=xp)
-    c, lam_max, _, rank, defined = _condition(eigs, rtol=rtol, xp=xp)
-    nan = xp.full_like(c, float("nan"))
-    trace = xp.sum(xp.linalg.diagonal(g))
+    sym = g if symmetric else symmetrise(g, xp=xp)
+    eigs = _eigs(sym, xp=xp)
+    res = condition_of(sym, eigs, rtol=rtol, eps_acc=eps_acc, eps_grad=eps_grad,
+                       project=project, xp=xp)
+    old = legacy(eigs, xp.linalg.diagonal(sym), rtol=legacy_rtol, xp=xp)
+    nan = xp.full_like(res.c, float("nan"))
+    trace = xp.sum(xp.linalg.diagonal(sym))
     i_k = (lr / batch) * xp.sqrt(xp.maximum(trace, xp.zeros_like(trace)))
+    defined = xp.logical_and(res.defined, finite)
     return {
-        "c_k": c,
-        "c_k_jacobian": xp.sqrt(c),
+        "c_k": res.c,
+        "c_k_jacobian": xp.sqrt(res.c),
         "I_k": xp.where(finite, i_k, nan),
         "trace": xp.where(finite, trace, nan),
-        "lambda_max": xp.where(finite, lam_max, nan),
-        "rank": rank,
-        "defined": xp.logical_and(defined, finite),
+        "lambda_max": xp.where(finite, res.lambda_max, nan),
+        "rank": res.rank,
+        "zero_rows": res.zero_rows,
+        "c_limit": res.limit,
+        "resolution_limited": xp.logical_and(res.limited, finite),
+        "c_k_legacy": old.c,
+        "defined": defined,
         "finite": finite,
     }

@@ -26,7 +26,7 @@ class Measurement:
         I_k: :math:`(\alpha_k/B_k)\sqrt{\operatorname{Tr} G_k}`; None if non-finite.
         trace: :math:`\operatorname{Tr} G_k`; None if non-finite.
         lambda_max: :math:`\lambda_{\max}(G_k)`; None if non-finite.
-        rank: number of eigenvalues above rtol·λ_max; None if non-finite.
+        rank: resolved rank of :math:`G_k` (see :mod:`fimcore.rank`); None if non-finite.
         defined: whether :math:`c_k` exists (finite Gram with :math:`\lambda_{\max} > 0`).
         finite: whether the Gram was finite.
         C_bar: :math:`\bar C_K = \frac{1}{|\mathcal M|}\sum_{k\in\mathcal M} c_k` so far
@@ -36,6 +36,16 @@ class Measurement:
         lr: :math:`\alpha_k`.
         weight: :math:`w_k`.
         batch_size: :math:`B_k`.
+        zero_rows: samples with an exactly zero gradient (excluded from the rank).
+        c_limit: :math:`c_{\mathrm{limit}}`, the largest :math:`c_k` this Gram could have
+            resolved; None if undefined.
+        resolution_limited: :math:`c_k \ge c_{\mathrm{limit}}/2` (the value says more about
+            the arithmetic than about training).
+        c_k_legacy: :math:`c_k` under the previous default tolerance
+            :math:`B\varepsilon_{\mathrm{grad}}\lambda_{\max}` (kept for one release, for
+            comparison); None if undefined.
+
+    Records written before these four fields existed load with them as None / False.
     """
 
     k: int
@@ -53,6 +63,10 @@ class Measurement:
     lr: float
     weight: float
     batch_size: int
+    zero_rows: int | None = None
+    c_limit: float | None = None
+    resolution_limited: bool = False
+    c_k_legacy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a dict of plain Python values (JSON-serialisable).
@@ -73,12 +87,17 @@ class Measurement:
         """Rebuild a record from :meth:`to_dict` output.
 
         Raises:
-            ValueError: if fields are missing or unknown.
+            ValueError: if fields are missing or unknown (the four added in this release,
+                ``zero_rows``, ``c_limit``, ``resolution_limited``, ``c_k_legacy``, may be
+                missing).
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(data) != names:
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
+        optional = {f.name for f in fields if f.default is not dataclasses.MISSING}
+        if not names - optional <= set(data) <= names:
             raise ValueError(
-                f"a Measurement dict must have exactly the fields {sorted(names)}; missing "
-                f"{sorted(names - set(data))}, unknown {sorted(set(data) - names)}."
+                f"a Measurement dict must have the fields {sorted(names - optional)} (and "
+                f"optionally {sorted(optional)}); missing {sorted(names - optional - set(data))}, "
+                f"unknown {sorted(set(data) - names)}."
             )
         return cls(**data)

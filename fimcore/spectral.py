@@ -9,13 +9,16 @@ learning rate :math:`\alpha_k`):
 
 * truncated condition number (``convention="fisher"``, the default)
 
-  .. math:: c_k = \frac{\lambda_{\max}(G_k)}{\lambda_{\min}^{+}(G_k)},\qquad
-            \lambda_{\min}^{+} = \min\{\lambda_i : \lambda_i > \mathrm{rtol}\cdot\lambda_{\max}\},
+  .. math:: c_k = \frac{\lambda_{\max}(G_k)}{\lambda_{\min}^{+}(G_k)},
 
-  with :math:`\mathrm{rtol} = B\cdot\varepsilon` of the per-sample gradients' dtype by
-  default (the ``matrix_rank`` rule). ``convention="jacobian"`` returns
-  :math:`\sqrt{c_k}`, the ratio of singular values of :math:`J_k` that the authors'
-  released code logs;
+  where :math:`\lambda_{\min}^{+}` is the smallest eigenvalue the Gram *resolves*: the rank is
+  decided on the diagonally scaled Gram :math:`C = D^{-1} G D^{-1}` against a threshold set by
+  the dtypes G was accumulated in and its gradients were computed in, rows with a zero
+  gradient are excluded, and :math:`\lambda_{\min}^{+}` is taken on the resolved subspace (the
+  rule and its derivation: :mod:`fimcore.rank`). An explicit ``rtol`` instead counts
+  :math:`\lambda_i \le \mathrm{rtol}\cdot\lambda_{\max}` as zero (``rtol=0``: exact zero after
+  clamping, the authors' released code). ``convention="jacobian"`` returns :math:`\sqrt{c_k}`,
+  the ratio of singular values of :math:`J_k` that the released code logs;
 * energy :math:`\operatorname{Tr} G_k = \|J_k\|_F^2` and the weighted energy term
 
   .. math:: I_k = \frac{\alpha_k}{B_k}\sqrt{\operatorname{Tr} G_k}.
@@ -37,7 +40,6 @@ from ._namespace import (
     check_nonnegative_number,
     check_positive_int,
     compute_dtype,
-    default_int_dtype,
     eps_of,
     host_scalar,
     is_concrete,
@@ -47,9 +49,12 @@ from ._namespace import (
     validated_symmetric,
 )
 
+from .rank import Resolution, legacy, resolved
+
 __all__ = [
     "default_rtol",
     "energy",
+    "resolution",
     "spectrum",
     "truncated_condition_number",
     "weighted_energy",
@@ -59,11 +64,14 @@ CONVENTIONS = ("fisher", "jacobian")
 
 
 def default_rtol(batch_size: int, dtype: Any, *, xp: Any = None) -> float:
-    r"""Default truncation tolerance :math:`\mathrm{rtol} = B\cdot\varepsilon(\text{dtype})`.
+    r"""The legacy tolerance :math:`\mathrm{rtol} = B\cdot\varepsilon(\text{dtype})` (``matrix_rank`` rule).
 
-    Eigenvalues at or below :math:`\mathrm{rtol}\cdot\lambda_{\max}` are treated as zero
-    (the ``matrix_rank`` rule). Pass the dtype of the per-sample *gradients*: a float64
-    Gram built from float32 gradients cannot resolve eigenvalues below float32's eps.
+    Eigenvalues at or below :math:`\mathrm{rtol}\cdot\lambda_{\max}` would count as zero.
+    This was the default before the resolved rank of :mod:`fimcore.rank`; it caps
+    :math:`c_k` at :math:`1/(B\varepsilon)` (131,072 for B = 64 in float32) and discards the
+    accurately computed small eigenvalues of graded Grams. It is kept for one release as the
+    ``c_k_legacy`` field of every measurement, for comparison; pass ``rtol=`` to use a
+    tolerance relative to :math:`\lambda_{\max}` explicitly.
 
     Args:
         batch_size: B, the size of the Gram matrix.
@@ -124,6 +132,50 @@ def spectrum(gram: Any, /, *, xp: Any = None) -> Any:
     return jit_for(_eigs, xp)(sym)
 
 
+def resolution(
+    gram: Any, /, *, rtol: float | None = None, grad_dtype: Any = None, xp: Any = None
+) -> Resolution:
+    r"""How far a Gram resolves its spectrum: :math:`c_k`, rank, zero rows and the limit of :math:`c_k`.
+
+    The rule (the rank decided on :math:`C = D^{-1}GD^{-1}` against
+    :math:`\tau = 8B^{+}(\varepsilon_{\mathrm{acc}} + \varepsilon_{\mathrm{grad}}^2)`,
+    :math:`\lambda_{\min}^{+}` on the resolved subspace, the limit
+    :math:`c_{\mathrm{limit}}`) and its derivation are in :mod:`fimcore.rank`.
+
+    Args:
+        gram: symmetric (B, B) Gram matrix; its dtype is taken as the dtype it was
+            accumulated in.
+        rtol: None (the resolved rank) or an explicit tolerance ``0 <= rtol < 1`` relative
+            to :math:`\lambda_{\max}`: eigenvalues :math:`\le \mathrm{rtol}\cdot\lambda_{\max}`
+            count as zero (``rtol=0``: exact zero after clamping, the authors' released code).
+        grad_dtype: dtype of the per-sample gradients G was built from; defaults to the
+            Gram's dtype.
+        xp: array namespace; resolved from ``gram`` when None.
+
+    Returns:
+        A :class:`fimcore.rank.Resolution` of 0-D arrays (``c`` NaN when undefined).
+
+    Raises:
+        ValueError, TypeError: on a bad Gram or ``rtol`` (see :func:`truncated_condition_number`).
+
+    Example:
+        >>> import numpy as np
+        >>> from fimcore import resolution
+        >>> J = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1e-4], [0.0, 0.0]])
+        >>> r = resolution(J @ J.T)   # a duplicated row, a tiny one and a zero one
+        >>> float(r.c), int(r.rank), int(r.zero_rows), bool(r.limited)
+        (200000000.0, 2, 1, False)
+    """
+    xp = resolve_namespace(gram, xp=xp)
+    size = check_gram(gram, xp)
+    if rtol is not None:
+        rtol = resolve_rtol(rtol, size, gram.dtype, xp)
+    sym, _ = validated_symmetric(gram, xp)
+    eps_acc, eps_grad = dtype_epsilons(gram.dtype, grad_dtype, xp)
+    return jit_for(_resolution_of_symmetric, xp, static=("rtol", "eps_acc", "eps_grad", "project"))(
+        sym, rtol=rtol, eps_acc=eps_acc, eps_grad=eps_grad, project=must_project(xp))
+
+
 def truncated_condition_number(
     gram: Any,
     /,
@@ -135,14 +187,21 @@ def truncated_condition_number(
 ) -> Any:
     r"""Truncated condition number :math:`c_k = \lambda_{\max}/\lambda_{\min}^{+}` of a Gram.
 
+    :math:`\lambda_{\min}^{+}` is the smallest eigenvalue the Gram resolves (see
+    :func:`resolution` and :mod:`fimcore.rank`): rows with a zero gradient are excluded, the
+    rank is read off the diagonally scaled Gram, and the small eigenvalues of small-norm
+    samples, accurate to high relative precision even in float32, are kept.
+
     Args:
-        gram: symmetric (B, B) Gram matrix.
-        rtol: eigenvalues :math:`\le \mathrm{rtol}\cdot\lambda_{\max}` count as zero;
-            ``0 <= rtol < 1``. Default :func:`default_rtol` (B, ``grad_dtype``).
+        gram: symmetric (B, B) Gram matrix (its dtype: the dtype it was accumulated in).
+        rtol: None (the resolved rank, the default) or an explicit tolerance relative to
+            :math:`\lambda_{\max}`: eigenvalues :math:`\le \mathrm{rtol}\cdot\lambda_{\max}`
+            count as zero; ``0 <= rtol < 1``; ``rtol=0`` is the released code's "exact zero
+            after clamping".
         convention: ``"fisher"`` for the eigenvalue ratio of G (the seeds' formula) or
             ``"jacobian"`` for its square root (singular values of J).
-        grad_dtype: dtype of the per-sample gradients G was built from (sets the default
-            rtol); defaults to the Gram's dtype.
+        grad_dtype: dtype of the per-sample gradients G was built from; defaults to the
+            Gram's dtype.
         xp: array namespace; resolved from ``gram`` when None.
 
     Returns:
@@ -164,20 +223,22 @@ def truncated_condition_number(
         4.0
         >>> float(truncated_condition_number(G, convention="jacobian"))
         2.0
+        >>> G32 = np.diag([1.0, 1e-9]).astype(np.float32)   # a tiny but exact eigenvalue
+        >>> float(truncated_condition_number(G32)) > 9.9e8
+        True
+        >>> float(truncated_condition_number(G32, rtol=2 * float(np.finfo(np.float32).eps)))
+        1.0
     """
-    xp = resolve_namespace(gram, xp=xp)
-    size = check_gram(gram, xp)
     check_convention(convention)
-    rtol = resolve_rtol(rtol, size, grad_dtype if grad_dtype is not None else gram.dtype, xp)
-    sym, _ = validated_symmetric(gram, xp)
-    c, lam_max = jit_for(_condition_of_symmetric, xp)(sym, rtol)
-    if is_concrete(lam_max) and not host_scalar(lam_max) > 0:
+    res = resolution(gram, rtol=rtol, grad_dtype=grad_dtype, xp=xp)
+    if is_concrete(res.lambda_max) and not host_scalar(res.lambda_max) > 0:
         raise ValueError(
             "the truncated condition number needs λ_max > 0; received an all-zero Gram "
             "(every per-sample gradient is zero), for which λ_min⁺ does not exist. Skip "
             "this step, or use MeasureTracker, which records it as undefined."
         )
-    return xp.sqrt(c) if convention == "jacobian" else c
+    xp = resolve_namespace(res.c)
+    return xp.sqrt(res.c) if convention == "jacobian" else res.c
 
 
 def energy(gram: Any, /, *, xp: Any = None) -> Any:
@@ -271,31 +332,35 @@ def _eigs(sym: Any, *, xp: Any) -> Any:
     return xp.maximum(eigs, xp.zeros_like(eigs))
 
 
-def _condition_of_symmetric(sym: Any, rtol: Any, *, xp: Any) -> tuple[Any, Any]:
-    c, lam_max, _, _, _ = _condition(_eigs(sym, xp=xp), rtol=rtol, xp=xp)
-    return c, lam_max
+def _resolution_of_symmetric(sym: Any, *, rtol: float | None, eps_acc: float, eps_grad: float,
+                             project: bool, xp: Any) -> Resolution:
+    return condition_of(sym, _eigs(sym, xp=xp), rtol=rtol, eps_acc=eps_acc, eps_grad=eps_grad,
+                        project=project, xp=xp)
+
+
+def condition_of(sym: Any, eigs: Any, *, rtol: float | None, eps_acc: float, eps_grad: float,
+                 project: bool, xp: Any) -> Resolution:
+    """:class:`Resolution` of a symmetric Gram (compute dtype) with ascending clamped ``eigs``."""
+    if rtol is not None:
+        return legacy(eigs, xp.linalg.diagonal(sym), rtol=rtol, xp=xp)
+    return resolved(sym, eigs, eps_acc=eps_acc, eps_grad=eps_grad, project=project, xp=xp)
+
+
+def dtype_epsilons(gram_dtype: Any, grad_dtype: Any, xp: Any) -> tuple[float, float]:
+    """(ε_acc, ε_grad): eps of the accumulation dtype (at least the compute dtype's) and of the
+    per-sample gradients' dtype (default: the Gram's)."""
+    eps_acc = max(eps_of(gram_dtype, xp), eps_of(compute_dtype(xp), xp))
+    eps_grad = eps_of(grad_dtype if grad_dtype is not None else gram_dtype, xp)
+    return eps_acc, eps_grad
+
+
+def must_project(xp: Any) -> bool:
+    """Whether the value-independent (projection) route is needed: JAX, whose bodies compile."""
+    return bool(array_api_compat.is_jax_namespace(xp))
 
 
 def _trace(gram: Any, *, xp: Any) -> Any:
     return xp.sum(xp.astype(xp.linalg.diagonal(gram), compute_dtype(xp), copy=False))
-
-
-def _condition(eigs: Any, *, rtol: float, xp: Any) -> tuple[Any, Any, Any, Any, Any]:
-    """From ascending eigenvalues: (c, λ_max, λ_min⁺, rank, defined), jit-safe.
-
-    ``c`` and ``λ_min⁺`` are NaN where undefined (λ_max = 0 or non-finite input).
-    """
-    lam_max = eigs[-1]
-    above = eigs > rtol * lam_max
-    inf = xp.full_like(eigs, float("inf"))
-    lam_min = xp.min(xp.where(above, eigs, inf))
-    defined = xp.logical_and(lam_max > 0, xp.isfinite(lam_max))
-    one = xp.ones_like(lam_max)
-    nan = xp.full_like(lam_max, float("nan"))
-    c = xp.where(defined, lam_max / xp.where(defined, lam_min, one), nan)
-    lam_min = xp.where(defined, lam_min, nan)
-    rank = xp.sum(xp.astype(above, default_int_dtype(xp, device=_device(eigs))))
-    return c, lam_max, lam_min, rank, defined
 
 
 def _device(x: Any) -> Any:

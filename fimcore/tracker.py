@@ -33,26 +33,32 @@ An all-zero Gram has no :math:`\lambda_{\min}^{+}`: its :math:`c_k` is undefined
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import array_api_compat
 
 from ._namespace import host_scalar, is_concrete, jit_for, resolve_namespace, validated_symmetric
-from .measures import check_options, step_values
+from .measures import STEP_STATIC, check_options, step_values
 from .record import Measurement
 from .spectral import resolve_rtol
 
 __all__ = ["MeasureTracker"]
 
 ON_NONFINITE = ("raise", "skip")
+#: state_dict formats this release reads (/1: before resolution limits were counted)
+FORMATS = ("fimcore.MeasureTracker/1", "fimcore.MeasureTracker/2")
+FORMAT = FORMATS[-1]
 
 
 class MeasureTracker:
     r"""Stateful tracker of :math:`c_k`, :math:`I_k`, :math:`\bar C_K` and :math:`L_K`.
 
     Args:
-        rtol: truncation tolerance for :math:`\lambda_{\min}^{+}`; default
-            B·eps(grad_dtype) per step (see :func:`fimcore.default_rtol`).
+        rtol: None (default: the resolved rank of :mod:`fimcore.rank`, decided per step
+            on the diagonally scaled Gram from its accumulation and gradient dtypes) or an
+            explicit tolerance relative to :math:`\lambda_{\max}` in [0, 1) (``rtol=0``:
+            exact zero after clamping, the released code's convention).
         on_nonfinite: ``"raise"`` (default) raises ``ValueError`` naming the step on a
             Gram with NaN/inf; ``"skip"`` counts it in ``skipped`` and records it with
             ``finite=False``.
@@ -90,8 +96,9 @@ class MeasureTracker:
         self._reset()
 
     def _reset(self) -> None:
-        self._steps = self._measured = self._skipped = self._nonfinite = 0
-        self._c_sum = self._c_jacobian_sum = self._L = 0.0
+        self._steps = self._measured = self._skipped = self._nonfinite = self._limited = 0
+        self._c_sum = self._c_jacobian_sum = self._c_legacy_sum = self._L = 0.0
+        self._legacy_measured = 0
         self._history: list[Measurement] = []
 
     def update(
@@ -110,8 +117,8 @@ class MeasureTracker:
             lr: learning rate :math:`\alpha_k` in force at this iteration (>= 0).
             weight: :math:`w_k`, training iterations this measurement stands for (> 0).
             batch_size: :math:`B_k`, the actual batch size; defaults to the Gram's size.
-            grad_dtype: dtype of the per-sample gradients the Gram was built from (sets
-                the default rtol); defaults to the Gram's dtype.
+            grad_dtype: dtype of the per-sample gradients the Gram was built from (with the
+                Gram's own dtype, it sets the rank threshold); defaults to the Gram's dtype.
 
         Raises:
             ValueError: on a bad Gram (not 2-D, not square, asymmetric, negative diagonal),
@@ -120,8 +127,9 @@ class MeasureTracker:
             TypeError: on a non-floating dtype or a non-array Gram.
         """
         xp = resolve_namespace(gram)
-        size, rtol, batch = check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size,
-                                           rtol=self.rtol, grad_dtype=grad_dtype)
+        opts = check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size,
+                             rtol=self.rtol, grad_dtype=grad_dtype)
+        batch = opts["batch"]
         k = self._steps + 1
         if not is_concrete(gram):
             raise TypeError(
@@ -135,15 +143,19 @@ class MeasureTracker:
                 "the loss and gradients for overflow (lower the learning rate, use float64), "
                 "or construct MeasureTracker(on_nonfinite='skip') to count and skip such steps."
             )
-        compute = jit_for(step_values, xp, static=("batch", "symmetric"))
+        compute = jit_for(step_values, xp, static=STEP_STATIC)
         step = {name: _to_host(value) for name, value in
-                compute(sym, lr, rtol, batch=batch, symmetric=True).items()}
+                compute(sym, lr, symmetric=True, **opts).items()}
         lr_f, weight_f = host_scalar(lr), host_scalar(weight)
         self._steps = k
         if step["defined"]:
             self._measured += 1
             self._c_sum += step["c_k"]
             self._c_jacobian_sum += step["c_k_jacobian"]
+            self._limited += int(bool(step["resolution_limited"]))
+            if _finite_or_none(step["c_k_legacy"]) is not None:
+                self._c_legacy_sum += step["c_k_legacy"]
+                self._legacy_measured += 1
         else:
             self._skipped += 1
         if finite:
@@ -158,6 +170,10 @@ class MeasureTracker:
             trace=step["trace"] if finite else None,
             lambda_max=step["lambda_max"] if finite else None,
             rank=int(step["rank"]) if finite else None,
+            zero_rows=int(step["zero_rows"]) if finite else None,
+            c_limit=step["c_limit"] if step["defined"] else None,
+            resolution_limited=bool(step["resolution_limited"]),
+            c_k_legacy=_finite_or_none(step["c_k_legacy"]) if step["defined"] else None,
             defined=bool(step["defined"]),
             finite=finite,
             C_bar=self.C_bar,
@@ -180,6 +196,14 @@ class MeasureTracker:
     def C_bar_jacobian(self) -> float | None:
         r"""Mean of :math:`\sqrt{c_k}` over the defined steps (None before the first one)."""
         return self._c_jacobian_sum / self._measured if self._measured else None
+
+    @property
+    def C_bar_legacy(self) -> float | None:
+        r"""Mean of :math:`c_k` under the legacy tolerance :math:`B\varepsilon_{\mathrm{grad}}\lambda_{\max}`.
+
+        Kept for one release, to compare with :attr:`C_bar` (None before the first step).
+        """
+        return self._c_legacy_sum / self._legacy_measured if self._legacy_measured else None
 
     @property
     def L(self) -> float:
@@ -207,6 +231,20 @@ class MeasureTracker:
         return self._nonfinite
 
     @property
+    def resolution_limited(self) -> int:
+        r"""Defined steps whose :math:`c_k` is within a factor 2 of what their Gram could resolve.
+
+        Such a :math:`c_k` says more about the arithmetic than about training: accumulate the
+        Gram in float64 (or train in float64) to resolve it.
+        """
+        return self._limited
+
+    @property
+    def resolution_limited_fraction(self) -> float | None:
+        """``resolution_limited / measured`` (None before the first defined step)."""
+        return self._limited / self._measured if self._measured else None
+
+    @property
     def history(self) -> tuple[Measurement, ...]:
         """All records so far (empty with ``keep_history=False``)."""
         return tuple(self._history)
@@ -214,7 +252,7 @@ class MeasureTracker:
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable snapshot (plain ints, floats, lists, dicts, None)."""
         return {
-            "format": "fimcore.MeasureTracker/1",
+            "format": FORMAT,
             "rtol": self.rtol,
             "on_nonfinite": self.on_nonfinite,
             "keep_history": self.keep_history,
@@ -222,8 +260,11 @@ class MeasureTracker:
             "measured": self._measured,
             "skipped": self._skipped,
             "nonfinite": self._nonfinite,
+            "limited": self._limited,
             "c_sum": self._c_sum,
             "c_jacobian_sum": self._c_jacobian_sum,
+            "c_legacy_sum": self._c_legacy_sum,
+            "legacy_measured": self._legacy_measured,
             "L": self._L,
             "history": [m.to_dict() for m in self._history],
         }
@@ -234,10 +275,11 @@ class MeasureTracker:
         Raises:
             ValueError: if ``state`` is not a MeasureTracker state dict.
         """
-        if not isinstance(state, dict) or state.get("format") != "fimcore.MeasureTracker/1":
+        if not isinstance(state, dict) or state.get("format") not in FORMATS:
             raise ValueError(
                 "state must be a dict returned by MeasureTracker.state_dict() (format "
-                f"'fimcore.MeasureTracker/1'); received {type(state).__name__} with format "
+                f"{FORMAT!r}, or {FORMATS[0]!r} of the previous release); received "
+                f"{type(state).__name__} with format "
                 f"{state.get('format') if isinstance(state, dict) else None!r}."
             )
         self.__init__(rtol=state["rtol"], on_nonfinite=state["on_nonfinite"],
@@ -246,14 +288,32 @@ class MeasureTracker:
         self._measured = int(state["measured"])
         self._skipped = int(state["skipped"])
         self._nonfinite = int(state["nonfinite"])
+        self._limited = int(state.get("limited", 0))  # absent in format /1
         self._c_sum = float(state["c_sum"])
         self._c_jacobian_sum = float(state["c_jacobian_sum"])
+        if state["format"] == FORMATS[0]:
+            # a /1 state summed c_k under the legacy tolerance (then the default): those sums are
+            # the legacy ones, and C̄_K mixes both rules from here on
+            warnings.warn(
+                "loading a MeasureTracker state of the previous release: its c_k were truncated "
+                "at the legacy tolerance B·eps·λ_max, later steps use the resolved rank, so "
+                "C_bar mixes both rules (C_bar_legacy stays consistent). Start a new run for "
+                "C̄_K under one rule.", UserWarning, stacklevel=2)
+            self._c_legacy_sum, self._legacy_measured = self._c_sum, self._measured
+        else:
+            self._c_legacy_sum = float(state["c_legacy_sum"])
+            self._legacy_measured = int(state["legacy_measured"])
         self._L = float(state["L"])
         self._history = [Measurement.from_dict(d) for d in state.get("history", [])]
 
     def __repr__(self) -> str:
         return (f"MeasureTracker(steps={self._steps}, C_bar={self.C_bar}, "
-                f"C_bar_jacobian={self.C_bar_jacobian}, L={self._L}, skipped={self._skipped})")
+                f"C_bar_jacobian={self.C_bar_jacobian}, L={self._L}, skipped={self._skipped}, "
+                f"resolution_limited={self._limited})")
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if value == value and value != float("inf") else None
 
 
 def _to_host(value: Any) -> Any:

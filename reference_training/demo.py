@@ -43,6 +43,8 @@ def run_demo(args) -> int:
             ("iterations", lambda s: str(s["iterations"])),
             ("C̄_K (λmax/λmin⁺ of G)", lambda s: _num(s["C_bar"])),
             ("C̄_K √ (released code)", lambda s: _num(s["C_bar_jacobian"])),
+            ("resolution-limited", lambda s: _share(s)),
+            ("C̄_K, legacy B·eps", lambda s: _num(s["C_bar_legacy"])),
             ("L_K", lambda s: _num(s["L"])),
             ("test error", lambda s: "diverged" if s["diverged"] else f"{100 * s['test_error']:.2f} %"),
             ("train error", lambda s: "–" if s["diverged"] else f"{100 * s['train_error']:.2f} %"),
@@ -64,6 +66,13 @@ def run_demo(args) -> int:
 def _width(text: str) -> int:
     """Printed width: combining marks (the bar of C̄) take no column."""
     return sum(1 for ch in text if not unicodedata.combining(ch))
+
+
+def _share(summary) -> str:
+    """Resolution-limited steps and their percentage of the measured ones."""
+    measured = summary["measurements"] - summary["skipped_measurements"]
+    pct = f" ({100 * summary['resolution_limited'] / measured:.1f}%)" if measured else ""
+    return f"{summary['resolution_limited']}{pct}"
 
 
 def _num(v) -> str:

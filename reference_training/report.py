@@ -8,7 +8,9 @@ For every (model, dataset, epochs) group of runs found below ``RUNS_DIR`` (any f
   labelled ``s<batch>``, dynamic-sampling runs marked with stars; behind them the test error
   interpolated on a 51 × 51 grid over the log-transformed, min-max-normalised axes from the 5
   nearest runs by inverse-distance weighting, drawn with 30 contour levels.
-* ``trajectories_<group>.png`` — C̄_K and L_K against epochs for every run.
+* ``trajectories_<group>.png`` — C̄_K and L_K against epochs for every run; where a run has
+  resolution-limited steps (c_k within a factor 2 of the largest value its Gram could resolve),
+  the running mean of those limits is drawn dotted beside its C̄_K: the ceiling C̄_K could reach.
 * ``runs.csv`` — final values of every run.
 * ``report.md`` — a table in the paper's form (test error mean ± std over seeds, training time,
   C̄_K, L_K), Welch t-test p-values (``scipy.stats.ttest_ind(equal_var=False)``) between a fixed
@@ -273,14 +275,20 @@ def _plane_figure(runs: list[Run], path: Path, title: str, weights: str) -> None
     plt.close(fig)
 
 
-def _measure_x(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _measure_x(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(x in epochs, C̄_K, L_K, running mean of c_limit or None) of a run's measured steps.
+
+    The last is None unless some step was resolution-limited (records of the previous release
+    carry no limit).
+    """
     starts, lengths = {}, {}
     prev = 0
     for e in run.epochs:
         starts[e["epoch"]] = prev
         lengths[e["epoch"]] = max(e["iterations"] - prev, 1)
         prev = e["iterations"]
-    xs, cs, ls = [], [], []
+    xs, cs, ls, limits = [], [], [], []
+    limited = False
     for m in run.measures:
         ep = m["epoch"]
         if ep not in starts:
@@ -288,7 +296,15 @@ def _measure_x(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         xs.append(ep + (m["iteration"] - starts[ep] + 1) / lengths[ep])
         cs.append(m["C_bar"] if m["C_bar"] is not None else np.nan)
         ls.append(m["L"])
-    return np.array(xs), np.array(cs, dtype=float), np.array(ls, dtype=float)
+        limits.append(m["c_limit"] if m.get("c_limit") is not None else np.nan)
+        limited = limited or bool(m.get("resolution_limited"))
+    ceiling = None
+    if limited:
+        lim = np.array(limits, dtype=float)
+        seen = np.cumsum(np.isfinite(lim))
+        ceiling = np.cumsum(np.nan_to_num(lim)) / np.maximum(seen, 1)
+        ceiling[seen == 0] = np.nan
+    return np.array(xs), np.array(cs, dtype=float), np.array(ls, dtype=float), ceiling
 
 
 def _trajectory_figure(runs: list[Run], path: Path, title: str) -> None:
@@ -307,7 +323,7 @@ def _trajectory_figure(runs: list[Run], path: Path, title: str) -> None:
     seen = set()
     for col, lr in enumerate(lrs):
         for r in sorted((r for r in runs if r.lr == lr), key=lambda r: (r.dynamic, r.batch, r.label)):
-            x, cbar, L = _measure_x(r)
+            x, cbar, L, ceiling = _measure_x(r)
             if len(x) == 0:
                 continue
             style = dict(lw=1.2, alpha=0.9)
@@ -323,6 +339,11 @@ def _trajectory_figure(runs: list[Run], path: Path, title: str) -> None:
             seen.add(key)
             axes[0, col].plot(x, cbar, label=lab, **style)
             axes[1, col].plot(x, L, **style)
+            if ceiling is not None:
+                first = "limit" not in seen
+                seen.add("limit")
+                axes[0, col].plot(x, ceiling, color=style["color"], ls=(0, (1, 2)), lw=1.0,
+                                  alpha=0.8, label="resolution limit of C̄_K" if first else None)
         axes[0, col].set_title(f"LR {lr:g}", fontsize=10)
         axes[0, col].set_yscale("log")
         axes[1, col].set_yscale("log")
@@ -357,13 +378,30 @@ def _fmt_p(p: float | None) -> str:
     return "n/a (needs ≥2 seeds each)" if p is None else f"{p:.3g}"
 
 
+def _limited_cell(runs: list[Run]) -> str:
+    """Resolution-limited steps summed over the seeds, with their share of measured steps."""
+    counts = [r.summary.get("resolution_limited") for r in runs]
+    if any(c is None for c in counts):
+        return "–"  # runs of the previous release
+    measured = sum(r.summary.get("measurements", 0) - r.summary.get("skipped_measurements", 0)
+                   for r in runs)
+    share = f" ({100 * sum(counts) / measured:.1f} %)" if measured else ""
+    return f"{sum(counts)}{share}"
+
+
+def _legacy_cell(runs: list[Run]) -> str:
+    values = [r.summary.get("C_bar_legacy") for r in runs]
+    return "–" if any(v is None for v in values) else f"{np.mean(values):.4g}"
+
+
 def _group_markdown(name: str, runs: list[Run]) -> list[str]:
     s0 = runs[0].summary
     lines = [f"## {s0['model']} on {_dataset_title(s0['dataset'])}, {s0['epochs_planned']} epochs",
              ""]
     lines += ["| setting | LR | seeds | test error (%, mean ± std) | train error (%) | training time | "
-              "iterations | C̄_K | C̄_K (√, released code) | L_K | diverged |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "iterations | C̄_K | C̄_K (√, released code) | L_K | resolution-limited steps | "
+              "C̄_K (legacy B·eps tolerance) | diverged |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = _settings(runs)
     order = sorted(by, key=lambda k: (k[1], by[k][0].dynamic, by[k][0].batch, k[0]))
     for key in order:
@@ -381,9 +419,9 @@ def _group_markdown(name: str, runs: list[Run]) -> list[str]:
             lines.append(f"| {key[0]} | {key[1]:g} | {len(ok)} | {_pm(e_m, e_s, len(ok))} | "
                          f"{_pm(t_m, t_s, len(ok))} | {_fmt_time(w_m)} | {it_m:.0f} | {c_m:.4g} | "
                          f"{cj:.4g} | "
-                         f"{l_m:.4g} | {div} |")
+                         f"{l_m:.4g} | {_limited_cell(ok)} | {_legacy_cell(ok)} | {div} |")
         else:
-            lines.append(f"| {key[0]} | {key[1]:g} | 0 | – | – | – | – | – | – | – | {div} |")
+            lines.append(f"| {key[0]} | {key[1]:g} | 0 | – | – | – | – | – | – | – | – | – | {div} |")
     lines.append("")
     # Welch tests: s<A> vs s<A>-to-<B> vs s<A>-to-<B>-MS at the same LR.
     tests = []
@@ -450,8 +488,12 @@ def make_report(runs_dir: str | Path, out: str | Path | None = None, *, title: s
     md = [f"# {title or 'Report'}", "",
           f"Runs read from `{runs_dir}` ({len(runs)} runs). Test error is the final-epoch top-1 "
           "error; training time is the wall time of training and per-epoch evaluation. "
-          "C̄_K uses λ_max/λ_min⁺ of G (the paper's formula); the √ column is the released "
-          "code's version on singular values of J.", ""]
+          "C̄_K uses λ_max/λ_min⁺ of G (the paper's formula), λ_min⁺ the smallest eigenvalue "
+          "the Gram resolves (rank decided on the diagonally scaled Gram from its dtypes); the √ "
+          "column is the released code's version on singular values of J. A step is "
+          "resolution-limited when its c_k is within a factor 2 of the largest value its Gram "
+          "could resolve; the legacy column truncates at B·eps·λ_max instead (the previous "
+          "default, which capped c_k at 1/(B·eps)).", ""]
     for name, members in sorted(groups.items()):
         s0 = members[0].summary
         head = f"{s0['model']}, {_dataset_title(s0['dataset'])}, {s0['epochs_planned']} epochs"
@@ -467,7 +509,8 @@ def make_report(runs_dir: str | Path, out: str | Path | None = None, *, title: s
 
 
 _CSV_KEYS = ("model", "dataset", "label", "lr", "seed", "epochs", "iterations", "diverged",
-             "test_error", "train_error", "C_bar", "C_bar_jacobian", "L", "wall_time_s")
+             "test_error", "train_error", "C_bar", "C_bar_jacobian", "L", "wall_time_s",
+             "resolution_limited", "resolution_limited_fraction", "C_bar_legacy")
 
 
 def _write_csv(runs: list[Run], path: Path, root: Path) -> None:

@@ -13,6 +13,9 @@ with weight w = the iterations it stands for (itself and the unmeasured ones tha
 the next measurement or the end of the epoch), so
 
     c_k = λ_max(G_k) / λ_min⁺(G_k),   C̄_K = mean of measured c_k,
+    (λ_min⁺: the smallest eigenvalue G_k resolves, see fimcore.rank; each record also carries
+    c_limit, the largest c_k that Gram could resolve, and whether c_k came within a factor 2 of
+    it, and c_k_legacy under the previous tolerance B·eps·λ_max)
     I_k = (α_k / B_k) · sqrt(Tr G_k), L_K = Σ_measured w_k · I_k.
 
 Outputs in the run directory: ``config.json``, ``metrics.jsonl`` (one ``"measure"`` line per
@@ -345,7 +348,8 @@ def train(
                         "c_k": m.c_k, "c_k_jacobian": m.c_k_jacobian, "I_k": m.I_k,
                         "trace": m.trace, "C_bar": m.C_bar, "C_bar_jacobian": m.C_bar_jacobian,
                         "L": m.L, "grad_norm": _grad_norm(model), "lambda_max": m.lambda_max,
-                        "rank": m.rank,
+                        "rank": m.rank, "zero_rows": m.zero_rows, "c_limit": m.c_limit,
+                        "resolution_limited": m.resolution_limited, "c_k_legacy": m.c_k_legacy,
                     }) + "\n")
                     metrics.flush()
                 optimizer.step()
@@ -375,6 +379,8 @@ def train(
                 "test_loss": test_loss, "test_error": test_error,
                 "train_time_s": t_train, "test_time_s": t_test, "wall_time_s": elapsed,
                 "C_bar": tracker.C_bar, "C_bar_jacobian": tracker.C_bar_jacobian, "L": tracker.L,
+                "resolution_limited": tracker.resolution_limited,
+                "C_bar_legacy": tracker.C_bar_legacy,
             }
             metrics.write(_dumps(rec) + "\n")
             metrics.flush()
@@ -423,9 +429,12 @@ def _summary(config, model, schedule, tracker, epochs_log, iteration, elapsed, t
         "iterations": iteration,
         "measurements": int(tracker.steps),
         "skipped_measurements": int(tracker.skipped),
+        "resolution_limited": int(tracker.resolution_limited),
+        "resolution_limited_fraction": _json_value(tracker.resolution_limited_fraction),
         "parameters": count_parameters(model),
         "C_bar": _json_value(tracker.C_bar),
         "C_bar_jacobian": _json_value(tracker.C_bar_jacobian),
+        "C_bar_legacy": _json_value(tracker.C_bar_legacy),
         "L": _json_value(tracker.L),
         "test_error": None if diverged else last.get("test_error"),
         "best_test_error": min(test_errors) if test_errors and not diverged else None,

@@ -93,20 +93,34 @@ def test_batch_of_one_gives_one(xp):
         assert float(fimcore.truncated_condition_number(xp.asarray([[value]]))) == 1.0
 
 
-def test_default_rtol_truncates_at_B_eps_of_grad_dtype(xp):
+def test_explicit_rtol_truncates_relative_to_lambda_max(xp):
+    """An explicit rtol is the legacy rule: λ <= rtol·λ_max counts as zero."""
     eps32 = float(np.finfo(np.float32).eps)
-    # B = 2: float64 threshold 2·eps64·λ_max; float32 threshold 2·eps32·λ_max ≈ 2.4e-7
+    G = xp.asarray(np.diag([1.0, 1e-7]))
+    assert float(fimcore.truncated_condition_number(G, rtol=2 * eps32)) == 1.0
+    assert float(fimcore.truncated_condition_number(G, rtol=1e-8)) == pytest.approx(1e7, rel=1e-12)
+    G32 = xp.asarray(np.diag([1.0, 4 * eps32]), dtype=xp.float32)
+    assert float(fimcore.truncated_condition_number(G32, rtol=2 * eps32)) == pytest.approx(
+        1 / (4 * eps32), rel=1e-6)
+    # rtol=0 keeps every strictly positive eigenvalue (exact zero after clamping)
+    G = xp.asarray(np.diag([1.0, 1e-20, 0.0]))
+    assert float(fimcore.truncated_condition_number(G, rtol=0.0)) == pytest.approx(1e20)
+    r = fimcore.resolution(G, rtol=0.0)
+    assert int(r.rank) == 2 and int(r.zero_rows) == 1
+
+
+def test_default_keeps_exact_small_eigenvalues_of_graded_grams(xp):
+    """Diagonal Grams are exact in any dtype: nothing above the zero rows is cut."""
     G = xp.asarray(np.diag([1.0, 1e-7]))
     assert float(fimcore.truncated_condition_number(G)) == pytest.approx(1e7, rel=1e-12)
-    assert float(fimcore.truncated_condition_number(G, grad_dtype=xp.float32)) == 1.0
-    G32 = xp.asarray(np.diag([1.0, 1e-7]), dtype=xp.float32)  # judged by float32's eps
-    assert float(fimcore.truncated_condition_number(G32)) == 1.0
-    G32 = xp.asarray(np.diag([1.0, 4 * eps32]), dtype=xp.float32)
-    assert float(fimcore.truncated_condition_number(G32)) == pytest.approx(1 / (4 * eps32), rel=1e-6)
-    # explicit rtol=0 keeps every strictly positive eigenvalue
+    assert float(fimcore.truncated_condition_number(G, grad_dtype=xp.float32)) == pytest.approx(1e7, rel=1e-12)
+    G32 = xp.asarray(np.diag([1.0, 1e-7]), dtype=xp.float32)
+    assert float(fimcore.truncated_condition_number(G32)) == pytest.approx(
+        1.0 / float(np.float32(1e-7)), rel=1e-12)
+    # a zero row is excluded and counted, the 1e-20 row is resolved
     G = xp.asarray(np.diag([1.0, 1e-20, 0.0]))
-    assert float(fimcore.truncated_condition_number(G)) == 1.0
-    assert float(fimcore.truncated_condition_number(G, rtol=0.0)) == pytest.approx(1e20)
+    r = fimcore.resolution(G)
+    assert float(r.c) == pytest.approx(1e20) and int(r.rank) == 2 and int(r.zero_rows) == 1
 
 
 def test_default_rtol_values(xp):

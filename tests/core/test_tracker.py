@@ -98,11 +98,17 @@ def test_nonfinite_gram_skipped_when_asked(xp):
     json.dumps(tracker.state_dict())
 
 
-def test_grad_dtype_sets_default_rtol(xp):
+def test_graded_eigenvalue_is_kept_and_legacy_value_recorded(xp):
+    """diag(1, 1e-7) is exact in any dtype: the resolved rank keeps 1e-7; the legacy tolerance
+    B·eps32·λ_max (≈ 2.4e-7) cut it, and the record keeps that value beside the new one."""
     G = xp.asarray(np.diag([1.0, 1e-7]))
-    assert fimcore.MeasureTracker().update(G, lr=0.1).c_k == pytest.approx(1e7)
+    for grad_dtype in (None, xp.float32):
+        m = fimcore.MeasureTracker().update(G, lr=0.1, grad_dtype=grad_dtype)
+        assert m.c_k == pytest.approx(1e7, rel=1e-12) and m.rank == 2 and m.zero_rows == 0
+        assert not m.resolution_limited and m.c_limit > 1e12
     m = fimcore.MeasureTracker().update(G, lr=0.1, grad_dtype=xp.float32)
-    assert m.c_k == 1.0 and m.rank == 1
+    assert m.c_k_legacy == 1.0
+    assert fimcore.MeasureTracker().update(G, lr=0.1).c_k_legacy == pytest.approx(1e7)
 
 
 def test_batch_size_overrides_gram_size_in_I_k(xp):
@@ -230,7 +236,7 @@ def test_update_errors(xp):
 def test_measurement_from_dict_rejects_unknown_fields():
     m = fimcore.MeasureTracker().update(np.eye(2), lr=0.1)
     assert fimcore.Measurement.from_dict(m.to_dict()) == m
-    with pytest.raises(ValueError, match="exactly the fields"):
+    with pytest.raises(ValueError, match="must have the fields"):
         fimcore.Measurement.from_dict({**m.to_dict(), "extra": 1})
 
 

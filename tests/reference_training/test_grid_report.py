@@ -155,3 +155,23 @@ def test_demo_prints_both_runs_side_by_side_and_writes_figures(tmp_path, capsys,
     assert len(list((out / "report").glob("*.png"))) == 2
     s = json.loads((out / "s16-to-64" / "summary.json").read_text())
     assert s["batch_sizes"] == [16, 23, 32, 45, 64] and s["lr"] == 0.05
+
+
+def test_trajectory_ceiling_drawn_only_for_runs_with_limited_steps(tmp_path):
+    from reference_training.report import Run, _measure_x
+
+    epochs = [{"type": "epoch", "epoch": 0, "iterations": 4}]
+    measures = [{"type": "measure", "epoch": 0, "iteration": i, "C_bar": 10.0, "L": 1.0 + i,
+                 "c_limit": limit, "resolution_limited": limited}
+                for i, (limit, limited) in enumerate([(100.0, False), (20.0, True), (None, False),
+                                                      (60.0, False)])]
+    run = Run(tmp_path, {}, {"label": "s4", "lr": 0.1, "batch_sizes": [4]}, measures, epochs)
+    x, cbar, L, ceiling = _measure_x(run)
+    np.testing.assert_allclose(x, [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(ceiling, [100.0, 60.0, 60.0, 60.0])  # running mean of known limits
+    for m in measures:
+        m["resolution_limited"] = False
+    assert _measure_x(run)[3] is None
+    for m in measures:  # records of the previous release carry no limit fields
+        m.pop("c_limit"), m.pop("resolution_limited")
+    assert _measure_x(run)[3] is None
