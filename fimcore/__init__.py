@@ -18,6 +18,7 @@ imports no framework.
 
 from .gram import gram
 from .record import Measurement
+from .results import GramResult
 from .schedule import StagedBatchSchedule, paper_lr_milestones
 from .rank import Resolution, rank_tolerance
 from .spectral import (
@@ -34,6 +35,7 @@ from .tracker import MeasureTracker
 __version__ = "0.1.0"
 
 __all__ = [
+    "GramResult",
     "MeasureState",
     "MeasureTracker",
     "Measurement",

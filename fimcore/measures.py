@@ -12,10 +12,12 @@ Source: Liao et al., IEEE TPAMI 2020, arXiv 1810.06767. Over the measured iterat
 with :math:`c_k = \lambda_{\max}(G_k)/\lambda_{\min}^{+}(G_k)` and :math:`w_k` the number of
 training iterations measurement k stands for.
 
-:func:`measure_init` / :func:`measure_update` never raise on values and never branch on them
-in Python: a non-finite Gram or an undefined :math:`c_k` (all-zero Gram) is flagged in the
-state (``finite``, ``defined``) and counted, so the pair works under ``jax.jit`` and as a
-``lax.scan`` carry. :class:`fimcore.MeasureTracker` wraps the same per-step computation with
+The state holds a step counter, a count of non-finite Grams and one state per statistic
+(:mod:`fimcore.stats`; by default :class:`~fimcore.stats.Condition` and
+:class:`~fimcore.stats.Energy`). :func:`measure_init` / :func:`measure_update` never raise on
+values and never branch on them in Python: a non-finite Gram or an undefined :math:`c_k`
+(all-zero Gram) is flagged in the state and counted, so the pair works under ``jax.jit`` and as
+a ``lax.scan`` carry. :class:`fimcore.MeasureTracker` wraps the same per-step computation with
 host-side checks, records and checkpoints.
 """
 
@@ -33,58 +35,68 @@ from ._namespace import (
     jit_for,
     resolve_namespace,
 )
-from .rank import legacy
-from .spectral import (_eigs, condition_of, default_rtol, dtype_epsilons, must_project,
-                       resolve_rtol, symmetrise)
+from .spectral import _eigs, default_rtol, dtype_epsilons, must_project, symmetrise
+from .stats import DEFAULT, Condition, Energy, Statistic, StepInputs
 
 __all__ = ["MeasureState", "measure_init", "measure_update"]
 
 
 class MeasureState(NamedTuple):
-    r"""State of the pure running measures (every field a scalar or 0-D array).
+    r"""State of the pure running measures.
 
-    Running totals: ``steps`` (updates so far, k of the last one), ``measured`` (steps with
-    a defined :math:`c_k`), ``skipped`` (steps without: undefined or non-finite),
-    ``nonfinite`` (of which non-finite), ``limited`` (defined steps whose :math:`c_k` is
-    within a factor 2 of the largest value the Gram could resolve), ``c_sum`` =
-    :math:`\sum c_k`, ``c_jacobian_sum`` = :math:`\sum\sqrt{c_k}` over defined steps, and
-    ``L`` = :math:`L_K = \sum_k w_k I_k`. Hence :math:`\bar C_K` = ``c_sum / measured``.
+    Attributes:
+        steps: updates so far (k of the last one).
+        nonfinite: updates whose Gram held NaN or inf.
+        stats: one state per statistic, in the order of the statistics tuple.
 
-    Last step: ``c_k``, ``c_k_jacobian`` (NaN when undefined), ``I_k``, ``trace``,
-    ``lambda_max``, ``rank`` (resolved rank), ``zero_rows`` (samples with a zero gradient,
-    excluded), ``c_limit`` (:math:`c_{\mathrm{limit}}`, the largest resolvable
-    :math:`c_k`), ``resolution_limited`` (:math:`c_k \ge c_{\mathrm{limit}}/2`),
-    ``c_k_legacy`` (:math:`c_k` under the legacy tolerance :math:`B\varepsilon_{\mathrm{grad}}
-    \lambda_{\max}`, kept for one release), ``defined``, ``finite`` (NaN fields where the
-    Gram was not finite). The rule: :mod:`fimcore.rank`.
+    Fields of the statistics' states read through, for the default pair: ``state.c_k``,
+    ``state.c_sum / state.measured`` (:math:`\bar C_K`), ``state.L`` (:math:`L_K`), ...
     """
 
     steps: Any
-    measured: Any
-    skipped: Any
     nonfinite: Any
-    limited: Any
-    c_sum: Any
-    c_jacobian_sum: Any
-    L: Any
-    c_k: Any
-    c_k_jacobian: Any
-    I_k: Any
-    trace: Any
-    lambda_max: Any
-    rank: Any
-    zero_rows: Any
-    c_limit: Any
-    resolution_limited: Any
-    c_k_legacy: Any
-    defined: Any
-    finite: Any
+    stats: tuple
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        for sub in tuple.__getitem__(self, 2):
+            if name in getattr(type(sub), "_fields", ()):
+                return getattr(sub, name)
+        raise AttributeError(f"MeasureState has no field {name!r} (statistics' fields: "
+                             f"{[f for s in tuple.__getitem__(self, 2) for f in s._fields]})")
 
 
-def measure_init(*, xp: Any = None, device: Any = None) -> MeasureState:
+def resolve_statistics(statistics: Any, rtol: float | None) -> tuple[Statistic, ...]:
+    """The statistics tuple: ``statistics``, or the default pair with ``rtol`` applied.
+
+    Raises:
+        TypeError: an entry is not a :class:`fimcore.stats.Statistic`.
+        ValueError: both ``statistics`` and ``rtol`` are given, or two share a name.
+    """
+    if statistics is None:
+        return DEFAULT if rtol is None else (Condition(rtol=rtol), Energy())
+    if rtol is not None:
+        raise ValueError("pass rtol either to Condition(rtol=...) inside statistics or alone, not "
+                         "both; received statistics and rtol.")
+    stats = tuple(statistics)
+    bad = [s for s in stats if not isinstance(s, Statistic)]
+    if bad or not stats:
+        raise TypeError(f"statistics must be a non-empty sequence of fimcore.stats.Statistic "
+                        f"instances; received {[type(s).__name__ for s in bad] or 'none'}.")
+    names = [s.name for s in stats]
+    if len(set(names)) != len(names):
+        raise ValueError(f"statistics must have distinct names; received {names}.")
+    return stats
+
+
+def measure_init(*, statistics: Any = None, rtol: float | None = None, xp: Any = None,
+                 device: Any = None) -> MeasureState:
     """Initial :class:`MeasureState`: zero totals, no last step.
 
     Args:
+        statistics: the statistics to keep (default ``(Condition(), Energy())``).
+        rtol: shorthand for ``statistics=(Condition(rtol=rtol), Energy())``.
         xp: namespace to build the state in (needed when the state is a ``lax.scan``
             carry, whose dtypes must not change); Python scalars when None.
         device: device of the arrays when ``xp`` is given.
@@ -97,26 +109,13 @@ def measure_init(*, xp: Any = None, device: Any = None) -> MeasureState:
         >>> int(state.steps), float(state.c_sum / state.measured), bool(state.defined)
         (1, 4.0, True)
     """
-    nan = float("nan")
-    fields = dict(
-        steps=0, measured=0, skipped=0, nonfinite=0, limited=0, c_sum=0.0,
-        c_jacobian_sum=0.0, L=0.0, c_k=nan, c_k_jacobian=nan, I_k=nan, trace=nan,
-        lambda_max=nan, rank=0, zero_rows=0, c_limit=nan, resolution_limited=False,
-        c_k_legacy=nan, defined=False, finite=True,
-    )
+    stats = resolve_statistics(statistics, rtol)
     if xp is None:
-        return MeasureState(**fields)
-    fdt, idt = compute_dtype(xp), default_int_dtype(xp, device)
-    return MeasureState(
-        **{
-            name: xp.asarray(
-                value,
-                dtype=xp.bool if isinstance(value, bool) else idt if isinstance(value, int) else fdt,
-                device=device,
-            )
-            for name, value in fields.items()
-        }
-    )
+        counters = (0, 0)
+    else:
+        idt = default_int_dtype(xp, device)
+        counters = tuple(xp.asarray(0, dtype=idt, device=device) for _ in range(2))
+    return MeasureState(*counters, tuple(s.init(xp=xp, device=device) for s in stats))
 
 
 def measure_update(
@@ -128,6 +127,9 @@ def measure_update(
     batch_size: int | None = None,
     rtol: float | None = None,
     grad_dtype: Any = None,
+    statistics: Any = None,
+    num_params: int | None = None,
+    blocks: dict | None = None,
     xp: Any = None,
 ) -> MeasureState:
     r"""Add one measured iteration to the running measures (pure, ``jax.jit``-safe).
@@ -141,9 +143,11 @@ def measure_update(
         lr: learning rate :math:`\alpha_k` in force (>= 0).
         weight: :math:`w_k`, training iterations this measurement stands for (> 0).
         batch_size: :math:`B_k`; defaults to the Gram's size.
-        rtol: None (the resolved rank of :mod:`fimcore.rank`) or an explicit tolerance
-            relative to :math:`\lambda_{\max}` (``rtol=0``: exact zero after clamping).
+        rtol: shorthand for ``statistics=(Condition(rtol=rtol), Energy())``.
         grad_dtype: dtype of the per-sample gradients the Gram was built from.
+        statistics: the statistics ``state`` was initialised with (default pair).
+        num_params: P, the number of parameters the Gram covers (statistics that need it).
+        blocks: per-layer Grams ``{layer: (B, B)}`` summing to ``gram`` (per-layer statistics).
         xp: array namespace; resolved from ``gram`` when None.
 
     Returns:
@@ -151,64 +155,45 @@ def measure_update(
 
     Raises:
         ValueError, TypeError: on bad metadata (as :func:`fimcore.spectrum`,
-            :func:`fimcore.weighted_energy`), never on values.
+            :func:`fimcore.weighted_energy`), or statistics that do not match ``state``;
+            never on values.
     """
     xp = resolve_namespace(gram, xp=xp)
-    opts = check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size, rtol=rtol,
-                         grad_dtype=grad_dtype)
-    step = jit_for(step_values, xp, static=STEP_STATIC)(gram, lr, **opts)
-    zero = xp.zeros_like(step["c_k"])
+    stats = resolve_statistics(statistics, rtol)
+    if len(stats) != len(state.stats):
+        raise ValueError(f"state holds {len(state.stats)} statistics but {len(stats)} were given; "
+                         "pass the statistics measure_init was called with.")
+    opts = check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size,
+                         grad_dtype=grad_dtype, num_params=num_params)
+    new, finite = jit_for(update_statistics, xp, static=STEP_STATIC)(
+        state.stats, gram, lr, weight, blocks, statistics=stats, **opts)
     int_dtype = getattr(state.steps, "dtype", None)
     if int_dtype is None:
         int_dtype = default_int_dtype(xp)
-
-    def one_if(flag: Any) -> Any:
-        return xp.astype(flag, int_dtype)
-
-    defined, finite = step["defined"], step["finite"]
-    return MeasureState(
-        steps=state.steps + 1,
-        measured=state.measured + one_if(defined),
-        skipped=state.skipped + one_if(xp.logical_not(defined)),
-        nonfinite=state.nonfinite + one_if(xp.logical_not(finite)),
-        limited=state.limited + one_if(step["resolution_limited"]),
-        c_sum=state.c_sum + xp.where(defined, step["c_k"], zero),
-        c_jacobian_sum=state.c_jacobian_sum + xp.where(defined, step["c_k_jacobian"], zero),
-        L=state.L + xp.where(finite, weight * step["I_k"], zero),
-        c_k=step["c_k"],
-        c_k_jacobian=step["c_k_jacobian"],
-        I_k=step["I_k"],
-        trace=step["trace"],
-        lambda_max=step["lambda_max"],
-        rank=step["rank"],
-        zero_rows=step["zero_rows"],
-        c_limit=step["c_limit"],
-        resolution_limited=step["resolution_limited"],
-        c_k_legacy=step["c_k_legacy"],
-        defined=defined,
-        finite=finite,
-    )
+    return MeasureState(state.steps + 1,
+                        state.nonfinite + xp.astype(xp.logical_not(finite), int_dtype), new)
 
 
-#: keyword arguments of :func:`step_values` that are Python values (static under ``jax.jit``)
-STEP_STATIC = ("batch", "rtol", "legacy_rtol", "eps_acc", "eps_grad", "project", "symmetric")
+#: keyword arguments of :func:`update_statistics` that are Python values (static under ``jax.jit``)
+STEP_STATIC = ("statistics", "batch", "legacy_rtol", "eps_acc", "eps_grad", "project",
+               "num_params", "symmetric")
 
 
 def check_options(
-    gram: Any, xp: Any, *, lr: Any, weight: Any, batch_size: int | None, rtol: float | None,
-    grad_dtype: Any,
+    gram: Any, xp: Any, *, lr: Any, weight: Any, batch_size: int | None, grad_dtype: Any,
+    num_params: int | None = None,
 ) -> dict[str, Any]:
-    """Validate the metadata of one update; return the static options of :func:`step_values`."""
+    """Validate the metadata of one update; return the static options of :func:`update_statistics`."""
     size = check_gram(gram, xp)
     check_nonnegative_number(lr, name="lr")
     check_positive_number(weight, name="weight")
     batch = size if batch_size is None else check_positive_int(batch_size, name="batch_size")
-    if rtol is not None:
-        rtol = resolve_rtol(rtol, size, gram.dtype, xp)
+    if num_params is not None:
+        num_params = check_positive_int(num_params, name="num_params")
     grad = grad_dtype if grad_dtype is not None else gram.dtype
     eps_acc, eps_grad = dtype_epsilons(gram.dtype, grad, xp)
-    return dict(batch=batch, rtol=rtol, legacy_rtol=_legacy_rtol(size, grad, xp),
-                eps_acc=eps_acc, eps_grad=eps_grad, project=must_project(xp))
+    return dict(batch=batch, legacy_rtol=_legacy_rtol(size, grad, xp), eps_acc=eps_acc,
+                eps_grad=eps_grad, project=must_project(xp), num_params=num_params)
 
 
 def _legacy_rtol(size: int, dtype: Any, xp: Any) -> float:
@@ -219,11 +204,12 @@ def _legacy_rtol(size: int, dtype: Any, xp: Any) -> float:
         return 0.0
 
 
-def step_values(
-    gram: Any, lr: Any, *, batch: int, rtol: float | None, legacy_rtol: float, eps_acc: float,
-    eps_grad: float, project: bool, xp: Any, symmetric: bool = False,
-) -> dict[str, Any]:
-    """Per-iteration quantities, NaN-flagged instead of raising (no value branching).
+def update_statistics(
+    states: tuple, gram: Any, lr: Any, weight: Any, blocks: dict | None, *,
+    statistics: tuple[Statistic, ...], batch: int, legacy_rtol: float, eps_acc: float,
+    eps_grad: float, project: bool, num_params: int | None, xp: Any, symmetric: bool = False,
+) -> tuple[tuple, Any]:
+    """Every statistic's next state and the finiteness flag of the Gram (no value branching).
 
     ``symmetric=True`` says ``gram`` is already (G + Gᵀ)/2 in the compute dtype.
     """
@@ -231,25 +217,10 @@ def step_values(
     finite = xp.isfinite(xp.max(xp.abs(g)))  # max propagates NaN; inf stays inf
     g = xp.where(finite, g, xp.zeros_like(g))
     sym = g if symmetric else symmetrise(g, xp=xp)
-    eigs = _eigs(sym, xp=xp)
-    res = condition_of(sym, eigs, rtol=rtol, eps_acc=eps_acc, eps_grad=eps_grad,
-                       project=project, xp=xp)
-    old = legacy(eigs, xp.linalg.diagonal(sym), rtol=legacy_rtol, xp=xp)
-    nan = xp.full_like(res.c, float("nan"))
-    trace = xp.sum(xp.linalg.diagonal(sym))
-    i_k = (lr / batch) * xp.sqrt(xp.maximum(trace, xp.zeros_like(trace)))
-    defined = xp.logical_and(res.defined, finite)
-    return {
-        "c_k": res.c,
-        "c_k_jacobian": xp.sqrt(res.c),
-        "I_k": xp.where(finite, i_k, nan),
-        "trace": xp.where(finite, trace, nan),
-        "lambda_max": xp.where(finite, res.lambda_max, nan),
-        "rank": res.rank,
-        "zero_rows": res.zero_rows,
-        "c_limit": res.limit,
-        "resolution_limited": xp.logical_and(res.limited, finite),
-        "c_k_legacy": old.c,
-        "defined": defined,
-        "finite": finite,
-    }
+    if blocks is not None:
+        blocks = {name: symmetrise(xp.where(finite, b, xp.zeros_like(b)), xp=xp)
+                  for name, b in blocks.items()}
+    step = StepInputs(gram=sym, eigs=_eigs(sym, xp=xp), finite=finite, lr=lr, weight=weight,
+                      batch=batch, eps_acc=eps_acc, eps_grad=eps_grad, legacy_rtol=legacy_rtol,
+                      project=project, num_params=num_params, blocks=blocks)
+    return tuple(stat.update(s, step, xp=xp) for stat, s in zip(statistics, states)), finite

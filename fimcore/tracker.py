@@ -15,7 +15,9 @@ it), so measuring every n-th step still estimates the full sum. ``C_bar_jacobian
 mean of :math:`\sqrt{c_k}` (the released code's convention); a mean of square roots is not
 the square root of a mean, so both are kept.
 
-Two layers, in the style of optax:
+The statistics kept are a tuple (:mod:`fimcore.stats`; by default
+``(Condition(), Energy())``), each a pure ``init``/``update`` pair over its own state. Two
+layers, in the style of optax:
 
 * a pure pair :func:`measure_init` / :func:`measure_update` (:mod:`fimcore.measures`)
   over the NamedTuple :class:`MeasureState`. It never raises on values and never branches on them in Python,
@@ -33,32 +35,35 @@ An all-zero Gram has no :math:`\lambda_{\min}^{+}`: its :math:`c_k` is undefined
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
-import array_api_compat
-
 from ._namespace import host_scalar, is_concrete, jit_for, resolve_namespace, validated_symmetric
-from .measures import STEP_STATIC, check_options, step_values
+from .measures import STEP_STATIC, check_options, resolve_statistics, update_statistics
 from .record import Measurement
-from .spectral import resolve_rtol
+from .results import GramResult
+from .stats.base import statistic_from_config, to_host
 
 __all__ = ["MeasureTracker"]
 
 ON_NONFINITE = ("raise", "skip")
-#: state_dict formats this release reads (/1: before resolution limits were counted)
-FORMATS = ("fimcore.MeasureTracker/1", "fimcore.MeasureTracker/2")
+#: state_dict formats this release reads (/1: 0.1.0; /2: before statistics were composable)
+FORMATS = ("fimcore.MeasureTracker/1", "fimcore.MeasureTracker/2", "fimcore.MeasureTracker/3")
 FORMAT = FORMATS[-1]
 
 
 class MeasureTracker:
-    r"""Stateful tracker of :math:`c_k`, :math:`I_k`, :math:`\bar C_K` and :math:`L_K`.
+    r"""Stateful tracker of :math:`c_k`, :math:`I_k`, :math:`\bar C_K`, :math:`L_K` (and more statistics).
 
     Args:
         rtol: None (default: the resolved rank of :mod:`fimcore.rank`, decided per step
             on the diagonally scaled Gram from its accumulation and gradient dtypes) or an
             explicit tolerance relative to :math:`\lambda_{\max}` in [0, 1) (``rtol=0``:
-            exact zero after clamping, the released code's convention).
+            exact zero after clamping, the released code's convention). Shorthand for
+            ``statistics=(Condition(rtol=rtol), Energy())``.
+        statistics: the statistics to keep (:mod:`fimcore.stats`), default
+            ``(Condition(), Energy())``; further ones add their fields to every record.
         on_nonfinite: ``"raise"`` (default) raises ``ValueError`` naming the step on a
             Gram with NaN/inf; ``"skip"`` counts it in ``skipped`` and records it with
             ``finite=False``.
@@ -66,7 +71,8 @@ class MeasureTracker:
             ``state_dict()``).
 
     Raises:
-        ValueError: on an unknown ``on_nonfinite`` or an ``rtol`` outside [0, 1).
+        ValueError: on an unknown ``on_nonfinite``, an ``rtol`` outside [0, 1), or both
+            ``rtol`` and ``statistics``.
 
     Example:
         >>> import numpy as np
@@ -81,24 +87,31 @@ class MeasureTracker:
     """
 
     def __init__(
-        self, *, rtol: float | None = None, on_nonfinite: str = "raise", keep_history: bool = True
+        self, *, rtol: float | None = None, statistics: Any = None, on_nonfinite: str = "raise",
+        keep_history: bool = True,
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(
                 f"on_nonfinite must be one of {ON_NONFINITE}; received {on_nonfinite!r}. "
                 "Use 'raise' to stop on NaN/inf Grams or 'skip' to count and skip them."
             )
-        if rtol is not None:
-            rtol = resolve_rtol(rtol, 1, None, None)
-        self.rtol = rtol
+        self.statistics = resolve_statistics(statistics, rtol)
         self.on_nonfinite = on_nonfinite
         self.keep_history = bool(keep_history)
         self._reset()
 
+    @property
+    def rtol(self) -> float | None:
+        """The explicit tolerance of the condition statistic (None: the resolved rank)."""
+        cond = self._by_name.get("condition")
+        return None if cond is None else cond.rtol
+
     def _reset(self) -> None:
-        self._steps = self._measured = self._skipped = self._nonfinite = self._limited = 0
-        self._c_sum = self._c_jacobian_sum = self._c_legacy_sum = self._L = 0.0
-        self._legacy_measured = 0
+        self._by_name = {s.name: s for s in self.statistics}
+        self._steps = self._nonfinite = 0
+        self._states = tuple(s.init() for s in self.statistics)
+        self._last: dict[str, dict[str, Any]] = {s.name: s.record(st)
+                                                 for s, st in zip(self.statistics, self._states)}
         self._history: list[Measurement] = []
 
     def update(
@@ -109,16 +122,22 @@ class MeasureTracker:
         weight: float = 1,
         batch_size: int | None = None,
         grad_dtype: Any = None,
+        num_params: int | None = None,
+        blocks: dict | None = None,
     ) -> Measurement:
         r"""Record one measured iteration and return its :class:`Measurement`.
 
         Args:
-            gram: (B, B) Gram matrix :math:`G_k` of any array library.
+            gram: (B, B) Gram matrix :math:`G_k` of any array library, or a
+                :class:`fimcore.GramResult` (its ``grad_dtype``, ``batch_size``,
+                ``num_params`` and ``blocks`` are used unless given here).
             lr: learning rate :math:`\alpha_k` in force at this iteration (>= 0).
             weight: :math:`w_k`, training iterations this measurement stands for (> 0).
             batch_size: :math:`B_k`, the actual batch size; defaults to the Gram's size.
             grad_dtype: dtype of the per-sample gradients the Gram was built from (with the
                 Gram's own dtype, it sets the rank threshold); defaults to the Gram's dtype.
+            num_params: P, parameters the Gram covers (for statistics that need it).
+            blocks: per-layer Grams summing to G (for per-layer statistics).
 
         Raises:
             ValueError: on a bad Gram (not 2-D, not square, asymmetric, negative diagonal),
@@ -126,10 +145,15 @@ class MeasureTracker:
                 ``on_nonfinite="raise"`` — a Gram with NaN/inf (the message names step k).
             TypeError: on a non-floating dtype or a non-array Gram.
         """
+        if isinstance(gram, GramResult):
+            grad_dtype = gram.grad_dtype if grad_dtype is None else grad_dtype
+            batch_size = gram.batch_size if batch_size is None else batch_size
+            num_params = gram.num_params if num_params is None else num_params
+            blocks = gram.blocks if blocks is None else blocks
+            gram = gram.gram
         xp = resolve_namespace(gram)
         opts = check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size,
-                             rtol=self.rtol, grad_dtype=grad_dtype)
-        batch = opts["batch"]
+                             grad_dtype=grad_dtype, num_params=num_params)
         k = self._steps + 1
         if not is_concrete(gram):
             raise TypeError(
@@ -143,59 +167,38 @@ class MeasureTracker:
                 "the loss and gradients for overflow (lower the learning rate, use float64), "
                 "or construct MeasureTracker(on_nonfinite='skip') to count and skip such steps."
             )
-        compute = jit_for(step_values, xp, static=STEP_STATIC)
-        step = {name: _to_host(value) for name, value in
-                compute(sym, lr, symmetric=True, **opts).items()}
-        lr_f, weight_f = host_scalar(lr), host_scalar(weight)
+        compute = jit_for(update_statistics, xp, static=STEP_STATIC)
+        states, _ = compute(self._states, sym, lr, weight, blocks, statistics=self.statistics,
+                            symmetric=True, **opts)
+        self._states = tuple(to_host(s) for s in states)
         self._steps = k
-        if step["defined"]:
-            self._measured += 1
-            self._c_sum += step["c_k"]
-            self._c_jacobian_sum += step["c_k_jacobian"]
-            self._limited += int(bool(step["resolution_limited"]))
-            if _finite_or_none(step["c_k_legacy"]) is not None:
-                self._c_legacy_sum += step["c_k_legacy"]
-                self._legacy_measured += 1
-        else:
-            self._skipped += 1
-        if finite:
-            self._L += weight_f * step["I_k"]
-        else:
-            self._nonfinite += 1
-        record = Measurement(
-            k=k,
-            c_k=step["c_k"] if step["defined"] else None,
-            c_k_jacobian=step["c_k_jacobian"] if step["defined"] else None,
-            I_k=step["I_k"] if finite else None,
-            trace=step["trace"] if finite else None,
-            lambda_max=step["lambda_max"] if finite else None,
-            rank=int(step["rank"]) if finite else None,
-            zero_rows=int(step["zero_rows"]) if finite else None,
-            c_limit=step["c_limit"] if step["defined"] else None,
-            resolution_limited=bool(step["resolution_limited"]),
-            c_k_legacy=_finite_or_none(step["c_k_legacy"]) if step["defined"] else None,
-            defined=bool(step["defined"]),
-            finite=finite,
-            C_bar=self.C_bar,
-            C_bar_jacobian=self.C_bar_jacobian,
-            L=self._L,
-            lr=lr_f,
-            weight=weight_f,
-            batch_size=batch,
-        )
+        self._nonfinite += 0 if finite else 1
+        self._last = {s.name: s.record(st) for s, st in zip(self.statistics, self._states)}
+        record = Measurement(k=k, lr=host_scalar(lr), weight=host_scalar(weight),
+                             batch_size=opts["batch"], finite=finite,
+                             values={name: dict(v) for name, v in self._last.items()})
         if self.keep_history:
             self._history.append(record)
         return record
 
+    def _field(self, statistic: str, field: str) -> Any:
+        return self._last.get(statistic, {}).get(field)
+
+    def _state(self, statistic: str) -> Any:
+        for s, st in zip(self.statistics, self._states):
+            if s.name == statistic:
+                return st
+        return None
+
     @property
     def C_bar(self) -> float | None:
         r""":math:`\bar C_K`, mean of the defined :math:`c_k` (None before the first one)."""
-        return self._c_sum / self._measured if self._measured else None
+        return self._field("condition", "C_bar")
 
     @property
     def C_bar_jacobian(self) -> float | None:
         r"""Mean of :math:`\sqrt{c_k}` over the defined steps (None before the first one)."""
-        return self._c_jacobian_sum / self._measured if self._measured else None
+        return self._field("condition", "C_bar_jacobian")
 
     @property
     def C_bar_legacy(self) -> float | None:
@@ -203,12 +206,12 @@ class MeasureTracker:
 
         Kept for one release, to compare with :attr:`C_bar` (None before the first step).
         """
-        return self._c_legacy_sum / self._legacy_measured if self._legacy_measured else None
+        return self._field("condition", "C_bar_legacy")
 
     @property
     def L(self) -> float:
         r""":math:`L_K = \sum_k w_k I_k` over the finite steps so far."""
-        return self._L
+        return self._field("energy", "L")
 
     @property
     def steps(self) -> int:
@@ -218,12 +221,14 @@ class MeasureTracker:
     @property
     def measured(self) -> int:
         r"""Number of steps with a defined :math:`c_k` (the :math:`|\mathcal M|` of C̄_K)."""
-        return self._measured
+        state = self._state("condition")
+        return 0 if state is None else int(state.measured)
 
     @property
     def skipped(self) -> int:
         """Steps excluded from C̄_K: all-zero (undefined) and skipped non-finite Grams."""
-        return self._skipped
+        state = self._state("condition")
+        return 0 if state is None else int(state.skipped)
 
     @property
     def nonfinite(self) -> int:
@@ -237,94 +242,114 @@ class MeasureTracker:
         Such a :math:`c_k` says more about the arithmetic than about training: accumulate the
         Gram in float64 (or train in float64) to resolve it.
         """
-        return self._limited
+        state = self._state("condition")
+        return 0 if state is None else int(state.limited)
 
     @property
     def resolution_limited_fraction(self) -> float | None:
         """``resolution_limited / measured`` (None before the first defined step)."""
-        return self._limited / self._measured if self._measured else None
+        return self.resolution_limited / self.measured if self.measured else None
 
     @property
     def history(self) -> tuple[Measurement, ...]:
         """All records so far (empty with ``keep_history=False``)."""
         return tuple(self._history)
 
+    @property
+    def last(self) -> dict[str, dict[str, Any]]:
+        """The last record's fields keyed by statistic (the running values before any step)."""
+        return {name: dict(v) for name, v in self._last.items()}
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable snapshot (plain ints, floats, lists, dicts, None)."""
         return {
             "format": FORMAT,
-            "rtol": self.rtol,
             "on_nonfinite": self.on_nonfinite,
             "keep_history": self.keep_history,
             "steps": self._steps,
-            "measured": self._measured,
-            "skipped": self._skipped,
             "nonfinite": self._nonfinite,
-            "limited": self._limited,
-            "c_sum": self._c_sum,
-            "c_jacobian_sum": self._c_jacobian_sum,
-            "c_legacy_sum": self._c_legacy_sum,
-            "legacy_measured": self._legacy_measured,
-            "L": self._L,
+            "statistics": [{"name": s.name, "config": s.config(), "state": _json_state(st)}
+                           for s, st in zip(self.statistics, self._states)],
             "history": [m.to_dict() for m in self._history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` snapshot (configuration included).
 
+        Snapshots of earlier releases (formats ``/1`` and ``/2``) load too.
+
         Raises:
-            ValueError: if ``state`` is not a MeasureTracker state dict.
+            ValueError: if ``state`` is not a MeasureTracker state dict, or names a statistic
+                that is not registered.
         """
         if not isinstance(state, dict) or state.get("format") not in FORMATS:
             raise ValueError(
                 "state must be a dict returned by MeasureTracker.state_dict() (format "
-                f"{FORMAT!r}, or {FORMATS[0]!r} of the previous release); received "
+                f"{FORMAT!r}, or {FORMATS[:-1]} of earlier releases); received "
                 f"{type(state).__name__} with format "
                 f"{state.get('format') if isinstance(state, dict) else None!r}."
             )
-        self.__init__(rtol=state["rtol"], on_nonfinite=state["on_nonfinite"],
-                      keep_history=state.get("keep_history", True))
-        self._steps = int(state["steps"])
-        self._measured = int(state["measured"])
-        self._skipped = int(state["skipped"])
-        self._nonfinite = int(state["nonfinite"])
-        self._limited = int(state.get("limited", 0))  # absent in format /1
-        self._c_sum = float(state["c_sum"])
-        self._c_jacobian_sum = float(state["c_jacobian_sum"])
-        if state["format"] == FORMATS[0]:
-            # a /1 state summed c_k under the legacy tolerance (then the default): those sums are
-            # the legacy ones, and C̄_K mixes both rules from here on
-            warnings.warn(
-                "loading a MeasureTracker state of the previous release: its c_k were truncated "
-                "at the legacy tolerance B·eps·λ_max, later steps use the resolved rank, so "
-                "C_bar mixes both rules (C_bar_legacy stays consistent). Start a new run for "
-                "C̄_K under one rule.", UserWarning, stacklevel=2)
-            self._c_legacy_sum, self._legacy_measured = self._c_sum, self._measured
+        if state["format"] == FORMAT:
+            stats = [statistic_from_config(d["name"], d["config"]) for d in state["statistics"]]
+            self.__init__(statistics=stats, on_nonfinite=state["on_nonfinite"],
+                          keep_history=state["keep_history"])
+            self._states = tuple(_state_of_json(s.init(), d["state"])
+                                 for s, d in zip(self.statistics, state["statistics"]))
         else:
-            self._c_legacy_sum = float(state["c_legacy_sum"])
-            self._legacy_measured = int(state["legacy_measured"])
-        self._L = float(state["L"])
+            self.__init__(rtol=state["rtol"], on_nonfinite=state["on_nonfinite"],
+                          keep_history=state.get("keep_history", True))
+            self._states = _states_of_flat(self.statistics, state)
+        self._steps = int(state["steps"])
+        self._nonfinite = int(state["nonfinite"])
+        self._last = {s.name: s.record(st) for s, st in zip(self.statistics, self._states)}
         self._history = [Measurement.from_dict(d) for d in state.get("history", [])]
 
     def __repr__(self) -> str:
         return (f"MeasureTracker(steps={self._steps}, C_bar={self.C_bar}, "
-                f"C_bar_jacobian={self.C_bar_jacobian}, L={self._L}, skipped={self._skipped}, "
-                f"resolution_limited={self._limited})")
+                f"C_bar_jacobian={self.C_bar_jacobian}, L={self.L}, skipped={self.skipped}, "
+                f"resolution_limited={self.resolution_limited})")
 
 
-def _finite_or_none(value: float) -> float | None:
-    return value if value == value and value != float("inf") else None
+def _json_state(state: Any) -> dict[str, Any]:
+    """A host state as a dict for strict JSON: NaN and inf become None."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in state._asdict().items()}
 
 
-def _to_host(value: Any) -> Any:
-    """A 0-D array as a Python bool/int/float (records only)."""
-    if array_api_compat.is_array_api_obj(value):
-        dtype = str(value.dtype)
-        number = host_scalar(value)
-        if "bool" in dtype:
-            return bool(number)
-        if "int" in dtype:
-            return int(number)
-        return number
-    return value
+def _state_of_json(fresh: Any, data: dict[str, Any]) -> Any:
+    """Inverse of :func:`_json_state` (None in a float field is NaN again)."""
+    values = {}
+    for name, default in fresh._asdict().items():
+        v = data[name]
+        values[name] = float("nan") if v is None and isinstance(default, float) else v
+    return type(fresh)(**values)
 
+
+def _states_of_flat(statistics: tuple, state: dict[str, Any]) -> tuple:
+    """The (Condition, Energy) states of a flat /1 or /2 snapshot.
+
+    A /1 snapshot summed c_k under the legacy tolerance (then the default): those sums are also
+    the legacy ones, and C̄_K mixes both rules from here on (a warning says so).
+    """
+    legacy_sum, legacy_measured = state.get("c_legacy_sum"), state.get("legacy_measured")
+    if state["format"] == FORMATS[0]:
+        warnings.warn(
+            "loading a MeasureTracker state of the previous release: its c_k were truncated "
+            "at the legacy tolerance B·eps·λ_max, later steps use the resolved rank, so "
+            "C_bar mixes both rules (C_bar_legacy stays consistent). Start a new run for "
+            "C̄_K under one rule.", UserWarning, stacklevel=3)
+        legacy_sum, legacy_measured = state["c_sum"], state["measured"]
+    out = []
+    for stat in statistics:
+        fresh = stat.init()
+        if stat.name == "condition":
+            fresh = fresh._replace(measured=int(state["measured"]), skipped=int(state["skipped"]),
+                                   limited=int(state.get("limited", 0)),
+                                   c_sum=float(state["c_sum"]),
+                                   c_jacobian_sum=float(state["c_jacobian_sum"]),
+                                   c_legacy_sum=float(legacy_sum),
+                                   legacy_measured=int(legacy_measured))
+        elif stat.name == "energy":
+            fresh = fresh._replace(L=float(state["L"]))
+        out.append(fresh)
+    return tuple(out)

@@ -139,7 +139,8 @@ def test_float32_gram_eigenvalues_in_float64(xp):
                                atol=EIG_SLACK * 6 * EPS64 * expected[-1])
 
 
-@given(case=j_matrices(), lr=st.floats(0.0, 10.0, allow_subnormal=False), batch=st.none() | st.integers(1, 512))
+# lr/B must stay a normal float: XLA on CPU flushes subnormal results to zero
+@given(case=j_matrices(), lr=st.just(0.0) | st.floats(1e-200, 10.0), batch=st.none() | st.integers(1, 512))
 def test_energy_and_weighted_energy_against_row_norms(xp, case, lr, batch):
     J = case.J
     G = fimcore.gram(xp.asarray(J))
@@ -262,8 +263,9 @@ def test_results_stay_on_the_callers_device():
         fimcore.truncated_condition_number(G),
         fimcore.energy(G),
         fimcore.weighted_energy(G, lr=0.1),
-        *fimcore.measure_update(fimcore.measure_init(xp=xs, device=device), G, lr=0.1),
     ]
+    state = fimcore.measure_update(fimcore.measure_init(xp=xs, device=device), G, lr=0.1)
+    results += [state.steps, state.nonfinite, *[leaf for sub in state.stats for leaf in sub]]
     assert all(r.device == device for r in results)
     assert fimcore.MeasureTracker().update(G, lr=0.1).c_k == 4.0
 
