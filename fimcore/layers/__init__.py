@@ -17,8 +17,9 @@ Every adapter splits the Gram :math:`G = J J^\top` into per-layer contributions
 This package holds what the three adapters must agree on: the path and strategy names
 (:mod:`.paths`), the cost model that picks factored or materialised (:mod:`.cost`), the
 loss-reduction scaling (:mod:`.reduction`), the ``[B, T, d]`` weight-sharing convention
-(:mod:`.tokens`), the per-layer report (:mod:`.report`) and array-API reference kernels
-(:mod:`.kernels`) against which every adapter's rules are tested.
+(:mod:`.tokens`), the per-layer report (:mod:`.report`), the sink seam rules emit their
+contributions to (:mod:`.sink`) and array-API reference kernels (:mod:`.kernels`) against which
+every adapter's rules are tested.
 """
 
 from .cost import choose, factored_cost, materialize_cost
@@ -27,10 +28,12 @@ from .kernels import (embedding_gram, factored_gram, norm_affine_rows, per_sampl
 from .paths import PATHS, STRATEGIES, check_strategy
 from .reduction import REDUCTIONS, check_reduction, gram_scale
 from .report import LayerRecord, Report
+from .sink import PerLayerSink, Sink, SummingSink
 from .tokens import as_tokens
 
 __all__ = [
-    "LayerRecord", "PATHS", "REDUCTIONS", "Report", "STRATEGIES", "as_tokens", "check_reduction",
+    "LayerRecord", "PATHS", "PerLayerSink", "REDUCTIONS", "Report", "STRATEGIES", "Sink",
+    "SummingSink", "as_tokens", "check_reduction",
     "check_strategy", "choose", "embedding_gram", "factored_cost", "factored_gram",
     "gram_scale", "materialize_cost", "norm_affine_rows", "per_sample_weight_grads", "rows_gram",
 ]
