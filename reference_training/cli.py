@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args) -> "RunConfig":
-    from .train import RunConfig
+    from .config import RunConfig
 
     batch_size = args.batch_size
     if args.batch_schedule is None and batch_size is None:

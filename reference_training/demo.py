@@ -15,7 +15,9 @@ from pathlib import Path
 
 from .data import load_dataset
 from .report import make_report
-from .train import RunConfig, run_label, train
+from .config import RunConfig
+from .schedules import run_label
+from .train import train
 
 __all__ = ["run_demo"]
 

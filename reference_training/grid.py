@@ -19,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .train import SUMMARY_FILE, RunConfig, run_label
+from .config import RunConfig
+from .schedules import run_label
+from .train import SUMMARY_FILE
 
 __all__ = ["GridRun", "PAPER_BATCH_SIZES", "PAPER_LRS", "plan_grid", "run_grid"]
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +35,19 @@ from typing import Any
 
 import numpy as np
 
+from .schedules import parse_batch_schedule
+
 __all__ = ["Run", "idw_grid", "load_runs", "make_report", "spearman_table"]
 
-_DYNAMIC_RE = re.compile(r"^s(\d+)-to-(\d+)(-MS)?$")
+
+
+def _ramp(label: str) -> tuple[int, int, bool] | None:
+    """(start, end, MS) of a dynamic-sampling label ``sA-to-B[-MS]``, else None."""
+    try:
+        kind, value = parse_batch_schedule(label)
+    except ValueError:
+        return None
+    return (value[0], value[1], kind == "ms") if kind in ("range", "ms") else None
 
 
 @dataclass
@@ -426,14 +435,14 @@ def _group_markdown(name: str, runs: list[Run]) -> list[str]:
     # Welch tests: s<A> vs s<A>-to-<B> vs s<A>-to-<B>-MS at the same LR.
     tests = []
     for (label, lr), members in by.items():
-        m = _DYNAMIC_RE.match(label)
-        if not m:
+        ramp = _ramp(label)
+        if ramp is None:
             continue
-        base = (f"s{m.group(1)}", lr)
-        end = (f"s{m.group(2)}", lr)
-        plain = (f"s{m.group(1)}-to-{m.group(2)}", lr)
+        start, stop, ms = ramp
+        base, end = (f"s{start}", lr), (f"s{stop}", lr)
+        plain = (f"s{start}-to-{stop}", lr)
         dyn = [x for x in members if x.ok]
-        for other in (base, end) + ((plain,) if m.group(3) else ()):
+        for other in (base, end) + ((plain,) if ms else ()):
             if other in by:
                 oth = [x for x in by[other] if x.ok]
                 tests.append((label, other[0], lr,

@@ -9,14 +9,10 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import fimcore
 
-if TYPE_CHECKING:
-    from .train import RunConfig
-
-__all__ = ["lr_at", "make_schedule", "parse_batch_schedule", "run_label"]
+__all__ = ["label_of", "lr_at", "make_schedule", "parse_batch_schedule", "run_label"]
 
 _SCHEDULE_RE = re.compile(r"^s(\d+)(?:-to-(\d+))?(-MS)?$", re.IGNORECASE)
 
@@ -75,9 +71,19 @@ def make_schedule(spec: str, *, epochs: int, stages: int = 5) -> "fimcore.Staged
     )
 
 
-def run_label(config: RunConfig) -> str:
-    """Short name of the batch setting, e.g. ``s64`` or ``s16-to-64`` (the paper's naming)."""
-    kind, value = parse_batch_schedule(config.schedule_spec)
+def run_label(config) -> str:
+    """Short name of a ``RunConfig``'s batch setting, e.g. ``s64`` or ``s16-to-64`` (the paper's naming)."""
+    return label_of(config.schedule_spec)
+
+
+def label_of(spec: str) -> str:
+    """The paper's short name of a batch-schedule spec (``"16,32"`` → ``s16-32``).
+
+    Example:
+        >>> label_of("s16-to-64-ms"), label_of("32")
+        ('s16-to-64-MS', 's32')
+    """
+    kind, value = parse_batch_schedule(spec)
     if kind == "fixed":
         return f"s{value[0]}"
     if kind == "list":

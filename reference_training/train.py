@@ -1,12 +1,12 @@
 """One training run of the reproduction: SGD on a model, measured through the per-sample Gram.
 
-Setup (spec §3.3): SGD with Nesterov momentum 0.9, weight decay 1e-4, base learning rate ×0.1 at
+Setup (as in the authors' released code): SGD with Nesterov momentum 0.9, weight decay 1e-4, base learning rate ×0.1 at
 ``fimcore.paper_lr_milestones(E)`` = (⌊0.5E⌋, ⌊0.75E⌋) (0-based epochs); a fresh random
 permutation every epoch, sequential batches, last partial batch kept. The batch size follows a
 ``fimcore.StagedBatchSchedule`` (a fixed size is a one-stage schedule); a stage switch happens in
 the same process with the same model and optimiser objects (momentum buffers kept).
 
-Measures (architecture.md §3): at every iteration whose 0-based within-epoch index n satisfies
+Measures: at every iteration whose 0-based within-epoch index n satisfies
 n % measure_every == 0, the forward/backward pass runs inside a
 ``fimcore_adapters.torch.GramRecorder`` and the B×B Gram G goes to a ``fimcore.MeasureTracker``
 with weight w = the iterations it stands for (itself and the unmeasured ones that follow, up to
@@ -28,16 +28,15 @@ resumes to the same numbers as an uninterrupted run on CPU.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 import fimcore
 from fimcore_adapters.torch import GramRecorder
 
+from .config import RunConfig
 from .data import ImageDataset, augment, load_dataset, normalise
 from .models import build_model, count_parameters
 from .schedules import lr_at, make_schedule, parse_batch_schedule, run_label
@@ -57,65 +57,6 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 EVAL_BATCH = 500
-
-@dataclass
-class RunConfig:
-    """Everything that determines a run (written to ``config.json``).
-
-    Exactly one of ``batch_size`` and ``batch_schedule`` is used: ``batch_schedule`` ("s32",
-    "s32-to-128", "s32-to-128-MS" or a comma list "32,45,64,91,128") wins when given.
-    """
-
-    model: str = "resnet20"
-    dataset: str = "mnist5k"
-    data_dir: str | None = None
-    epochs: int = 10
-    lr: float = 0.1
-    batch_size: int | None = 128
-    batch_schedule: str | None = None
-    stages: int = 5
-    measure_every: int = 50
-    seed: int = 0
-    subset: int | None = None
-    device: str = "cpu"
-    depth: int | None = None
-    width: int | None = None
-    norm: str = "batch"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    gram_strategy: str = "auto"
-    # A fixed method keeps runs bitwise reproducible: "auto" times the candidates in each
-    # process, and the measured step's batch gradient is the sum of the per-sample ones.
-    conv_method: str = "grouped"
-
-    def validate(self) -> None:
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite float, got {self.lr!r}.")
-        if not (isinstance(self.measure_every, int) and self.measure_every >= 1):
-            raise ValueError(
-                f"measure_every must be an int >= 1 (1 = every iteration), got {self.measure_every!r}."
-            )
-        if self.batch_schedule is None and not (
-            isinstance(self.batch_size, int) and self.batch_size >= 1
-        ):
-            raise ValueError(
-                f"batch_size must be an int >= 1 when no batch_schedule is given, got {self.batch_size!r}."
-            )
-        parse_batch_schedule(self.schedule_spec)
-
-    @property
-    def schedule_spec(self) -> str:
-        return self.batch_schedule if self.batch_schedule else f"s{self.batch_size}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -200,12 +141,204 @@ def _set_rng_state(state: dict[str, Any], data_gen: torch.Generator) -> None:
     data_gen.set_state(state["data"])
 
 
-def _make_recorder(model: torch.nn.Module, config: "RunConfig") -> GramRecorder:
+def _make_recorder(model: torch.nn.Module, config: RunConfig) -> GramRecorder:
     return GramRecorder(model, loss_reduction="mean", strategy=config.gram_strategy,
                         conv_method=config.conv_method)
 
 
 # --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Run:
+    """What one run carries from epoch to epoch (and what its checkpoint holds)."""
+
+    config: RunConfig
+    out: Path
+    log: Callable[[str], None]
+    quiet: bool
+    device: torch.device
+    ds: ImageDataset
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    tracker: fimcore.MeasureTracker
+    recorder: GramRecorder
+    data_gen: torch.Generator
+    start_epoch: int = 0
+    iteration: int = 0
+    elapsed: float = 0.0
+    train_elapsed: float = 0.0
+    epochs_log: list[dict[str, Any]] = field(default_factory=list)
+    offset: int = 0
+    diverged: bool = False
+
+    @property
+    def paths(self) -> tuple[Path, Path, Path, Path]:
+        o = self.out
+        return o / CONFIG_FILE, o / METRICS_FILE, o / SUMMARY_FILE, o / CHECKPOINT_FILE
+
+
+def _check_resume(config: RunConfig, out: Path, resume: bool) -> dict[str, Any] | None:
+    """Refuse to overwrite a run; refuse a resume with other settings; a finished run's summary."""
+    cfg_path, met_path, sum_path, ckpt_path = (out / CONFIG_FILE, out / METRICS_FILE,
+                                               out / SUMMARY_FILE, out / CHECKPOINT_FILE)
+    if not resume and any(p.exists() for p in (met_path, ckpt_path, sum_path)):
+        raise FileExistsError(
+            f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out."
+        )
+    if resume and cfg_path.exists():
+        stored = RunConfig.from_dict(json.loads(cfg_path.read_text()))
+        if stored.to_dict() != config.to_dict():
+            diff = {k: (v, config.to_dict()[k]) for k, v in stored.to_dict().items()
+                    if config.to_dict()[k] != v}
+            raise ValueError(
+                f"--resume needs the same settings as the stored run in {str(out)!r}; these differ "
+                f"(stored, given): {diff}. Use another --out for a different run."
+            )
+    if resume and sum_path.exists():
+        summary = json.loads(sum_path.read_text())
+        if summary.get("finished"):
+            return summary
+    return None
+
+
+def _build(config: RunConfig, out: Path, *, dataset: ImageDataset | None, log, quiet) -> _Run:
+    """Data, seeds, model, optimiser, schedule, tracker and recorder of a fresh run."""
+    device = torch.device(config.device)
+    ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+    if config.subset is not None:
+        ds = ds.subset(config.subset, seed=0)  # the same samples for every seed
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % (2**32))
+    random.seed(config.seed)
+    data_gen = torch.Generator().manual_seed(config.seed + 1)
+
+    model = build_model(config.model, in_channels=ds.channels, num_classes=ds.num_classes,
+                        image_size=ds.image_size, depth=config.depth, norm=config.norm,
+                        width=config.width).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=True, weight_decay=config.weight_decay)
+    schedule = make_schedule(config.schedule_spec, epochs=config.epochs, stages=config.stages)
+    return _Run(config=config, out=out, log=log, quiet=quiet, device=device, ds=ds, model=model,
+                optimizer=optimizer, schedule=schedule,
+                tracker=fimcore.MeasureTracker(keep_history=False),
+                recorder=_make_recorder(model, config), data_gen=data_gen)
+
+
+def _restore(run: _Run, ckpt_path: Path) -> None:
+    """Continue from the last epoch checkpoint (model, optimiser, schedule, tracker, RNG)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states stay on CPU
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.schedule.load_state_dict(ckpt["schedule"])
+    run.tracker.load_state_dict(ckpt["tracker"])
+    _set_rng_state(ckpt["rng"], run.data_gen)
+    run.start_epoch, run.iteration = ckpt["epoch"] + 1, ckpt["iteration"]
+    run.elapsed, run.train_elapsed = ckpt["wall_time_s"], ckpt["train_time_s"]
+    run.epochs_log, run.offset = ckpt["epochs_log"], ckpt["metrics_offset"]
+    run.log(f"resuming {run.out} after epoch {run.start_epoch} (iteration {run.iteration})")
+
+
+def _checkpoint(run: _Run, epoch: int, metrics_offset: int) -> None:
+    _atomic_torch_save({
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "schedule": run.schedule.state_dict(), "tracker": run.tracker.state_dict(),
+        "rng": _rng_state(run.data_gen), "epoch": epoch, "iteration": run.iteration,
+        "wall_time_s": run.elapsed, "train_time_s": run.train_elapsed,
+        "epochs_log": run.epochs_log, "metrics_offset": metrics_offset,
+    }, run.out / CHECKPOINT_FILE)
+
+
+def _measure(run: _Run, metrics, *, epoch: int, n: int, n_iters: int, batch: int, lr: float) -> bool:
+    """Feed the step's Gram to the tracker and write its metrics line; False if it diverged."""
+    try:
+        gram = run.recorder.gram()
+    except FloatingPointError as exc:
+        gram = torch.full((1, 1), math.nan)
+        run.log(f"non-finite per-sample gradients: {exc}")
+    if not bool(torch.isfinite(gram).all()):
+        run.log(f"diverged at epoch {epoch}, iteration {run.iteration}: non-finite Gram")
+        return False
+    weight = min(run.config.measure_every, n_iters - n)
+    m = run.tracker.update(gram, lr=lr, weight=weight, batch_size=batch,
+                           grad_dtype=run.recorder.grad_dtype)
+    metrics.write(_dumps({
+        "type": "measure", "k": m.k, "iteration": run.iteration, "epoch": epoch,
+        "lr": lr, "batch_size": batch, "weight": weight,
+        "c_k": m.c_k, "c_k_jacobian": m.c_k_jacobian, "I_k": m.I_k,
+        "trace": m.trace, "C_bar": m.C_bar, "C_bar_jacobian": m.C_bar_jacobian,
+        "L": m.L, "grad_norm": _grad_norm(run.model), "lambda_max": m.lambda_max,
+        "rank": m.rank, "zero_rows": m.zero_rows, "c_limit": m.c_limit,
+        "resolution_limited": m.resolution_limited, "c_k_legacy": m.c_k_legacy,
+    }) + "\n")
+    metrics.flush()
+    return True
+
+
+def _train_epoch(run: _Run, epoch: int, metrics) -> dict[str, Any] | None:
+    """One epoch of training, measured as configured; its record, or None if it diverged."""
+    config, ds, device = run.config, run.ds, run.device
+    n_train = len(ds.train_y)
+    lr = lr_at(epoch, base_lr=config.lr, epochs=config.epochs)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    b = int(run.schedule.batch_size(epoch))
+    n_iters = math.ceil(n_train / b)
+    perm = torch.randperm(n_train, generator=run.data_gen)
+    t0 = time.perf_counter()
+    loss_sum, wrong = 0.0, 0
+    bar = _progress(n_iters, f"epoch {epoch + 1}/{config.epochs} b={b}", run.quiet)
+    for n in range(n_iters):
+        idx = perm[n * b:(n + 1) * b]
+        x = normalise(ds.train_x[idx], ds.mean, ds.std)
+        x = augment(x, flip=ds.flip, pad=ds.pad, generator=run.data_gen).to(device)
+        y = ds.train_y[idx].to(device)
+        measured = n % config.measure_every == 0
+        with run.recorder(measure=measured):  # unmeasured: a plain step, no hooks
+            out_logits = run.model(x)
+            loss = F.cross_entropy(out_logits, y)
+            loss.backward()
+        loss_v = loss.detach().item()
+        if not math.isfinite(loss_v):
+            run.log(f"diverged at epoch {epoch}, iteration {run.iteration}: loss {loss_v}")
+            run.diverged = True
+        elif measured and not _measure(run, metrics, epoch=epoch, n=n, n_iters=n_iters,
+                                       batch=len(idx), lr=lr):
+            run.diverged = True
+        if run.diverged:
+            break
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss_v * len(idx)
+        wrong += int((out_logits.detach().argmax(1) != y).sum())
+        run.iteration += 1
+        bar.update(1)
+        if n % 10 == 0 or n == n_iters - 1:
+            bar.set_postfix(loss=f"{loss_v:.3f}", err=f"{wrong / min(n_train, (n + 1) * b):.3f}",
+                            C=f"{_fmt(run.tracker.C_bar)}", L=f"{_fmt(run.tracker.L)}")
+    bar.close()
+    t_train = time.perf_counter() - t0
+    run.elapsed += t_train
+    run.train_elapsed += t_train
+    if run.diverged:
+        return None
+    t1 = time.perf_counter()
+    test_loss, test_error = evaluate(run.model, ds, device)
+    t_test = time.perf_counter() - t1
+    run.elapsed += t_test
+    tracker = run.tracker
+    return {
+        "type": "epoch", "epoch": epoch, "lr": lr, "batch_size": b,
+        "stage": int(run.schedule.stage(epoch)), "iterations": run.iteration,
+        "train_loss": loss_sum / n_train, "train_error": wrong / n_train,
+        "test_loss": test_loss, "test_error": test_error,
+        "train_time_s": t_train, "test_time_s": t_test, "wall_time_s": run.elapsed,
+        "C_bar": tracker.C_bar, "C_bar_jacobian": tracker.C_bar_jacobian, "L": tracker.L,
+        "resolution_limited": tracker.resolution_limited,
+        "C_bar_legacy": tracker.C_bar_legacy,
+    }
 
 
 def train(
@@ -239,169 +372,37 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if log is None:
         log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    cfg_path, met_path = out / CONFIG_FILE, out / METRICS_FILE
-    sum_path, ckpt_path = out / SUMMARY_FILE, out / CHECKPOINT_FILE
-
-    if not resume and any(p.exists() for p in (met_path, ckpt_path, sum_path)):
-        raise FileExistsError(
-            f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out."
-        )
-    if resume and cfg_path.exists():
-        stored = RunConfig.from_dict(json.loads(cfg_path.read_text()))
-        if stored.to_dict() != config.to_dict():
-            diff = {k: (v, config.to_dict()[k]) for k, v in stored.to_dict().items()
-                    if config.to_dict()[k] != v}
-            raise ValueError(
-                f"--resume needs the same settings as the stored run in {str(out)!r}; these differ "
-                f"(stored, given): {diff}. Use another --out for a different run."
-            )
-    if resume and sum_path.exists():
-        summary = json.loads(sum_path.read_text())
-        if summary.get("finished"):
-            return summary
-
-    device = torch.device(config.device)
-    ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
-    if config.subset is not None:
-        ds = ds.subset(config.subset, seed=0)  # the same samples for every seed
-
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % (2**32))
-    random.seed(config.seed)
-    data_gen = torch.Generator().manual_seed(config.seed + 1)
-
-    model = build_model(config.model, in_channels=ds.channels, num_classes=ds.num_classes,
-                        image_size=ds.image_size, depth=config.depth, norm=config.norm,
-                        width=config.width).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=True, weight_decay=config.weight_decay)
-    schedule = make_schedule(config.schedule_spec, epochs=config.epochs, stages=config.stages)
-    tracker = fimcore.MeasureTracker(keep_history=False)
-    recorder = _make_recorder(model, config)
-
-    start_epoch, iteration, elapsed, train_elapsed = 0, 0, 0.0, 0.0
-    epochs_log: list[dict[str, Any]] = []
-    offset = 0
+    finished = _check_resume(config, out, resume)
+    if finished is not None:
+        return finished
+    run = _build(config, out, dataset=dataset, log=log, quiet=quiet)
+    cfg_path, met_path, sum_path, ckpt_path = run.paths
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states stay on CPU
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        tracker.load_state_dict(ckpt["tracker"])
-        _set_rng_state(ckpt["rng"], data_gen)
-        start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
-        elapsed, train_elapsed = ckpt["wall_time_s"], ckpt["train_time_s"]
-        epochs_log, offset = ckpt["epochs_log"], ckpt["metrics_offset"]
-        log(f"resuming {out} after epoch {start_epoch} (iteration {iteration})")
+        _restore(run, ckpt_path)
     if not cfg_path.exists() or not resume:
         _atomic_write_text(cfg_path, json.dumps(config.to_dict(), indent=2) + "\n")
     # Cut lines written after the last checkpoint (or everything, on a fresh start).
     with open(met_path, "ab") as f:
-        f.truncate(offset)
+        f.truncate(run.offset)
 
-    n_train = len(ds.train_y)
-    diverged = False
-    metrics = open(met_path, "a")
-    try:
-        model.train()
-        for epoch in range(start_epoch, config.epochs):
-            lr = lr_at(epoch, base_lr=config.lr, epochs=config.epochs)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            b = int(schedule.batch_size(epoch))
-            n_iters = math.ceil(n_train / b)
-            perm = torch.randperm(n_train, generator=data_gen)
-            t0 = time.perf_counter()
-            loss_sum, wrong = 0.0, 0
-            bar = _progress(n_iters, f"epoch {epoch + 1}/{config.epochs} b={b}", quiet)
-            for n in range(n_iters):
-                idx = perm[n * b:(n + 1) * b]
-                x = normalise(ds.train_x[idx], ds.mean, ds.std)
-                x = augment(x, flip=ds.flip, pad=ds.pad, generator=data_gen).to(device)
-                y = ds.train_y[idx].to(device)
-                measured = n % config.measure_every == 0
-                with recorder(measure=measured):  # unmeasured: a plain step, no hooks
-                    out_logits = model(x)
-                    loss = F.cross_entropy(out_logits, y)
-                    loss.backward()
-                loss_v = loss.detach().item()
-                if not math.isfinite(loss_v):
-                    diverged = True
-                    log(f"diverged at epoch {epoch}, iteration {iteration}: loss {loss_v}")
-                    break
-                if measured:
-                    try:
-                        gram = recorder.gram()
-                    except FloatingPointError as exc:
-                        gram = torch.full((1, 1), math.nan)
-                        log(f"non-finite per-sample gradients: {exc}")
-                    if not bool(torch.isfinite(gram).all()):
-                        diverged = True
-                        log(f"diverged at epoch {epoch}, iteration {iteration}: non-finite Gram")
-                        break
-                    weight = min(config.measure_every, n_iters - n)
-                    m = tracker.update(gram, lr=lr, weight=weight, batch_size=len(idx),
-                                       grad_dtype=recorder.grad_dtype)
-                    metrics.write(_dumps({
-                        "type": "measure", "k": m.k, "iteration": iteration, "epoch": epoch,
-                        "lr": lr, "batch_size": len(idx), "weight": weight,
-                        "c_k": m.c_k, "c_k_jacobian": m.c_k_jacobian, "I_k": m.I_k,
-                        "trace": m.trace, "C_bar": m.C_bar, "C_bar_jacobian": m.C_bar_jacobian,
-                        "L": m.L, "grad_norm": _grad_norm(model), "lambda_max": m.lambda_max,
-                        "rank": m.rank, "zero_rows": m.zero_rows, "c_limit": m.c_limit,
-                        "resolution_limited": m.resolution_limited, "c_k_legacy": m.c_k_legacy,
-                    }) + "\n")
-                    metrics.flush()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss_v * len(idx)
-                wrong += int((out_logits.detach().argmax(1) != y).sum())
-                iteration += 1
-                bar.update(1)
-                if n % 10 == 0 or n == n_iters - 1:
-                    bar.set_postfix(loss=f"{loss_v:.3f}", err=f"{wrong / min(n_train, (n + 1) * b):.3f}",
-                                    C=f"{_fmt(tracker.C_bar)}", L=f"{_fmt(tracker.L)}")
-            bar.close()
-            t_train = time.perf_counter() - t0
-            if diverged:
-                elapsed += t_train
-                train_elapsed += t_train
+    run.model.train()
+    with open(met_path, "a") as metrics:
+        for epoch in range(run.start_epoch, config.epochs):
+            rec = _train_epoch(run, epoch, metrics)
+            if rec is None:
                 break
-            t1 = time.perf_counter()
-            test_loss, test_error = evaluate(model, ds, device)
-            t_test = time.perf_counter() - t1
-            elapsed += t_train + t_test
-            train_elapsed += t_train
-            rec = {
-                "type": "epoch", "epoch": epoch, "lr": lr, "batch_size": b,
-                "stage": int(schedule.stage(epoch)), "iterations": iteration,
-                "train_loss": loss_sum / n_train, "train_error": wrong / n_train,
-                "test_loss": test_loss, "test_error": test_error,
-                "train_time_s": t_train, "test_time_s": t_test, "wall_time_s": elapsed,
-                "C_bar": tracker.C_bar, "C_bar_jacobian": tracker.C_bar_jacobian, "L": tracker.L,
-                "resolution_limited": tracker.resolution_limited,
-                "C_bar_legacy": tracker.C_bar_legacy,
-            }
             metrics.write(_dumps(rec) + "\n")
             metrics.flush()
-            epochs_log.append({k: _json_value(v) for k, v in rec.items()})
-            log(f"[{out.name}] epoch {epoch + 1}/{config.epochs} b={b} lr={lr:g} "
-                f"train_err={rec['train_error']:.4f} test_err={test_error:.4f} "
-                f"C_bar={_fmt(tracker.C_bar)} L={_fmt(tracker.L)} ({t_train + t_test:.1f}s)")
-            _atomic_torch_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "tracker": tracker.state_dict(),
-                "rng": _rng_state(data_gen), "epoch": epoch, "iteration": iteration,
-                "wall_time_s": elapsed, "train_time_s": train_elapsed,
-                "epochs_log": epochs_log, "metrics_offset": metrics.tell(),
-            }, ckpt_path)
+            run.epochs_log.append({k: _json_value(v) for k, v in rec.items()})
+            log(f"[{out.name}] epoch {epoch + 1}/{config.epochs} b={rec['batch_size']} "
+                f"lr={rec['lr']:g} train_err={rec['train_error']:.4f} "
+                f"test_err={rec['test_error']:.4f} C_bar={_fmt(run.tracker.C_bar)} "
+                f"L={_fmt(run.tracker.L)} ({rec['train_time_s'] + rec['test_time_s']:.1f}s)")
+            _checkpoint(run, epoch, metrics.tell())
             if on_epoch_end is not None:
-                on_epoch_end(epoch, model, optimizer, rec)
-    finally:
-        metrics.close()
+                on_epoch_end(epoch, run.model, run.optimizer, rec)
 
-    summary = _summary(config, model, schedule, tracker, epochs_log, iteration, elapsed,
-                       train_elapsed, diverged)
+    summary = _summary(run)
     _atomic_write_text(sum_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
 
@@ -410,10 +411,10 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
 
 
-def _summary(config, model, schedule, tracker, epochs_log, iteration, elapsed, train_elapsed,
-             diverged) -> dict[str, Any]:
+def _summary(run: _Run) -> dict[str, Any]:
+    config, tracker, epochs_log = run.config, run.tracker, run.epochs_log
+    diverged = run.diverged
     last = epochs_log[-1] if epochs_log else {}
-    finished_epochs = len(epochs_log)
     test_errors = [e["test_error"] for e in epochs_log]
     return {
         "finished": True,
@@ -423,15 +424,15 @@ def _summary(config, model, schedule, tracker, epochs_log, iteration, elapsed, t
         "dataset": config.dataset,
         "lr": config.lr,
         "seed": config.seed,
-        "batch_sizes": [int(b) for b in schedule.sizes],
-        "epochs": finished_epochs,
+        "batch_sizes": [int(b) for b in run.schedule.sizes],
+        "epochs": len(epochs_log),
         "epochs_planned": config.epochs,
-        "iterations": iteration,
+        "iterations": run.iteration,
         "measurements": int(tracker.steps),
         "skipped_measurements": int(tracker.skipped),
         "resolution_limited": int(tracker.resolution_limited),
         "resolution_limited_fraction": _json_value(tracker.resolution_limited_fraction),
-        "parameters": count_parameters(model),
+        "parameters": count_parameters(run.model),
         "C_bar": _json_value(tracker.C_bar),
         "C_bar_jacobian": _json_value(tracker.C_bar_jacobian),
         "C_bar_legacy": _json_value(tracker.C_bar_legacy),
@@ -441,6 +442,6 @@ def _summary(config, model, schedule, tracker, epochs_log, iteration, elapsed, t
         "train_error": None if diverged else last.get("train_error"),
         "test_loss": None if diverged else last.get("test_loss"),
         "train_loss": None if diverged else last.get("train_loss"),
-        "wall_time_s": elapsed,
-        "train_time_s": train_elapsed,
+        "wall_time_s": run.elapsed,
+        "train_time_s": run.train_elapsed,
     }
