@@ -156,7 +156,7 @@ def resolved(sym: Any, eigs: Any, *, eps_acc: float, eps_grad: float, xp: Any,
         if _positive_definite(c_mat, tau, xp=xp):
             rank = xp.asarray(size, dtype=int_dtype, device=_device(sym))
             return _limit_and_finish(lam_max, eigs[0], rank, diag, nonzero, tau, xp=xp)
-        lam_min, rank = _projected_minimum(c_mat, d, tau, xp=xp)
+        lam_min, rank = _projected_minimum(c_mat, d, tau, xp=xp, host=True)
         return _limit_and_finish(lam_max, lam_min, rank, diag, nonzero, tau, xp=xp)
     one = xp.ones_like(diag)
     d = xp.sqrt(xp.where(nonzero, diag, one))
@@ -164,7 +164,8 @@ def resolved(sym: Any, eigs: Any, *, eps_acc: float, eps_grad: float, xp: Any,
     eye = xp.eye(size, dtype=sym.dtype, device=_device(sym))
     c_mat = sym / (d[:, None] * d[None, :])
     c_mat = xp.where(nonzero[:, None] & nonzero[None, :], c_mat, -eye)
-    lam_min, rank = _projected_minimum(c_mat, d * xp.astype(nonzero, d.dtype), tau, xp=xp)
+    lam_min, rank = _projected_minimum(c_mat, d * xp.astype(nonzero, d.dtype), tau, xp=xp,
+                                       host=not project)
     return _limit_and_finish(lam_max, lam_min, rank, diag, nonzero, tau, xp=xp)
 
 
@@ -224,17 +225,29 @@ def _positive_definite(c_mat: Any, tau: Any, *, xp: Any) -> bool:
     return bool(xp.all(xp.isfinite(xp.linalg.diagonal(factor))))
 
 
-def _projected_minimum(c_mat: Any, d: Any, tau: Any, *, xp: Any) -> tuple[Any, Any]:
-    """(λ_min of G on the resolved eigenvectors of C, resolved rank r), value-independent."""
+def _projected_minimum(c_mat: Any, d: Any, tau: Any, *, xp: Any,
+                       host: bool = False) -> tuple[Any, Any]:
+    """(λ_min of G on the resolved eigenvectors of C, resolved rank r).
+
+    Value-independent unless ``host``: then only the r resolved columns enter the r×r
+    eigenproblem (``eigh`` returns eigenvalues ascending, so they are the last r).
+    """
     mu, vecs = xp.linalg.eigh(c_mat)
     keep = mu > tau
+    rank = xp.sum(xp.astype(keep, default_int_dtype(xp, device=_device(c_mat))))
+    size = c_mat.shape[0]
+    if host:
+        r = int(rank)
+        if r == 0:
+            return xp.asarray(float("inf"), dtype=c_mat.dtype, device=_device(c_mat)), rank
+        factor = (d[:, None] * vecs[:, size - r:]) * xp.sqrt(mu[size - r:])[None, :]
+        inner = xp.matmul(xp.matrix_transpose(factor), factor)
+        return xp.min(xp.linalg.eigvalsh((inner + xp.matrix_transpose(inner)) / 2)), rank
     root = xp.sqrt(xp.where(keep, mu, xp.zeros_like(mu)))
     factor = (d[:, None] * vecs) * root[None, :]          # L = D V_r M_r^{1/2} (masked)
     inner = xp.matmul(xp.matrix_transpose(factor), factor)
     inner = (inner + xp.matrix_transpose(inner)) / 2
     lam = xp.sort(xp.linalg.eigvalsh(inner))
-    rank = xp.sum(xp.astype(keep, default_int_dtype(xp, device=_device(c_mat))))
-    size = c_mat.shape[0]
     position = xp.arange(size, device=_device(c_mat))
     top = position >= (size - xp.astype(rank, position.dtype))
     lam_min = xp.min(xp.where(top, lam, xp.full_like(lam, float("inf"))))
