@@ -310,19 +310,30 @@ class MeasureTracker:
                 f"resolution_limited={self.resolution_limited})")
 
 
-def _json_state(state: Any) -> dict[str, Any]:
-    """A host state as a dict for strict JSON: NaN and inf become None."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in state._asdict().items()}
+def _json_state(state: Any) -> Any:
+    """A host state (NamedTuple or dict) for strict JSON: NaN and inf become None."""
+    if isinstance(state, tuple) and hasattr(state, "_asdict"):
+        state = state._asdict()
+    if isinstance(state, dict):
+        return {k: _json_state(v) for k, v in state.items()}
+    return None if isinstance(state, float) and not math.isfinite(state) else state
 
 
-def _state_of_json(fresh: Any, data: dict[str, Any]) -> Any:
-    """Inverse of :func:`_json_state` (None in a float field is NaN again)."""
-    values = {}
-    for name, default in fresh._asdict().items():
-        v = data[name]
-        values[name] = float("nan") if v is None and isinstance(default, float) else v
-    return type(fresh)(**values)
+def _state_of_json(fresh: Any, data: Any) -> Any:
+    """Inverse of :func:`_json_state` for a statistic whose initial state is ``fresh``.
+
+    A NamedTuple's float fields stored as None are NaN again; a dict state (keyed by layer, say)
+    comes back with its None leaves as NaN.
+    """
+    if isinstance(fresh, tuple) and hasattr(fresh, "_asdict"):
+        values = {}
+        for name, default in fresh._asdict().items():
+            v = data[name]
+            values[name] = float("nan") if v is None and isinstance(default, float) else v
+        return type(fresh)(**values)
+    if isinstance(data, dict):
+        return {k: _state_of_json(None, v) for k, v in data.items()}
+    return float("nan") if data is None else data
 
 
 def _states_of_flat(statistics: tuple, state: dict[str, Any]) -> tuple:
