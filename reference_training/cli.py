@@ -44,6 +44,13 @@ def _add_common(p: argparse.ArgumentParser, *, grid: bool) -> None:
     p.add_argument("--conv-method", default="grouped", choices=("grouped", "unfold", "auto"),
                    help="per-sample conv gradients; 'auto' times candidates per process, so a "
                         "resumed run may then differ in the last bits")
+    p.add_argument("--stats", default=None,
+                   help="extra statistics per measured step, comma list of noise_scale, "
+                        "norm_test (with inner_product_test, orthogonality_test), "
+                        "effective_rank/stable_rank, fisher_spectrum")
+    p.add_argument("--policy-options", default=None,
+                   help="for --batch-schedule auto:<rule>: key=value,... (min, max, multiple_of, "
+                        "patience, max_growth, allow_shrink, lr_coupling, and the rule's options)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -58,10 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train one model and record C̄_K, L_K and errors")
     _add_common(run, grid=False)
     run.add_argument("--lr", type=float, default=0.1, help="base learning rate")
-    g = run.add_mutually_exclusive_group()
-    g.add_argument("--batch-size", type=int, default=None, help="fixed batch size (128)")
-    g.add_argument("--batch-schedule", default=None,
-                   help="dynamic sampling: sA-to-B, sA-to-B-MS, or a list 16,32,64,128,256")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="fixed batch size (128), or the first size of --batch-schedule auto:<rule>")
+    run.add_argument("--batch-schedule", default=None,
+                     help="dynamic sampling: sA-to-B, sA-to-B-MS, a list 16,32,64,128,256, or "
+                          "auto:<rule> (noise_scale, norm_test, plane) set by the measures")
+    run.add_argument("--tensorboard", default=None, metavar="DIR",
+                     help="also write TensorBoard scalars to DIR (needs the tensorboard extra)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", default=None, help="run directory (default runs/<name>)")
     run.add_argument("--resume", action="store_true",
@@ -102,7 +112,11 @@ def _config_from_args(args) -> "RunConfig":
     from .config import RunConfig
 
     batch_size = args.batch_size
-    if args.batch_schedule is None and batch_size is None:
+    auto = (args.batch_schedule or "").lower().startswith("auto:")
+    if args.batch_schedule is not None and batch_size is not None and not auto:
+        raise ValueError("give either --batch-size or --batch-schedule (a --batch-size with "
+                         "--batch-schedule is the first size of auto:<rule> only).")
+    if (args.batch_schedule is None or auto) and batch_size is None:
         batch_size = 128
     return RunConfig(
         model=args.model, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
@@ -110,6 +124,7 @@ def _config_from_args(args) -> "RunConfig":
         stages=args.stages, measure_every=args.measure_every, seed=args.seed,
         subset=args.subset, device=args.device, depth=args.depth, width=args.width,
         norm=args.norm, gram_strategy=args.gram_strategy, conv_method=args.conv_method,
+        policy_options=args.policy_options, stats=args.stats,
     )
 
 
@@ -127,7 +142,7 @@ def _cmd_run(args) -> int:
     config = _config_from_args(args)
     config.validate()
     out = args.out or f"runs/{config.model}-{config.dataset}-{run_label(config)}-lr{config.lr:g}-seed{config.seed}"
-    summary = train(config, out, resume=args.resume, quiet=args.quiet)
+    summary = train(config, out, resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard)
     print(json.dumps({k: summary[k] for k in ("label", "diverged", "epochs", "test_error",
                                               "train_error", "C_bar", "C_bar_jacobian", "L",
                                               "wall_time_s")}))
@@ -143,7 +158,7 @@ def _cmd_grid(args) -> int:
         data_dir=args.data_dir, epochs=args.epochs, measure_every=args.measure_every,
         stages=args.stages, subset=args.subset, device=args.device, depth=args.depth,
         width=args.width, norm=args.norm, gram_strategy=args.gram_strategy,
-        conv_method=args.conv_method,
+        conv_method=args.conv_method, policy_options=args.policy_options, stats=args.stats,
     )
     if args.dry_run:
         for r in runs:

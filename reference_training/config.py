@@ -9,15 +9,42 @@ from typing import Any
 
 from .schedules import parse_batch_schedule
 
-__all__ = ["RunConfig"]
+__all__ = ["RunConfig", "STATS", "statistic_names"]
+
+#: names accepted by ``--stats`` → the statistic recording them
+STATS = {"noise_scale": "noise_scale", "batch_tests": "batch_tests", "norm_test": "batch_tests",
+         "inner_product_test": "batch_tests", "orthogonality_test": "batch_tests",
+         "spectrum_shape": "spectrum_shape", "effective_rank": "spectrum_shape",
+         "stable_rank": "spectrum_shape", "fisher_spectrum": "fisher_spectrum"}
+
+
+def statistic_names(stats: str | None) -> list[str]:
+    """The statistics a ``--stats`` list names, deduplicated, in a fixed order.
+
+    Raises:
+        ValueError: an unknown name.
+
+    Example:
+        >>> statistic_names("norm_test,noise_scale,stable_rank")
+        ['noise_scale', 'batch_tests', 'spectrum_shape']
+    """
+    names = [n.strip() for n in (stats or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in STATS]
+    if unknown:
+        raise ValueError(f"--stats takes names from {sorted(STATS)}; received unknown {unknown}.")
+    wanted = {STATS[n] for n in names}
+    order = ("noise_scale", "batch_tests", "spectrum_shape", "fisher_spectrum")
+    return [n for n in order if n in wanted]
 
 
 @dataclass
 class RunConfig:
     """Everything that determines a run (written to ``config.json``).
 
-    Exactly one of ``batch_size`` and ``batch_schedule`` is used: ``batch_schedule`` ("s32",
-    "s32-to-128", "s32-to-128-MS" or a comma list "32,45,64,91,128") wins when given.
+    ``batch_schedule`` ("s32", "s32-to-128", "s32-to-128-MS", a comma list "32,45,64,91,128")
+    wins over ``batch_size`` when given; ``"auto:<rule>"`` (a closed-loop policy) starts at
+    ``batch_size`` and takes ``policy_options``. ``stats`` names extra statistics recorded at
+    every measured step (comma list, see :data:`STATS`).
     Fields added in later releases have defaults, so older ``config.json`` files still load.
     """
 
@@ -42,6 +69,8 @@ class RunConfig:
     # A fixed method keeps runs bitwise reproducible: "auto" times the candidates in each
     # process, and the measured step's batch gradient is the sum of the per-sample ones.
     conv_method: str = "grouped"
+    policy_options: str | None = None
+    stats: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that cannot work."""
@@ -59,7 +88,22 @@ class RunConfig:
             raise ValueError(
                 f"batch_size must be an int >= 1 when no batch_schedule is given, got {self.batch_size!r}."
             )
-        parse_batch_schedule(self.schedule_spec)
+        kind, _ = parse_batch_schedule(self.schedule_spec)
+        if kind == "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"batch_schedule {self.batch_schedule!r} starts from batch_size, which "
+                             f"must be an int >= 1; got {self.batch_size!r}.")
+        if kind != "auto" and self.policy_options:
+            raise ValueError("policy_options apply to batch_schedule 'auto:<rule>' only; got "
+                             f"{self.policy_options!r} with {self.schedule_spec!r}.")
+        statistic_names(self.stats)
+
+    def statistics(self) -> tuple:
+        """The extra statistics ``stats`` names (instances, in a fixed order)."""
+        from fimcore import stats as S
+
+        make = {"noise_scale": S.NoiseScale, "batch_tests": S.BatchTests,
+                "spectrum_shape": S.SpectrumShape, "fisher_spectrum": S.FisherSpectrum}
+        return tuple(make[name]() for name in statistic_names(self.stats))
 
     @property
     def schedule_spec(self) -> str:

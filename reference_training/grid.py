@@ -69,8 +69,9 @@ def plan_grid(
         models: model names (``build_model``).
         dataset: dataset name.
         batch_sizes, lrs: the fixed-batch grid (every pair is one run per seed).
-        dynamic: dynamic-sampling schedule names (``sA-to-B``, ``sA-to-B-MS``), each run at every
-            LR of ``dynamic_lrs`` and every seed.
+        dynamic: dynamic-sampling schedule names (``sA-to-B``, ``sA-to-B-MS``, or
+            ``auto:<rule>@<first size>`` for a closed-loop policy; without ``@`` it starts at the
+            smallest of ``batch_sizes``), each run at every LR of ``dynamic_lrs`` and every seed.
         seeds: repeats.
         **common: other ``RunConfig`` fields shared by all runs (epochs, subset, measure_every, ...).
     """
@@ -79,7 +80,7 @@ def plan_grid(
     for model in models:
         for seed in seeds:
             settings = [(dict(batch_size=int(b)), float(lr)) for lr in lrs for b in batch_sizes]
-            settings += [(dict(batch_schedule=str(s)), float(lr)) for lr in dynamic_lrs
+            settings += [(_dynamic(str(s), batch_sizes), float(lr)) for lr in dynamic_lrs
                          for s in dynamic]
             for batch, lr in settings:
                 cfg = RunConfig(model=model, dataset=dataset, lr=lr, seed=int(seed), **batch,
@@ -88,6 +89,15 @@ def plan_grid(
                 name = f"{run_label(cfg)}_lr{_fmt_lr(lr)}_seed{seed}"
                 runs.append(GridRun(cfg, root / f"{model}-{dataset}" / name))
     return runs
+
+
+def _dynamic(spec: str, batch_sizes) -> dict:
+    """RunConfig fields of one ``dynamic`` entry (``auto:<rule>@<size>`` carries its first size)."""
+    if spec.lower().startswith("auto:"):
+        schedule, _, first = spec.partition("@")
+        return dict(batch_schedule=schedule,
+                    batch_size=int(first) if first else int(min(batch_sizes)))
+    return dict(batch_schedule=spec)
 
 
 def _command(run: GridRun, threads: int | None) -> list[str]:
@@ -100,9 +110,10 @@ def _command(run: GridRun, threads: int | None) -> list[str]:
            "--conv-method", c.conv_method]
     if c.batch_schedule:
         cmd += ["--batch-schedule", c.batch_schedule]
-    else:
+    if not c.batch_schedule or c.batch_schedule.lower().startswith("auto:"):
         cmd += ["--batch-size", str(c.batch_size)]
     for flag, value in (("--data-dir", c.data_dir), ("--subset", c.subset),
+                        ("--policy-options", c.policy_options), ("--stats", c.stats),
                         ("--depth", c.depth), ("--width", c.width), ("--threads", threads)):
         if value is not None:
             cmd += [flag, str(value)]

@@ -17,17 +17,25 @@ __all__ = ["label_of", "lr_at", "make_schedule", "parse_batch_schedule", "run_la
 _SCHEDULE_RE = re.compile(r"^s(\d+)(?:-to-(\d+))?(-MS)?$", re.IGNORECASE)
 
 
-def parse_batch_schedule(spec: str) -> tuple[str, list[int] | tuple[int, int]]:
+def parse_batch_schedule(spec: str) -> tuple[str, list[int] | tuple[int, int] | str]:
     """Parse a batch-schedule name.
 
-    Returns ``("fixed", [b])``, ``("range", (start, end))``, ``("ms", (start, end))`` or
-    ``("list", sizes)``.
+    Returns ``("fixed", [b])``, ``("range", (start, end))``, ``("ms", (start, end))``,
+    ``("list", sizes)`` or ``("auto", rule)`` for ``auto:<rule>`` (a closed-loop policy,
+    :mod:`reference_training.adaptive`).
 
     Raises:
-        ValueError: the name is not of the form ``sB``, ``sA-to-B``, ``sA-to-B-MS`` or a comma
-            list of positive ints.
+        ValueError: the name is not of the form ``sB``, ``sA-to-B``, ``sA-to-B-MS``, a comma
+            list of positive ints or ``auto:<rule>`` with a known rule.
     """
     s = str(spec).strip()
+    if s.lower().startswith("auto:"):
+        from fimcore.policy import RULES
+
+        rule = s.split(":", 1)[1].strip()
+        if rule not in RULES:
+            raise ValueError(f"auto:<rule> needs a rule in {sorted(RULES)}; received {spec!r}.")
+        return "auto", rule
     m = _SCHEDULE_RE.match(s)
     if m:
         a = int(m.group(1))
@@ -47,17 +55,27 @@ def parse_batch_schedule(spec: str) -> tuple[str, list[int] | tuple[int, int]]:
     if sizes and all(v >= 1 for v in sizes):
         return "list", sizes
     raise ValueError(
-        f"batch schedule must look like 's64', 's16-to-64', 's16-to-64-MS' or '16,32,64', got {spec!r}."
+        f"batch schedule must look like 's64', 's16-to-64', 's16-to-64-MS', '16,32,64' or "
+        f"'auto:<rule>', got {spec!r}."
     )
 
 
-def make_schedule(spec: str, *, epochs: int, stages: int = 5) -> "fimcore.StagedBatchSchedule":
-    """Build the ``fimcore.StagedBatchSchedule`` for a schedule name and epoch budget.
+def make_schedule(spec: str, *, epochs: int, stages: int = 5, initial: int | None = None,
+                  options: str | None = None):
+    """Build the batch schedule for a schedule name and epoch budget.
 
     ``sA-to-B`` grows geometrically over ``stages`` equal stages (spec §6 A7);
-    ``sA-to-B-MS`` repeats the ramp inside each LR phase (hypothesis of spec §6 A6).
+    ``sA-to-B-MS`` repeats the ramp inside each LR phase (hypothesis of spec §6 A6);
+    ``auto:<rule>`` is an :class:`~reference_training.adaptive.AdaptiveSchedule` starting at
+    ``initial`` with the ``key=value`` ``options``.
     """
     kind, value = parse_batch_schedule(spec)
+    if kind == "auto":
+        from .adaptive import AdaptiveSchedule, parse_options
+
+        if initial is None:
+            raise ValueError(f"{spec!r} needs an initial batch size (--batch-size).")
+        return AdaptiveSchedule(value, initial, parse_options(options))
     if kind == "fixed":
         return fimcore.StagedBatchSchedule(list(value), total_epochs=epochs)
     if kind == "list":
@@ -72,7 +90,11 @@ def make_schedule(spec: str, *, epochs: int, stages: int = 5) -> "fimcore.Staged
 
 
 def run_label(config) -> str:
-    """Short name of a ``RunConfig``'s batch setting, e.g. ``s64`` or ``s16-to-64`` (the paper's naming)."""
+    """Short name of a ``RunConfig``'s batch setting, e.g. ``s64``, ``s16-to-64`` (the paper's
+    naming) or ``s16-auto-norm_test`` (a policy starting at 16)."""
+    kind, value = parse_batch_schedule(config.schedule_spec)
+    if kind == "auto":
+        return f"s{config.batch_size}-auto-{value}"
     return label_of(config.schedule_spec)
 
 
@@ -84,6 +106,8 @@ def label_of(spec: str) -> str:
         ('s16-to-64-MS', 's32')
     """
     kind, value = parse_batch_schedule(spec)
+    if kind == "auto":
+        return f"auto-{value}"
     if kind == "fixed":
         return f"s{value[0]}"
     if kind == "list":

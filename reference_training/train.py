@@ -172,6 +172,8 @@ class _Run:
     epochs_log: list[dict[str, Any]] = field(default_factory=list)
     offset: int = 0
     diverged: bool = False
+    board: Any = None
+    num_params: int | None = None
 
     @property
     def paths(self) -> tuple[Path, Path, Path, Path]:
@@ -220,11 +222,18 @@ def _build(config: RunConfig, out: Path, *, dataset: ImageDataset | None, log, q
                         width=config.width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=True, weight_decay=config.weight_decay)
-    schedule = make_schedule(config.schedule_spec, epochs=config.epochs, stages=config.stages)
+    schedule = make_schedule(config.schedule_spec, epochs=config.epochs, stages=config.stages,
+                             initial=config.batch_size, options=config.policy_options)
+    extra = list(config.statistics())
+    for stat in getattr(schedule, "statistics", tuple)():
+        if stat.name not in {s.name for s in extra}:
+            extra.append(stat)
+    tracker = fimcore.MeasureTracker(statistics=(*fimcore.stats.DEFAULT, *extra),
+                                     keep_history=False)
     return _Run(config=config, out=out, log=log, quiet=quiet, device=device, ds=ds, model=model,
-                optimizer=optimizer, schedule=schedule,
-                tracker=fimcore.MeasureTracker(keep_history=False),
-                recorder=_make_recorder(model, config), data_gen=data_gen)
+                optimizer=optimizer, schedule=schedule, tracker=tracker,
+                recorder=_make_recorder(model, config), data_gen=data_gen,
+                num_params=count_parameters(model))
 
 
 def _restore(run: _Run, ckpt_path: Path) -> None:
@@ -251,8 +260,12 @@ def _checkpoint(run: _Run, epoch: int, metrics_offset: int) -> None:
     }, run.out / CHECKPOINT_FILE)
 
 
-def _measure(run: _Run, metrics, *, epoch: int, n: int, n_iters: int, batch: int, lr: float) -> bool:
-    """Feed the step's Gram to the tracker and write its metrics line; False if it diverged."""
+def _measure(run: _Run, metrics, *, epoch: int, n: int, n_iters: int, batch: int,
+             lr: float) -> bool:
+    """Feed the step's Gram to the tracker (and the policy) and write its metrics line.
+
+    Returns False if the step diverged (non-finite Gram).
+    """
     try:
         gram = run.recorder.gram()
     except FloatingPointError as exc:
@@ -263,8 +276,8 @@ def _measure(run: _Run, metrics, *, epoch: int, n: int, n_iters: int, batch: int
         return False
     weight = min(run.config.measure_every, n_iters - n)
     m = run.tracker.update(gram, lr=lr, weight=weight, batch_size=batch,
-                           grad_dtype=run.recorder.grad_dtype)
-    metrics.write(_dumps({
+                           grad_dtype=run.recorder.grad_dtype, num_params=run.num_params)
+    line = {
         "type": "measure", "k": m.k, "iteration": run.iteration, "epoch": epoch,
         "lr": lr, "batch_size": batch, "weight": weight,
         "c_k": m.c_k, "c_k_jacobian": m.c_k_jacobian, "I_k": m.I_k,
@@ -272,26 +285,45 @@ def _measure(run: _Run, metrics, *, epoch: int, n: int, n_iters: int, batch: int
         "L": m.L, "grad_norm": _grad_norm(run.model), "lambda_max": m.lambda_max,
         "rank": m.rank, "zero_rows": m.zero_rows, "c_limit": m.c_limit,
         "resolution_limited": m.resolution_limited, "c_k_legacy": m.c_k_legacy,
-    }) + "\n")
+    }
+    for name, fields in m.values.items():
+        if name not in ("condition", "energy"):
+            line.update(fields)
+    update = getattr(run.schedule, "update", None)
+    if update is not None:
+        decision = update(m)
+        line["next_batch_size"] = run.schedule.batch_size(epoch)
+        if decision is not None:
+            line["decision"] = decision.reason
+            run.log(f"batch size {decision.old} -> {decision.new}: {decision.reason}")
+    metrics.write(_dumps(line) + "\n")
     metrics.flush()
+    if run.board is not None:
+        run.board.measure(line)
     return True
 
 
 def _train_epoch(run: _Run, epoch: int, metrics) -> dict[str, Any] | None:
-    """One epoch of training, measured as configured; its record, or None if it diverged."""
+    """One epoch of training, measured as configured; its record, or None if it diverged.
+
+    The epoch's permutation is cut into consecutive batches; the batch size is read from the
+    schedule before every iteration (a policy may change it after a measured step).
+    """
     config, ds, device = run.config, run.ds, run.device
     n_train = len(ds.train_y)
-    lr = lr_at(epoch, base_lr=config.lr, epochs=config.epochs)
+    lr = lr_at(epoch, base_lr=config.lr, epochs=config.epochs) * getattr(run.schedule, "lr_factor", 1.0)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    b = int(run.schedule.batch_size(epoch))
-    n_iters = math.ceil(n_train / b)
+    b0 = int(run.schedule.batch_size(epoch))
     perm = torch.randperm(n_train, generator=run.data_gen)
     t0 = time.perf_counter()
     loss_sum, wrong = 0.0, 0
-    bar = _progress(n_iters, f"epoch {epoch + 1}/{config.epochs} b={b}", run.quiet)
-    for n in range(n_iters):
-        idx = perm[n * b:(n + 1) * b]
+    bar = _progress(math.ceil(n_train / b0), f"epoch {epoch + 1}/{config.epochs} b={b0}", run.quiet)
+    start, n = 0, 0
+    while start < n_train:
+        b = int(run.schedule.batch_size(epoch))
+        n_iters = n + math.ceil((n_train - start) / b)   # this epoch's iterations at this size
+        idx = perm[start:start + b]
         x = normalise(ds.train_x[idx], ds.mean, ds.std)
         x = augment(x, flip=ds.flip, pad=ds.pad, generator=run.data_gen).to(device)
         y = ds.train_y[idx].to(device)
@@ -314,10 +346,18 @@ def _train_epoch(run: _Run, epoch: int, metrics) -> dict[str, Any] | None:
         loss_sum += loss_v * len(idx)
         wrong += int((out_logits.detach().argmax(1) != y).sum())
         run.iteration += 1
+        start += len(idx)
         bar.update(1)
-        if n % 10 == 0 or n == n_iters - 1:
-            bar.set_postfix(loss=f"{loss_v:.3f}", err=f"{wrong / min(n_train, (n + 1) * b):.3f}",
+        if n % 10 == 0 or start >= n_train:
+            bar.set_postfix(loss=f"{loss_v:.3f}", err=f"{wrong / start:.3f}",
                             C=f"{_fmt(run.tracker.C_bar)}", L=f"{_fmt(run.tracker.L)}")
+        n += 1
+        new_lr = lr_at(epoch, base_lr=config.lr, epochs=config.epochs) * getattr(
+            run.schedule, "lr_factor", 1.0)
+        if new_lr != lr:                                   # a policy coupled the LR to the size
+            lr = new_lr
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
     bar.close()
     t_train = time.perf_counter() - t0
     run.elapsed += t_train
@@ -329,8 +369,8 @@ def _train_epoch(run: _Run, epoch: int, metrics) -> dict[str, Any] | None:
     t_test = time.perf_counter() - t1
     run.elapsed += t_test
     tracker = run.tracker
-    return {
-        "type": "epoch", "epoch": epoch, "lr": lr, "batch_size": b,
+    rec = {
+        "type": "epoch", "epoch": epoch, "lr": lr, "batch_size": b0,
         "stage": int(run.schedule.stage(epoch)), "iterations": run.iteration,
         "train_loss": loss_sum / n_train, "train_error": wrong / n_train,
         "test_loss": test_loss, "test_error": test_error,
@@ -339,6 +379,9 @@ def _train_epoch(run: _Run, epoch: int, metrics) -> dict[str, Any] | None:
         "resolution_limited": tracker.resolution_limited,
         "C_bar_legacy": tracker.C_bar_legacy,
     }
+    if hasattr(run.schedule, "update"):
+        rec["batch_size_end"] = int(run.schedule.batch_size(epoch))
+    return rec
 
 
 def train(
@@ -350,6 +393,7 @@ def train(
     dataset: ImageDataset | None = None,
     log=None,
     on_epoch_end=None,
+    tensorboard: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train one run and write its outputs to ``out_dir``; returns the summary dict.
 
@@ -362,6 +406,7 @@ def train(
         log: callable taking a line of text (default: print to stderr unless quiet).
         on_epoch_end: optional callable ``(epoch, model, optimizer, record)`` run after each
             epoch's checkpoint (for tests and monitoring).
+        tensorboard: a directory for TensorBoard scalars (:mod:`reference_training.board`).
 
     Raises:
         FileExistsError: ``out_dir`` already holds a run and ``resume`` is False.
@@ -385,6 +430,10 @@ def train(
     with open(met_path, "ab") as f:
         f.truncate(run.offset)
 
+    if tensorboard is not None:
+        from .board import Board
+
+        run.board = Board(str(tensorboard), purge_step=run.iteration if run.iteration else None)
     run.model.train()
     with open(met_path, "a") as metrics:
         for epoch in range(run.start_epoch, config.epochs):
@@ -399,9 +448,13 @@ def train(
                 f"test_err={rec['test_error']:.4f} C_bar={_fmt(run.tracker.C_bar)} "
                 f"L={_fmt(run.tracker.L)} ({rec['train_time_s'] + rec['test_time_s']:.1f}s)")
             _checkpoint(run, epoch, metrics.tell())
+            if run.board is not None:
+                run.board.epoch(rec)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, run.model, run.optimizer, rec)
 
+    if run.board is not None:
+        run.board.close()
     summary = _summary(run)
     _atomic_write_text(sum_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
@@ -444,4 +497,6 @@ def _summary(run: _Run) -> dict[str, Any]:
         "train_loss": None if diverged else last.get("train_loss"),
         "wall_time_s": run.elapsed,
         "train_time_s": run.train_elapsed,
+        **({"decisions": [d._asdict() for d in run.schedule.policy.decisions]}
+           if hasattr(run.schedule, "policy") else {}),
     }
