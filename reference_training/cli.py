@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -86,7 +87,21 @@ def _parser() -> argparse.ArgumentParser:
                       help="dynamic-sampling schedules ('' for none)")
     grid.add_argument("--dynamic-lrs", type=_float_list, default=[0.1])
     grid.add_argument("--seeds", type=_int_list, default=[0])
-    grid.add_argument("--jobs", type=int, default=1, help="runs side by side")
+    grid.add_argument("--jobs", type=int, default=1, help="runs side by side (--executor local)")
+    grid.add_argument("--executor", default="local", choices=("local", "slurm"),
+                      help="local: a process pool here; slurm: a Slurm job array via submitit")
+    grid.add_argument("--cluster", default="slurm", choices=("slurm", "local", "debug"),
+                      help="submitit backend of --executor slurm (local/debug: no cluster needed)")
+    grid.add_argument("--retry-failed", action="store_true",
+                      help="resubmit runs whose earlier Slurm job failed")
+    grid.add_argument("--wait", action="store_true", help="with --executor slurm: wait for the jobs")
+    grid.add_argument("--slurm-partition", default=None)
+    grid.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per run")
+    grid.add_argument("--slurm-cpus", type=int, default=None, help="CPUs per run")
+    grid.add_argument("--slurm-gpus", type=int, default=None, help="GPUs per run")
+    grid.add_argument("--slurm-mem", type=int, default=None, help="GB of memory per run")
+    grid.add_argument("--slurm-parallelism", type=int, default=None,
+                      help="array tasks running at once")
     grid.add_argument("--out", default="runs/grid")
     grid.add_argument("--dry-run", action="store_true", help="list the runs only")
 
@@ -164,9 +179,18 @@ def _cmd_grid(args) -> int:
         for r in runs:
             print(f"{'finished' if r.finished else 'todo    '} {r.out_dir}")
         return 0
-    counts = run_grid(runs, jobs=args.jobs, threads=args.threads)
+    slurm = {k: v for k, v in {
+        "timeout_min": args.slurm_time, "slurm_partition": args.slurm_partition,
+        "cpus_per_task": args.slurm_cpus, "gpus_per_node": args.slurm_gpus,
+        "mem_gb": args.slurm_mem, "slurm_array_parallelism": args.slurm_parallelism,
+    }.items() if v is not None}
+    if args.cluster != "slurm":   # submitit's local/debug executors take no Slurm parameters
+        slurm = {"timeout_min": args.slurm_time}
+    counts = run_grid(runs, jobs=args.jobs, threads=args.threads, executor=args.executor,
+                      cluster=args.cluster, slurm=slurm, retry_failed=args.retry_failed,
+                      wait=args.wait or args.cluster != "slurm", root=Path(args.out))
     print(json.dumps(counts))
-    return 1 if counts["failed"] else 0
+    return 1 if counts.get("failed") else 0
 
 
 def _cmd_report(args) -> int:

@@ -121,8 +121,24 @@ def _command(run: GridRun, threads: int | None) -> list[str]:
 
 
 def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None,
-             log=print) -> dict[str, int]:
-    """Execute the runs that are not finished; returns counts of done/skipped/failed/diverged."""
+             log=print, executor: str = "local", cluster: str = "slurm",
+             slurm: dict | None = None, retry_failed: bool = False,
+             wait: bool = False, root: Path | None = None) -> dict[str, int]:
+    """Execute the runs that are not finished; returns counts of what happened.
+
+    ``executor="local"`` runs ``jobs`` subprocesses side by side here; ``executor="slurm"``
+    submits the unfinished runs as one Slurm job array through submitit (``cluster="local"`` or
+    ``"debug"`` run the same path without a cluster; see :mod:`reference_training.executors`).
+    """
+    if executor == "slurm":
+        from .executors import submit_slurm
+
+        if root is None:
+            root = runs[0].out_dir.parent.parent if runs else Path(".")
+        return submit_slurm(runs, lambda r: _command(r, threads), root, cluster=cluster,
+                            options=slurm, retry_failed=retry_failed, wait=wait, log=log)
+    if executor != "local":
+        raise ValueError(f"executor must be 'local' or 'slurm'; received {executor!r}.")
     todo = [r for r in runs if not r.finished]
     counts = {"planned": len(runs), "skipped": len(runs) - len(todo), "done": 0, "failed": 0,
               "diverged": 0}
