@@ -58,10 +58,11 @@ Why this rule:
 5. *Projection.* Taking the r-th largest eigenvalue of G is not enough when C is singular: a
    null direction among large-norm samples can carry more rounding than a real eigenvalue of a
    small-norm sample, so the resolved subspace is projected out explicitly — except when
-   the r-th largest eigenvalue of G lies at least 10⁶ times above the bound
+   the r-th largest eigenvalue of G lies at least 10³ times above the bound
    :math:`\max_i G_{ii}\cdot\tau` on what the unresolved directions can carry (Weyl's
-   inequality): then it *is* :math:`\lambda_{\min}^{+}` to a relative 10⁻⁶, and the
-   eigenvalues of C suffice (host route only; the jit-safe route always projects).
+   inequality): then it
+   is :math:`\lambda_{\min}^{+}` to a relative 10⁻³, and the eigenvalues of C
+   suffice (host route only; the jit-safe route always projects).
 
 The eigen-solve itself (float64, or float32 in JAX without x64) resolves eigenvalues down to
 about :math:`B\varepsilon_{\mathrm{eig}}\lambda_{\max}`, the second term of
@@ -234,8 +235,11 @@ def _positive_definite(c_mat: Any, tau: Any, *, xp: Any) -> bool:
 
 
 #: how far above the unresolved part's bound the r-th largest eigenvalue of G must lie to be
-#: taken for λ_min⁺ without the projection (relative error ≤ 1/SEPARATION, see below)
-SEPARATION = 1e6
+#: taken for λ_min⁺ without the projection (relative error ≤ 1/SEPARATION, see below). The
+#: projection's own answer is accurate only to a relative ~τ/μ_r (the rounding of C against its
+#: smallest resolved eigenvalue); the shortcut's bound max G_ii·τ/λ_min⁺ exceeds that by at
+#: most the spread max G_ii / min G_ii, so 10⁻³ adds little where it is taken.
+SEPARATION = 1e3
 
 
 def _separated_minimum(c_mat: Any, eigs: Any, diag: Any, tau: Any, *,
