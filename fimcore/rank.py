@@ -59,8 +59,8 @@ Why this rule:
    null direction among large-norm samples can carry more rounding than a real eigenvalue of a
    small-norm sample, so the resolved subspace is projected out explicitly — except when
    the r-th largest eigenvalue of G lies at least 10³ times above the bound
-   :math:`\max_i G_{ii}\cdot\tau` on what the unresolved directions can carry (Weyl's
-   inequality): then it
+   :math:`\max_i G_{ii}\cdot\max_{\mu_k \le \tau}|\mu_k|` on what the unresolved directions
+   carry (Weyl's inequality): then it
    is :math:`\lambda_{\min}^{+}` to a relative 10⁻³, and the eigenvalues of C
    suffice (host route only; the jit-safe route always projects).
 
@@ -236,9 +236,9 @@ def _positive_definite(c_mat: Any, tau: Any, *, xp: Any) -> bool:
 
 #: how far above the unresolved part's bound the r-th largest eigenvalue of G must lie to be
 #: taken for λ_min⁺ without the projection (relative error ≤ 1/SEPARATION, see below). The
-#: projection's own answer is accurate only to a relative ~τ/μ_r (the rounding of C against its
-#: smallest resolved eigenvalue); the shortcut's bound max G_ii·τ/λ_min⁺ exceeds that by at
-#: most the spread max G_ii / min G_ii, so 10⁻³ adds little where it is taken.
+#: projection's own answer is accurate only to a relative ~‖δC‖/μ_r (the rounding of C against
+#: its smallest resolved eigenvalue); the shortcut's bound b/λ_min⁺ exceeds that by at most the
+#: spread max G_ii / min G_ii, so 10⁻³ adds little where it is taken.
 SEPARATION = 1e3
 
 
@@ -249,20 +249,27 @@ def _separated_minimum(c_mat: Any, eigs: Any, diag: Any, tau: Any, *,
     Split :math:`C = C_r + C_n` along its eigenvectors (:math:`\mu > \tau` and the rest). The
     projection's :math:`\lambda_{\min}^{+}` is the smallest non-zero eigenvalue of
     :math:`D C_r D`, which has rank r; and :math:`\|D C_n D\|_2 \le b = \max_i G_{ii}\cdot
-    \max(\tau, |\mu_{\min}|)`. By Weyl's inequality every eigenvalue of
+    (\max_{\mu_k \le \tau} |\mu_k| + 8B\varepsilon_{\mathrm{eig}}\mu_{\max})` (the unresolved
+    eigenvalues of C as computed, plus the eigen-solver's error). By Weyl's inequality every eigenvalue of
     :math:`G = D C_r D + D C_n D` lies within b of the same-index one of :math:`D C_r D`, so the
     r-th largest eigenvalue of G is :math:`\lambda_{\min}^{+}` to a relative
     :math:`b/\lambda \le 1/\mathrm{SEPARATION}` when it is at least SEPARATION·b. That needs
     the eigenvalues of C only (no eigenvectors): one ``eigvalsh`` instead of an ``eigh``.
     """
     size = c_mat.shape[0]
-    mu = xp.linalg.eigvalsh(c_mat)
+    mu = xp.sort(xp.linalg.eigvalsh(c_mat))
     r = int(xp.sum(xp.astype(mu > tau, default_int_dtype(xp, device=_device(c_mat)))))
     if r == 0:
         return None
-    bound = xp.max(diag) * xp.maximum(xp.abs(mu[0]), xp.asarray(tau, dtype=mu.dtype))
+    if r == size:
+        return eigs[0], xp.asarray(r, dtype=default_int_dtype(xp, device=_device(c_mat)),
+                                   device=_device(c_mat))
+    # ‖C_n‖₂: the largest unresolved |μ| as computed, plus the eigen-solver's own error
+    unresolved = xp.max(xp.abs(mu[: size - r]))
+    solver = SLACK * size * float(xp.finfo(mu.dtype).eps) * mu[-1]
+    bound = xp.max(diag) * (unresolved + solver)
     candidate = eigs[size - r]
-    if r < size and not bool(candidate >= SEPARATION * bound):
+    if not bool(candidate >= SEPARATION * bound):
         return None
     return candidate, xp.asarray(r, dtype=default_int_dtype(xp, device=_device(c_mat)),
                                  device=_device(c_mat))
