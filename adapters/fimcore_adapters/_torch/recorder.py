@@ -9,7 +9,7 @@ from torch import nn
 
 from .cost import STRATEGIES
 from .select import select_parameters
-from .uses import UseTracker
+from .uses import GradientTotal, UseTracker
 from .report import Report
 from .units import build_units
 
@@ -31,6 +31,7 @@ class _Step:
         self.grad_dtype: torch.dtype | None = None
         self.stack: list = []          # units whose forward is running
         self.multi: set | None = None  # ids of units with a parameter used more than once
+        self.total: GradientTotal | None = None  # autograd's ‖∇L‖², on steps that check uses
 
 
 class GramRecorder:
@@ -81,9 +82,14 @@ class GramRecorder:
             channel groups, others use ``"unfold"``).
         check_uses: ``"first"`` (default) watches, during the first measured step, every torch
             call for a selected parameter used with gradients outside the forward of the module
-            that covers it (tied weights applied through a function, a penalty term in the loss),
-            which would otherwise be missing from G, and raises; ``"always"`` repeats this on every
-            step (for models whose parameter use changes between steps; costs a few µs per op).
+            that covers it (tied weights applied through a function — passed positionally, by
+            keyword or inside a list/tuple/dict argument —, a penalty term in the loss), which
+            would otherwise be missing from G, and raises; on the same step it checks the
+            whole-batch identity ``1ᵀG1 = B²‖∇L‖²`` against autograd's own gradient, which catches
+            the routes no torch call shows (a custom ``autograd.Function`` taking the parameter, a
+            view of it made before the block, a gradient hook changing its gradient).
+            ``"always"`` repeats both on every step (for models whose parameter use changes
+            between steps; costs a few µs per op).
 
     Raises:
         ValueError: no trainable parameter selected, an unknown ``params`` entry, a bad option,
@@ -141,6 +147,8 @@ class GramRecorder:
         self.strategy = strategy
         self.enabled = True
         selected = select_parameters(model, params)
+        by_id = {id(p): p for p in model.parameters()}
+        self._selected = [by_id[i] for i in selected]
         self._param_names = {}
         for n, p in model.named_parameters(remove_duplicate=False):
             self._param_names.setdefault(id(p), n)
@@ -184,6 +192,8 @@ class GramRecorder:
                 u.bw_calls = 0
                 self._handles.extend(u.install(self))
             if self.check_uses == "always" or not self._uses_checked:
+                self._step.total = GradientTotal(self._selected)
+                self._handles.extend(self._step.total.install())
                 self._mode = UseTracker(self)
                 self._mode.__enter__()
         except BaseException:
@@ -222,6 +232,12 @@ class GramRecorder:
                 u.set_path("not run", "module not called in the last step")
         self._last = step
         self._measured = step.backward_started
+        if self._measured and step.total is not None and step.acc is not None:
+            try:
+                step.total.check(step.acc, step.grad_dtype)
+            except RuntimeError:
+                self._measured = False
+                raise
         if self._measured:
             self._uses_checked = True
 
