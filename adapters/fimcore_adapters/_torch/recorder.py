@@ -32,6 +32,9 @@ class _Step:
         self.stack: list = []          # units whose forward is running
         self.multi: set | None = None  # ids of units with a parameter used more than once
         self.total: GradientTotal | None = None  # autograd's ‖∇L‖², on steps that check uses
+        self.batch_src: tuple | None = None      # (unit, where it read B)
+        self.seq_first: list = []      # units that declared their batch in dim 1
+        self.ambiguous: list = []      # (unit, leading dims) with B in more than one of them
 
 
 class GramRecorder:
@@ -307,8 +310,17 @@ class GramRecorder:
         return rep
 
     # ------------------------------------------------------------------ used by the units
-    def _forward(self, unit, batch: int, dtype: torch.dtype | None = None) -> None:
-        """A unit's forward begins: check the step's state and the batch size."""
+    def _forward(self, unit, batch: int, dtype: torch.dtype | None = None, *,
+                 source: str = "dim 0 of its input", seq_first: bool = False,
+                 lead: tuple | None = None) -> None:
+        """A unit's forward begins: check the step's state and the batch size.
+
+        Args:
+            source: where the unit read ``batch`` (for messages).
+            seq_first: the unit declared its batch outside dim 0 (``batch_first=False``).
+            lead: the input's leading dimensions when any of them could hold the batch (dim 0
+                is taken as the batch; checked against a sequence-first module at the backward).
+        """
         step = self._step
         if not self._active or step is None:
             return
@@ -318,12 +330,20 @@ class GramRecorder:
                 "`with recorder:` block; use one block per step (forward, loss, one backward)")
         if step.batch is None:
             step.batch = int(batch)
+            step.batch_src = (unit, source)
         elif int(batch) != step.batch:
-            first = next((u.name for u in self._units if u.calls), "?")
+            first, first_src = step.batch_src
             raise ValueError(
-                f"the batch dimension (dim 0) must be the same in every covered layer; layer "
-                f"{first!r} saw B = {step.batch} but {unit.name or '<model>'!r} saw {batch}. The "
-                "recorder needs batch-first inputs (set batch_first=True where a module offers it)")
+                f"the batch dimension (dim 0) must be the same in every covered layer; "
+                f"{_where(first)} read B = {step.batch} from {first_src}, but {_where(unit)} read "
+                f"{int(batch)} from {source}. Layers other than RNN/GRU/LSTM, MultiheadAttention and "
+                "Transformer modules (which declare it with batch_first) take the batch in dim 0: "
+                "make the model batch-first (batch_first=True on those modules and (B, …) tensors "
+                "everywhere), or permute to (B, …) before the layer")
+        if seq_first:
+            step.seq_first.append(unit)
+        if lead is not None and sum(int(n) == step.batch for n in lead) > 1:
+            step.ambiguous.append((unit, tuple(int(n) for n in lead)))
         if dtype is not None and step.grad_dtype is None:
             step.grad_dtype = dtype
         if torch.is_grad_enabled():          # a forward under no_grad has no backward to record
@@ -342,6 +362,16 @@ class GramRecorder:
             raise RuntimeError(
                 f"a backward pass reached layer {unit.name or '<model>'!r} after its `with recorder:` "
                 "block had ended; call loss.backward() inside the block")
+        if not step.backward_started and step.seq_first and step.ambiguous:
+            u, lead = step.ambiguous[0]
+            s = step.seq_first[0]
+            raise ValueError(
+                f"{_where(u)} takes an input with leading dimensions {lead} in a step where "
+                f"{_where(s)} declares its batch in dim 1 (batch_first=False); with B = {step.batch} "
+                "in more than one of those dimensions the recorder cannot tell which one is the "
+                f"batch of {u.name or '<model>'!r}, which takes dim 0. Make the model batch-first: "
+                f"batch_first=True on {s.name or '<model>'!r} with (B, T, …) inputs, so that every "
+                "layer sees the batch in dim 0")
         unit.bw_calls += 1
         if unit.bw_calls > unit.calls:
             raise RuntimeError(
@@ -422,3 +452,7 @@ class GramRecorder:
         acc.addmm_(J, J.T)
         owner = self._param_units[id(p)][0]
         self._mark(owner)
+
+
+def _where(unit) -> str:
+    return f"layer {unit.name or '<model>'!r} ({type(unit.module).__name__})"
