@@ -261,3 +261,35 @@ def test_the_batch_first_fix_of_the_refusals_is_exact():
     G_ref = loop_reference(model, lambda i: model(idx[i:i + 1]).square().sum())
     G, rec = recorded(model, lambda: model(idx).square().sum())
     assert_exact(G, G_ref, rec)
+
+
+class PackedScale(nn.Module):
+    """A custom module with a parameter that takes a PackedSequence (no declared layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(D))
+
+    def forward(self, seq):
+        return seq._replace(data=seq.data * self.s)
+
+
+def test_packed_sequence_into_a_module_without_a_declared_layout_is_refused():
+    model = nn.ModuleDict({"scale": PackedScale(), "rnn": nn.GRU(D, H, batch_first=True)}).double()
+    seq = pack_padded_sequence(torch.randn(B, B, D, dtype=torch.float64), torch.tensor([3, 2, 1]),
+                               batch_first=True)
+    with pytest.raises(ValueError, match="module 'scale' \\(PackedScale\\) takes a PackedSequence.*"
+                                         "pad_packed_sequence"):
+        with GramRecorder(model):
+            model["rnn"](model["scale"](seq))[1].sum().backward()
+
+
+def test_layer_on_packed_data_is_refused_as_a_batch_disagreement():
+    model = nn.ModuleDict({"rnn": nn.LSTM(D, H, batch_first=True), "proj": nn.Linear(H, 2)}).double()
+    seq = pack_padded_sequence(torch.randn(B, B, D, dtype=torch.float64), torch.tensor([3, 2, 1]),
+                               batch_first=True)
+    with pytest.raises(ValueError, match="layer 'rnn' \\(LSTM\\) read B = 3 from a packed sequence, but "
+                                         "layer 'proj' \\(Linear\\) read 6 from dim 0.*PackedSequence's "
+                                         "data sees tokens"):
+        with GramRecorder(model):
+            model["proj"](model["rnn"](seq)[0].data).sum().backward()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch.func import functional_call, vjp, vmap
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .layout import PACKED, Layout, declared_kind
@@ -83,6 +84,12 @@ class GenericUnit(Unit):
                              seq_first=layout.seq_first_call)
             else:
                 layout = None
+                if any(isinstance(a, PackedSequence) for a in (*args, *kwargs.values())):
+                    raise ValueError(
+                        f"module {self.name or '<model>'!r} ({type(module).__name__}) takes a "
+                        "PackedSequence; the recorder splits packed sequences by sample only for "
+                        "nn.RNN/GRU/LSTM. Unpack it first (nn.utils.rnn.pad_packed_sequence with "
+                        "batch_first=True) or exclude this module's parameters with params=...")
                 leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
                 if leaves and leaves[0].dim() > 0:
                     rec._forward(self, leaves[0].shape[0], dtype, lead=tuple(leaves[0].shape[:-1]))

@@ -63,7 +63,14 @@ class GramRecorder:
     formed anyway write their sum as the batch gradient, so autograd does not compute it twice).
 
     Args:
-        model: the network (batch dimension first in every covered layer's input).
+        model: the network. The batch is dim 0 of every covered layer's input, except where a
+            module declares it: ``nn.RNN``/``nn.GRU``/``nn.LSTM``, ``nn.MultiheadAttention`` and
+            the ``nn.Transformer*`` modules with ``batch_first=False`` (batch in dim 1; hidden
+            states ``(layers, B, H)`` and key padding masks ``(B, S)`` in any case), and packed
+            sequences (rows mapped to samples by ``batch_sizes`` and ``sorted_indices``). A step in
+            which layers disagree on B, an unbatched call of such a module, or a dim-0 layer whose
+            leading dimensions hold B more than once beside a ``batch_first=False`` module is
+            refused with a ``ValueError`` naming the modules.
         loss_reduction: ``"mean"`` (the loss averages over the batch: G is scaled by B²) or
             ``"sum"``.
         params: None (all trainable parameters) or an iterable of parameter names, module names,
@@ -339,7 +346,9 @@ class GramRecorder:
                 f"{int(batch)} from {source}. Layers other than RNN/GRU/LSTM, MultiheadAttention and "
                 "Transformer modules (which declare it with batch_first) take the batch in dim 0: "
                 "make the model batch-first (batch_first=True on those modules and (B, …) tensors "
-                "everywhere), or permute to (B, …) before the layer")
+                "everywhere), or permute to (B, …) before the layer"
+                + ("; a layer applied to a PackedSequence's data sees tokens, not samples, in dim 0: "
+                   "apply it to the padded (B, T, …) tensor" if "packed" in first_src + source else ""))
         if seq_first:
             step.seq_first.append(unit)
         if lead is not None and sum(int(n) == step.batch for n in lead) > 1:
