@@ -293,3 +293,27 @@ def test_layer_on_packed_data_is_refused_as_a_batch_disagreement():
                                          "data sees tokens"):
         with GramRecorder(model):
             model["proj"](model["rnn"](seq)[0].data).sum().backward()
+
+
+@pytest.mark.parametrize("cls", [nn.RNNCell, nn.GRUCell, nn.LSTMCell])
+def test_recurrent_cells_unrolled_over_time(cls):
+    cell = cls(D, H).double()
+    x = torch.randn(B, B, D, dtype=torch.float64)                 # (T, B, D), T == B, cell sees (B, D)
+    h0 = torch.randn(B, H, dtype=torch.float64)
+
+    def loss(xs, h):
+        state = (h, torch.zeros_like(h)) if cls is nn.LSTMCell else h
+        total = 0
+        for t in range(xs.shape[0]):
+            state = cell(xs[t], state)
+            total = total + (state[0] if isinstance(state, tuple) else state).square().sum()
+        return total
+
+    G_ref = loop_reference(cell, lambda i: loss(take(x, i, 1), h0[i:i + 1]))
+    G, rec = recorded(cell, lambda: loss(x, h0))
+    assert_exact(G, G_ref, rec)
+    with pytest.raises(ValueError, match=f"module '<model>' \\({cls.__name__}\\) got an unbatched "
+                                         "input of shape \\(4,\\).*\\(B, features\\)"):
+        with GramRecorder(cell):
+            out = cell(x[0, 0])
+            (out[0] if isinstance(out, tuple) else out).sum().backward()

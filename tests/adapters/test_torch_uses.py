@@ -244,3 +244,33 @@ def test_sparse_embedding_gradients_pass_the_identity():
         F.cross_entropy(sparse(idx), y).backward()
     G_ref, _ = loop_gram(dense, ce_sum, idx, y)
     torch.testing.assert_close(rec.gram(), G_ref, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------ outputs that feed each other
+class Chained(nn.Module):
+    """Two outputs, the second computed from the first (as LSTMCell's h' from c'), or one twice."""
+
+    def __init__(self, twice):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3))
+        self.twice = twice
+
+    def forward(self, x):
+        c = torch.tanh(x @ self.w)
+        return (c, c) if self.twice else (c, torch.sigmoid(c) * x)
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["dependent", "same tensor twice"])
+def test_generic_outputs_feeding_each_other_get_only_their_outside_gradient(twice):
+    torch.manual_seed(10)
+    model = Chained(twice).double()
+    x = torch.randn(B, 3, dtype=torch.float64)
+
+    def loss(out, _):
+        return out[0].square().sum() + (out[1] * torch.arange(3.0, dtype=out[1].dtype)).sum()
+
+    G_ref, _ = loop_gram(model, loss, x, x)
+    rec = GramRecorder(model, loss_reduction="sum")
+    with rec:
+        loss(model(x), None).backward()
+    torch.testing.assert_close(rec.gram(), G_ref, rtol=1e-10, atol=1e-12)

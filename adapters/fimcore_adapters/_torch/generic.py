@@ -104,10 +104,19 @@ class GenericUnit(Unit):
             rng, layout = pending.pop() if pending else (None, None)
             if not rec._active:
                 return None
-            flat, _ = tree_flatten(out)
+            flat, spec = tree_flatten(out)
             pos = [k for k, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.requires_grad]
             if not pos:
                 return None
+            replaced = None
+            if len(pos) > 1:
+                # one output may be computed from another (LSTMCell: h' = o·tanh(c')), or returned
+                # twice: a hook on the output itself would see the gradient through the module's own
+                # use of it as well. Fresh aliases receive only the gradient from outside.
+                flat = list(flat)
+                for k in pos:
+                    flat[k] = flat[k].view_as(flat[k])
+                replaced = tree_unflatten(flat, spec)
             out_dims = layout.out_dims(out) if layout is not None else [0] * len(flat)
             # outputs are kept (cloned: a later in-place op may overwrite them) only while the
             # separable/coupled check for this train/eval mode is still to be made
@@ -117,7 +126,7 @@ class GenericUnit(Unit):
                     "layout": layout, "out_dims": [out_dims[k] for k in pos]}
             torch.autograd.graph.register_multi_grad_hook(
                 [flat[k] for k in pos], lambda grads: self._grad(call, grads))
-            return None
+            return replaced
 
         return [m.register_forward_pre_hook(pre, with_kwargs=True),
                 m.register_forward_hook(post, with_kwargs=True, always_call=True)]

@@ -1,14 +1,14 @@
 """Where the batch sits in the tensors of modules that declare it (not always dim 0).
 
-Recurrent modules (``nn.RNN``/``nn.GRU``/``nn.LSTM``), ``nn.MultiheadAttention`` and the
-``nn.Transformer*`` modules say where their batch is: ``batch_first=False`` puts it in dim 1 of
-the sequence tensors, hidden states are ``(layers, B, H)`` whatever ``batch_first`` says, key
-padding masks and attention weights are batch-first, and a ``PackedSequence`` holds sample
-``sorted_indices[k]`` in row k of each time step's block of ``batch_sizes[t]`` rows. A
-:class:`Layout` records that, per tensor of one call, for the generic path: it splits inputs and
-masks cotangents along the declared dimension, never along a dimension guessed from shapes.
-Unbatched calls (2-D sequence inputs) are refused: a per-sample Gram needs a batch.
-"""
+Recurrent modules (``nn.RNN``/``nn.GRU``/``nn.LSTM``; their cells are batch-first by
+definition), ``nn.MultiheadAttention`` and the ``nn.Transformer*`` modules say where their batch
+is: ``batch_first=False`` puts it in dim 1 of the sequence tensors, hidden states are
+``(layers, B, H)`` whatever ``batch_first`` says, key padding masks and attention weights are
+batch-first, and a ``PackedSequence`` holds sample ``sorted_indices[k]`` in row k of each time
+step's block of ``batch_sizes[t]`` rows. A :class:`Layout` records that, per tensor of one call,
+for the generic path: it splits inputs and masks cotangents along the declared dimension, never
+along a dimension guessed from shapes. Unbatched calls (a 2-D sequence input, a 1-D cell input)
+are refused: a per-sample Gram needs a batch."""
 
 from __future__ import annotations
 
@@ -26,18 +26,21 @@ PACKED = "packed"      # the rows of a PackedSequence's data, mapped to samples 
 
 TRANSFORMER_TYPES: tuple[type, ...] = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
                                        nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-_SEQ_ARGS = {"rnn": ("input",), "attention": ("query", "key", "value"),
+_SEQ_ARGS = {"rnn": ("input",), "cell": ("input",), "attention": ("query", "key", "value"),
              "transformer": ("src", "tgt", "memory")}
 _SHAPES = {"rnn": "(T, B, features) with batch_first=False or (B, T, features) with batch_first=True, "
                   "or a PackedSequence",
+           "cell": "(B, features)",
            "attention": "(L, B, E) with batch_first=False or (B, L, E) with batch_first=True",
            "transformer": "(S, B, E) with batch_first=False or (B, S, E) with batch_first=True"}
 
 
 def declared_kind(module: nn.Module) -> str | None:
-    """``"rnn"``, ``"attention"`` or ``"transformer"`` for modules that declare their batch dim."""
+    """``"rnn"``, ``"cell"``, ``"attention"`` or ``"transformer"`` for modules that declare their batch dim."""
     if isinstance(module, nn.RNNBase):
         return "rnn"
+    if isinstance(module, nn.RNNCellBase):
+        return "cell"
     if isinstance(module, nn.MultiheadAttention):
         return "attention"
     if isinstance(module, TRANSFORMER_TYPES):
@@ -46,6 +49,8 @@ def declared_kind(module: nn.Module) -> str | None:
 
 
 def _batch_first(module: nn.Module) -> bool:
+    if isinstance(module, nn.RNNCellBase):
+        return True
     if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
         return bool(module.layers[0].self_attn.batch_first) if len(module.layers) else True
     if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
@@ -69,7 +74,7 @@ class Layout:
     """Batch dimension of every tensor of one call of a declaring module.
 
     Attributes:
-        kind: ``"rnn"``, ``"attention"`` or ``"transformer"``.
+        kind: ``"rnn"``, ``"cell"``, ``"attention"`` or ``"transformer"``.
         seq_dim: the batch dim of the sequence tensors (0 if ``batch_first`` else 1).
         in_dims: per leaf of ``tree_flatten((args, kwargs))``: an int dim, :data:`PACKED` or None
             (a tensor without batch, e.g. an attention mask, or not a tensor).
@@ -124,11 +129,16 @@ class Layout:
                 if rest[0].name != "data":
                     return None
                 return PACKED
-            if leaf.dim() != 3:
+            if leaf.dim() != (2 if kind == "cell" else 3):
                 raise ValueError(
                     f"{self.where} got an unbatched {arg} of shape {tuple(leaf.shape)}; a per-sample "
                     f"Gram matrix needs a batch: pass {arg} as {_SHAPES[kind]}")
             return self.seq_dim
+        if kind == "cell" and arg == "hx":
+            if leaf.dim() != 2:
+                raise ValueError(f"{self.where} got an unbatched hx of shape {tuple(leaf.shape)}; pass "
+                                 "hx as (B, hidden) with a batched input")
+            return 0
         if kind == "rnn" and arg == "hx":
             if leaf.dim() != 3:
                 raise ValueError(f"{self.where} got an unbatched hx of shape {tuple(leaf.shape)}; pass "
@@ -154,6 +164,8 @@ class Layout:
                         dims.append(self.seq_dim)
                 else:
                     dims.append(1)                              # h_n (and c_n): (layers, B, H)
+            elif self.kind == "cell":
+                dims.append(0)                                  # h' (and c'): (B, hidden)
             elif self.kind == "attention":
                 dims.append(self.seq_dim if top == 0 else 0)    # attention weights: (B, L, S)
             else:
