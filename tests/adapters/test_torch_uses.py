@@ -274,3 +274,17 @@ def test_generic_outputs_feeding_each_other_get_only_their_outside_gradient(twic
     with rec:
         loss(model(x), None).backward()
     torch.testing.assert_close(rec.gram(), G_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_identity_catches_the_miss_in_float32_too():
+    torch.manual_seed(11)
+    model = Net("function")                                       # float32
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    with pytest.raises(RuntimeError, match="do not add up"):
+        with GramRecorder(model):
+            F.cross_entropy(model(x), y).backward()
+    model.extra = None                                            # the clean float32 model passes
+    rec = GramRecorder(model)
+    with rec:
+        F.cross_entropy(model(x), y).backward()
+    assert rec.measured
