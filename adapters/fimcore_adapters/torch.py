@@ -12,8 +12,9 @@ loss (the gradient of its own loss ℓ_i unless a layer couples samples; under B
 mode, the per-sample contributions of the ordinary batch backward), so ``1ᵀ G 1 = B²‖∇L‖²``.
 Layers with an exact rule: ``nn.Linear`` (any leading dimensions), ``nn.Conv1d/2d/3d``,
 ``nn.Embedding``, BatchNorm/GroupNorm/LayerNorm/InstanceNorm affine parameters; any other module
-with parameters takes an exact generic ``torch.func`` path. ``recorder.report()`` lists which path
-each layer took and why.
+with parameters takes an exact generic ``torch.func`` path, split along the batch dimension the
+module declares (``batch_first`` of RNN/GRU/LSTM, MultiheadAttention and Transformer modules,
+packed sequences). ``recorder.report()`` lists which path each layer took and why.
 """
 
 from __future__ import annotations

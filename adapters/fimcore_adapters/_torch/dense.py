@@ -97,7 +97,7 @@ class LinearUnit(Unit):
         m = self.module
 
         def forward(x):
-            rec._forward(self, x.shape[0], m.weight.dtype)
+            rec._forward(self, x.shape[0], m.weight.dtype, lead=x.shape[:-1])
             try:
                 choice = self._path(x)          # (path, reason), reported by the backward
                 if choice[0] == "factored":

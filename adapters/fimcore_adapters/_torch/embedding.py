@@ -27,7 +27,7 @@ class EmbeddingUnit(Unit):
         m = self.module
 
         def pre(module, args):
-            rec._forward(self, args[0].shape[0], m.weight.dtype)
+            rec._forward(self, args[0].shape[0], m.weight.dtype, lead=args[0].shape)
 
         def post(module, args, out):
             rec._forward_done(self)

@@ -9,7 +9,7 @@ from torch import nn
 
 from .cost import STRATEGIES
 from .select import select_parameters
-from .uses import UseTracker
+from .uses import GradientTotal, UseTracker
 from .report import Report
 from .units import build_units
 
@@ -33,6 +33,10 @@ class _Step:
         self.multi: set | None = None  # ids of units with a parameter used more than once
         self.blocks: dict | None = None  # unit name -> (B, B) block, when blocks are kept
         self.block_units: dict = {}      # unit name -> unit
+        self.total: GradientTotal | None = None  # autograd's ‖∇L‖², on steps that check uses
+        self.batch_src: tuple | None = None      # (unit, where it read B)
+        self.seq_first: list = []      # units that declared their batch in dim 1
+        self.ambiguous: list = []      # (unit, leading dims) with B in more than one of them
 
 
 class GramRecorder:
@@ -61,7 +65,14 @@ class GramRecorder:
     formed anyway write their sum as the batch gradient, so autograd does not compute it twice).
 
     Args:
-        model: the network (batch dimension first in every covered layer's input).
+        model: the network. The batch is dim 0 of every covered layer's input, except where a
+            module declares it: ``nn.RNN``/``nn.GRU``/``nn.LSTM``, ``nn.MultiheadAttention`` and
+            the ``nn.Transformer*`` modules with ``batch_first=False`` (batch in dim 1; hidden
+            states ``(layers, B, H)`` and key padding masks ``(B, S)`` in any case), and packed
+            sequences (rows mapped to samples by ``batch_sizes`` and ``sorted_indices``). A step in
+            which layers disagree on B, an unbatched call of such a module, or a dim-0 layer whose
+            leading dimensions hold B more than once beside a ``batch_first=False`` module is
+            refused with a ``ValueError`` naming the modules.
         loss_reduction: ``"mean"`` (the loss averages over the batch: G is scaled by B²) or
             ``"sum"``.
         params: None (all trainable parameters) or an iterable of parameter names, module names,
@@ -83,9 +94,14 @@ class GramRecorder:
             channel groups, others use ``"unfold"``).
         check_uses: ``"first"`` (default) watches, during the first measured step, every torch
             call for a selected parameter used with gradients outside the forward of the module
-            that covers it (tied weights applied through a function, a penalty term in the loss),
-            which would otherwise be missing from G, and raises; ``"always"`` repeats this on every
-            step (for models whose parameter use changes between steps; costs a few µs per op).
+            that covers it (tied weights applied through a function — passed positionally, by
+            keyword or inside a list/tuple/dict argument —, a penalty term in the loss), which
+            would otherwise be missing from G, and raises; on the same step it checks the
+            whole-batch identity ``1ᵀG1 = B²‖∇L‖²`` against autograd's own gradient, which catches
+            the routes no torch call shows (a custom ``autograd.Function`` taking the parameter, a
+            view of it made before the block, a gradient hook changing its gradient).
+            ``"always"`` repeats both on every step (for models whose parameter use changes
+            between steps; costs a few µs per op).
         keep_blocks: also keep each covered module's own block :math:`J_l J_l^\top` of G
             (:meth:`blocks`, :meth:`result`); G is then their sum, in module order, so the blocks
             sum to G exactly. Costs one (B, B) buffer per covered module.
@@ -149,6 +165,8 @@ class GramRecorder:
         self.strategy = strategy
         self.enabled = True
         selected = select_parameters(model, params)
+        by_id = {id(p): p for p in model.parameters()}
+        self._selected = [by_id[i] for i in selected]
         self._param_names = {}
         for n, p in model.named_parameters(remove_duplicate=False):
             self._param_names.setdefault(id(p), n)
@@ -194,6 +212,8 @@ class GramRecorder:
                 u.bw_calls = 0
                 self._handles.extend(u.install(self))
             if self.check_uses == "always" or not self._uses_checked:
+                self._step.total = GradientTotal(self._selected)
+                self._handles.extend(self._step.total.install())
                 self._mode = UseTracker(self)
                 self._mode.__enter__()
         except BaseException:
@@ -226,20 +246,34 @@ class GramRecorder:
             self._flush_pending(step, entry)
         step.pending.clear()
         step.stack.clear()
-        if step.blocks:                     # G is the sum of the kept (scaled) blocks, in order
-            total, scale = None, self._scale(step)
-            for block in step.blocks.values():
-                block.mul_(scale)
-                total = block.clone() if total is None else total.add_(block)
-            step.acc = total
+        if step.blocks:                     # unscaled sum first: the use check reads it
+            step.acc = self._sum_blocks(step)
         for u in self._units:
             u.record.calls = u.calls
             if u.calls == 0:
                 u.set_path("not run", "module not called in the last step")
         self._last = step
         self._measured = step.backward_started
+        if self._measured and step.total is not None and step.acc is not None:
+            try:
+                step.total.check(step.acc, step.grad_dtype)
+            except RuntimeError:
+                self._measured = False
+                raise
         if self._measured:
             self._uses_checked = True
+        if step.blocks:                     # G is the sum of the kept (scaled) blocks, in order
+            scale = self._scale(step)
+            for block in step.blocks.values():
+                block.mul_(scale)
+            step.acc = self._sum_blocks(step)
+
+    @staticmethod
+    def _sum_blocks(step: _Step) -> torch.Tensor:
+        total = None
+        for block in step.blocks.values():
+            total = block.clone() if total is None else total.add_(block)
+        return total
 
     # ------------------------------------------------------------------ results
     @property
@@ -344,8 +378,17 @@ class GramRecorder:
         return rep
 
     # ------------------------------------------------------------------ used by the units
-    def _forward(self, unit, batch: int, dtype: torch.dtype | None = None) -> None:
-        """A unit's forward begins: check the step's state and the batch size."""
+    def _forward(self, unit, batch: int, dtype: torch.dtype | None = None, *,
+                 source: str = "dim 0 of its input", seq_first: bool = False,
+                 lead: tuple | None = None) -> None:
+        """A unit's forward begins: check the step's state and the batch size.
+
+        Args:
+            source: where the unit read ``batch`` (for messages).
+            seq_first: the unit declared its batch outside dim 0 (``batch_first=False``).
+            lead: the input's leading dimensions when any of them could hold the batch (dim 0
+                is taken as the batch; checked against a sequence-first module at the backward).
+        """
         step = self._step
         if not self._active or step is None:
             return
@@ -355,12 +398,22 @@ class GramRecorder:
                 "`with recorder:` block; use one block per step (forward, loss, one backward)")
         if step.batch is None:
             step.batch = int(batch)
+            step.batch_src = (unit, source)
         elif int(batch) != step.batch:
-            first = next((u.name for u in self._units if u.calls), "?")
+            first, first_src = step.batch_src
             raise ValueError(
-                f"the batch dimension (dim 0) must be the same in every covered layer; layer "
-                f"{first!r} saw B = {step.batch} but {unit.name or '<model>'!r} saw {batch}. The "
-                "recorder needs batch-first inputs (set batch_first=True where a module offers it)")
+                f"the batch dimension (dim 0) must be the same in every covered layer; "
+                f"{_where(first)} read B = {step.batch} from {first_src}, but {_where(unit)} read "
+                f"{int(batch)} from {source}. Layers other than RNN/GRU/LSTM, MultiheadAttention and "
+                "Transformer modules (which declare it with batch_first) take the batch in dim 0: "
+                "make the model batch-first (batch_first=True on those modules and (B, …) tensors "
+                "everywhere), or permute to (B, …) before the layer"
+                + ("; a layer applied to a PackedSequence's data sees tokens, not samples, in dim 0: "
+                   "apply it to the padded (B, T, …) tensor" if "packed" in first_src + source else ""))
+        if seq_first:
+            step.seq_first.append(unit)
+        if lead is not None and sum(int(n) == step.batch for n in lead) > 1:
+            step.ambiguous.append((unit, tuple(int(n) for n in lead)))
         if dtype is not None and step.grad_dtype is None:
             step.grad_dtype = dtype
         if torch.is_grad_enabled():          # a forward under no_grad has no backward to record
@@ -379,6 +432,16 @@ class GramRecorder:
             raise RuntimeError(
                 f"a backward pass reached layer {unit.name or '<model>'!r} after its `with recorder:` "
                 "block had ended; call loss.backward() inside the block")
+        if not step.backward_started and step.seq_first and step.ambiguous:
+            u, lead = step.ambiguous[0]
+            s = step.seq_first[0]
+            raise ValueError(
+                f"{_where(u)} takes an input with leading dimensions {lead} in a step where "
+                f"{_where(s)} declares its batch in dim 1 (batch_first=False); with B = {step.batch} "
+                "in more than one of those dimensions the recorder cannot tell which one is the "
+                f"batch of {u.name or '<model>'!r}, which takes dim 0. Make the model batch-first: "
+                f"batch_first=True on {s.name or '<model>'!r} with (B, T, …) inputs, so that every "
+                "layer sees the batch in dim 0")
         unit.bw_calls += 1
         if unit.bw_calls > unit.calls:
             raise RuntimeError(
@@ -470,3 +533,7 @@ class GramRecorder:
         J = J if J.dtype == acc.dtype else J.to(acc.dtype)
         acc.addmm_(J, J.T)
         self._mark(owner)
+
+
+def _where(unit) -> str:
+    return f"layer {unit.name or '<model>'!r} ({type(unit.module).__name__})"
