@@ -8,6 +8,12 @@ Backends
     ``numpy,torch``, or ``all``); when it is unset and ``CI`` is set, all are required.
     A required library that fails to import makes its tests fail, never skip.
 
+TensorFlow
+    ``TF_ENABLE_ONEDNN_OPTS=1`` is set (unless already set) before anything imports
+    TensorFlow: the oneDNN kernels hold the grouped filter gradient the float32 convolution
+    rule uses, and TensorFlow enables them by default only on CPUs with AVX-512 neural-network
+    instructions. The fallback without them is tested by switching the probe off.
+
 JAX
     float64 is switched on once here (``jax_enable_x64``) when jax is installed, so the
     exactness tests compare float64 against float64 in every backend.
@@ -27,6 +33,8 @@ from types import ModuleType
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # before any import of TensorFlow
 
 # --- Hypothesis ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ matmul on the small CNN's layers (``benchmarks/bench_tensorflow.py``);
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -93,11 +94,33 @@ def per_sample_kernel_grads(patches, delta, *, groups: int, kernel_shape):
     return tf.reshape(rows, tf.concat([[batch], kernel_shape], 0))
 
 
+@functools.cache
+def grouped_filter_gradient_available() -> bool:
+    """Whether this TensorFlow build has a kernel for a grouped filter gradient.
+
+    TensorFlow's own CPU ``Conv2DBackpropFilter`` refuses an input whose channels are a
+    multiple of the filter's ("filter_size does not have enough elements"); the oneDNN
+    kernels accept it, and TensorFlow turns them on by default only on CPUs with AVX-512
+    neural-network instructions (``TF_ENABLE_ONEDNN_OPTS=1`` forces them). Probed once,
+    eagerly, on a 2×2 input with two channel groups.
+    """
+    with tf.init_scope():
+        try:
+            tf.raw_ops.Conv2DBackpropFilter(
+                input=tf.zeros([1, 2, 2, 2]), filter_sizes=[1, 1, 1, 2],
+                out_backprop=tf.zeros([1, 2, 2, 2]), strides=[1, 1, 1, 1], padding="VALID")
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+            return False
+    return True
+
+
 def grouped_applies(x, *, rank: int, dilation_rate) -> bool:
     """Whether :func:`grouped_filter_blocks` covers this call (TensorFlow has no float64 CPU
-    kernel for a grouped filter gradient; 3-D and dilated filter gradients are left to
+    kernel for a grouped filter gradient, and none at all without oneDNN, see
+    :func:`grouped_filter_gradient_available`; 3-D and dilated filter gradients are left to
     the unfold)."""
-    return rank in (1, 2) and all(d == 1 for d in dilation_rate) and x.dtype != tf.float64
+    return (rank in (1, 2) and all(d == 1 for d in dilation_rate) and x.dtype != tf.float64
+            and grouped_filter_gradient_available())
 
 
 #: δ bytes per chunk of the grouped filter gradient: on the small CNN's 32×32×16 layer at
