@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import _harness as H
+from tests.conftest import import_backend
 from tests.core.helpers import assert_within, float32_sum_bound
 
 
@@ -234,7 +235,7 @@ def test_isolated_runner_rejects_an_unknown_start_method():
 
 
 def test_bench_torch_runs_one_tiny_configuration_and_writes_a_table(tmp_path):
-    pytest.importorskip("torch")
+    import_backend("torch")
     from benchmarks import bench_torch
 
     out = tmp_path / "torch.md"
@@ -263,7 +264,7 @@ def test_bench_torch_runs_one_tiny_configuration_and_writes_a_table(tmp_path):
 def test_tf_profile_stand_in_gives_the_conv_rules_batch_gradients(use_bias):
     """The profile's "batch filter gradient only" stand-in must update the weights as the rule
     does (else the ablated step is not the plain step's work), and return a zero Gram."""
-    tf = pytest.importorskip("tensorflow")
+    tf = import_backend("tensorflow")
     import keras
     import numpy as np
 
@@ -291,7 +292,7 @@ def test_tf_profile_stand_in_gives_the_conv_rules_batch_gradients(use_bias):
 def test_tf_profile_report_attributes_each_variant_against_the_gram_step():
     from benchmarks.profile_tensorflow_layers import report
 
-    pytest.importorskip("tensorflow")
+    import_backend("tensorflow")
     result = {"times": {"plain": 20.0, "gram": 35.0, "no_conv": 20.5, "conv0": 30.0, "no_gemm": 31.0},
               "convs": ["c1"]}
     text = report("cnn", 8, 3, result)

@@ -12,26 +12,21 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tests.conftest import required_backends
-from tests.core.helpers import assert_within, float32_sum_bound
-
-if "tensorflow" in required_backends():
-    import tensorflow as tf
-else:
-    tf = pytest.importorskip("tensorflow")
-import keras  # noqa: E402
-from tests.adapters._keras_float64 import keras_float64  # noqa: E402
-
-from fimcore_adapters.tensorflow import (  # noqa: E402
+from fimcore_adapters.tensorflow import (
     GramTape,
     LayerRule,
     per_sample_gram,
     register_layer_rule,
     rule_for,
 )
+from tests.adapters._keras_float64 import keras_float64
+from tests.conftest import import_backend
+from tests.core.helpers import assert_within, float32_sum_bound
 
 RTOL = 1e-10
 
@@ -379,7 +374,7 @@ def test_batchnorm_eval_mode_matches_per_sample_loop():
 
 
 def _torch_pair(kind):
-    torch = pytest.importorskip("torch")
+    torch = import_backend("torch")
     from torch import nn
 
     rng = np.random.default_rng(5)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fimcore_adapters.torch import GramRecorder, per_sample_gram
+from tests.conftest import import_backend
 
 from ._torch_reference import contribution_gram, loop_gram
 
@@ -259,7 +260,7 @@ def test_batchnorm_train_mode_contributions_and_invariant(strategy):
 
 
 def test_batchnorm_train_against_backpack_batchgrad():
-    backpack = pytest.importorskip("backpack")
+    backpack = import_backend("backpack")
     from backpack.extensions import BatchGrad
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
