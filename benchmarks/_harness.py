@@ -3,7 +3,7 @@
 Nothing here imports a deep-learning framework: a benchmark passes plain callables (one training
 step each) and gets back wall times, peak memory and Markdown text.
 
-The measurement protocol follows ``../shared/design/performance.md``:
+The measurement protocol:
 
 * **Time.** A configuration (model, batch size B, method) is timed against the plain training step
   in one process, interleaved — plain, method, plain, method, … — after one warm-up of each; the
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 MMAP_THRESHOLD_BYTES = 65536
-"""Value of ``MALLOC_MMAP_THRESHOLD_`` used for memory measurements (performance.md)."""
+"""Value of ``MALLOC_MMAP_THRESHOLD_`` used for memory measurements (see the module docstring)."""
 
 MIN_REP_SECONDS = 0.2
 """Shortest timed run: steps shorter than this are timed as runs of consecutive calls."""

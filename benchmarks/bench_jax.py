@@ -23,8 +23,8 @@ PyTorch benchmark does. Timing: plain and method interleaved in one child proces
 (``benchmarks._harness.step_memory``: peak resident set over three steps minus the set before).
 
 The children run NumPy's BLAS single-threaded (``OPENBLAS_NUM_THREADS=1`` etc. unless already set):
-a multi-threaded OpenBLAS pool spinning beside XLA's threads on 2 cores made the 128×128
-eigenvalue call take 17 ms instead of 1.4 ms and slowed the next XLA step (MLP B=128: 3.0× vs 1.4×).
+a multi-threaded OpenBLAS pool spinning beside XLA's threads on 2 cores slows the eigenvalue call
+and the next XLA step.
 """
 
 from __future__ import annotations

@@ -174,8 +174,8 @@ def main(argv=None):
     parser.add_argument("--note", default="", help="free text added to the report (e.g. machine load)")
     parser.add_argument("--out", default="benchmarks/results/tensorflow.md")
     args = parser.parse_args(argv)
-    # children inherit this: a multi-threaded OpenBLAS eigvalsh of a 128×128 Gram took 40–50 ms
-    # beside TensorFlow's thread pool on the loaded 2-core machine, 1 ms single-threaded
+    # children inherit this: a multi-threaded OpenBLAS eigvalsh of a small Gram competes with
+    # TensorFlow's thread pool for the cores
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sizes = args.batch_sizes or ([32] if args.quick else [32, 128])
     reps = args.reps or (5 if args.quick else 11)

@@ -138,7 +138,7 @@ def test_embedding_sequence_model_token_mean_loss():
     idx = torch.randint(0, 11, (B, 4))
     idx[0, 1] = idx[2, 0] = 0                      # padding positions get no gradient
     tgt = torch.randint(0, 11, (B, 4))
-    # ℓ_i is sample i's token mean (architecture.md §3), the reference's per-sample loss
+    # ℓ_i is sample i's token mean (rows of J are B × sample i's contribution to ∇L), the reference's per-sample loss
     rec = check_against_loop(model, idx, tgt, token_loss, token_loss)
     paths = {r.name: r.path for r in check_against_loop(model, idx, tgt, token_loss, token_loss,
                                                         strategies=["auto"]).report()}
