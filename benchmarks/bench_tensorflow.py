@@ -195,7 +195,7 @@ def main(argv=None):
                     "them, one fresh process per cell. Children run with "
                     f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']} (host eigenvalues). "
                     f"Steps shorter than {H.MIN_REP_SECONDS} s are timed in runs of consecutive calls lasting about "
-                    "that long (paired per-call means)."],
+                    "that long (paired per-call means). " + H.SPREAD_NOTE],
         headers=H.grid_headers("ratio (target ≤ 1.5× at B=128, registry)"), rows=rows,
         exact_caption="Exactness in float64: max |G_registry − G_loop| / max |G_loop| against one "
                       "GradientTape per sample",
