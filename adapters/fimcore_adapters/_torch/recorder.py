@@ -145,10 +145,7 @@ class GramRecorder:
         self._param_names = {}
         for n, p in model.named_parameters(remove_duplicate=False):
             self._param_names.setdefault(id(p), n)
-        self._units = build_units(model, set(selected), default)
-        for u in self._units:
-            if u.name in self._strategy_map:
-                u.strategy = self._strategy_map[u.name]
+        self._units = build_units(model, set(selected), default, self._strategy_map)
         unknown = set(self._strategy_map) - {u.name for u in self._units}
         if unknown:
             raise ValueError(f"strategy names modules that hold no selected parameter: {sorted(unknown)}; "
