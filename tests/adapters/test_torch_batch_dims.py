@@ -317,3 +317,16 @@ def test_recurrent_cells_unrolled_over_time(cls):
         with GramRecorder(cell):
             out = cell(x[0, 0])
             (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+
+def test_subclass_with_renamed_forward_arguments_is_refused():
+    class MyGRU(nn.GRU):
+        def forward(self, seq):                                    # not the name nn.GRU uses
+            return super().forward(seq)
+
+    net = MyGRU(D, H).double()
+    x = torch.randn(B, B, D, dtype=torch.float64)
+    with pytest.raises(ValueError, match="module '<model>' \\(MyGRU\\) was called without a batched "
+                                         "tensor input.*other names \\(here \\(.seq.,\\)\\)"):
+        with GramRecorder(net):
+            net(x)[0].sum().backward()
