@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from ._torch.cost import STRATEGIES
+from ._torch.policy import PolicyBatchSampler
 from ._torch.recorder import GramRecorder
 from ._torch.report import LayerRecord, Report
 
-__all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "Report", "STRATEGIES"]
+__all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "PolicyBatchSampler", "Report",
+           "STRATEGIES"]
 
 
 def per_sample_gram(model: nn.Module, loss_fn, inputs, targets, *, loss_reduction: str = "mean",

@@ -96,8 +96,37 @@ def per_sample_kernel_grads(patches, delta, *, groups: int, kernel_shape):
 def grouped_applies(x, *, rank: int, dilation_rate) -> bool:
     """Whether :func:`grouped_filter_blocks` covers this call (TensorFlow has no float64 CPU
     kernel for a grouped filter gradient; 3-D and dilated filter gradients are left to
-    the unfold)."""
-    return rank in (1, 2) and all(d == 1 for d in dilation_rate) and x.dtype != tf.float64
+    the unfold; and the grouped filter gradient must exist in this TensorFlow build on this
+    CPU, see :func:`grouped_filter_gradient_available`)."""
+    return (rank in (1, 2) and all(d == 1 for d in dilation_rate) and x.dtype != tf.float64
+            and grouped_filter_gradient_available(x.dtype))
+
+
+_GROUPED_AVAILABLE: dict[str, bool] = {}
+
+
+def grouped_filter_gradient_available(dtype) -> bool:
+    """Whether ``Conv2DBackpropFilter`` accepts a grouped filter shape for ``dtype`` here.
+
+    TensorFlow's CPU build only has a grouped filter-gradient kernel when its oneDNN
+    operations are on, which it decides per CPU (on by default on some x86 CPUs, off on
+    others; ``TF_ENABLE_ONEDNN_OPTS`` overrides): without it the call fails with
+    "filter_size does not have enough elements". One eager 2-group call on a 1×3×3×2 input,
+    once per dtype and process, decides; when it fails the unfold path is used.
+    """
+    key = tf.as_dtype(dtype).name
+    if key not in _GROUPED_AVAILABLE:
+        with tf.init_scope():                  # eager even while a tf.function traces
+            try:
+                tf.raw_ops.Conv2DBackpropFilter(
+                    input=tf.ones([1, 3, 3, 2], dtype), filter_sizes=[2, 2, 1, 2],
+                    out_backprop=tf.ones([1, 2, 2, 2], dtype), strides=[1, 1, 1, 1],
+                    padding="VALID")
+                _GROUPED_AVAILABLE[key] = True
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
+                    tf.errors.NotFoundError):
+                _GROUPED_AVAILABLE[key] = False
+    return _GROUPED_AVAILABLE[key]
 
 
 #: δ bytes per chunk of the grouped filter gradient: on the small CNN's 32×32×16 layer at

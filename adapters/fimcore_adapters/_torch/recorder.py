@@ -31,6 +31,8 @@ class _Step:
         self.grad_dtype: torch.dtype | None = None
         self.stack: list = []          # units whose forward is running
         self.multi: set | None = None  # ids of units with a parameter used more than once
+        self.blocks: dict | None = None  # unit name -> (B, B) block, when blocks are kept
+        self.block_units: dict = {}      # unit name -> unit
         self.total: GradientTotal | None = None  # autograd's ‖∇L‖², on steps that check uses
         self.batch_src: tuple | None = None      # (unit, where it read B)
         self.seq_first: list = []      # units that declared their batch in dim 1
@@ -100,6 +102,9 @@ class GramRecorder:
             view of it made before the block, a gradient hook changing its gradient).
             ``"always"`` repeats both on every step (for models whose parameter use changes
             between steps; costs a few µs per op).
+        keep_blocks: also keep each covered module's own block :math:`J_l J_l^\top` of G
+            (:meth:`blocks`, :meth:`result`); G is then their sum, in module order, so the blocks
+            sum to G exactly. Costs one (B, B) buffer per covered module.
 
     Raises:
         ValueError: no trainable parameter selected, an unknown ``params`` entry, a bad option,
@@ -124,7 +129,7 @@ class GramRecorder:
 
     def __init__(self, model: nn.Module, *, loss_reduction: str = "mean", params=None,
                  strategy="auto", dtype: torch.dtype | None = None, memory_budget: int | None = None,
-                 conv_method: str = "auto", check_uses: str = "first"):
+                 conv_method: str = "auto", check_uses: str = "first", keep_blocks: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; received {type(model).__name__}")
         if loss_reduction not in _REDUCTIONS:
@@ -147,7 +152,10 @@ class GramRecorder:
             raise ValueError(f"check_uses must be 'first' or 'always'; received {check_uses!r}")
         if conv_method not in CONV_METHODS:
             raise ValueError(f"conv_method must be one of {CONV_METHODS}; received {conv_method!r}")
+        if not isinstance(keep_blocks, bool):
+            raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}")
         self.model = model
+        self.keep_blocks = keep_blocks
         self.loss_reduction = loss_reduction
         self.dtype = dtype
         self.memory_budget = memory_budget
@@ -195,6 +203,8 @@ class GramRecorder:
         if not self.enabled:
             return self
         self._step = _Step()
+        if self.keep_blocks:
+            self._step.blocks = {}
         self._active = True
         try:
             for u in self._units:
@@ -236,6 +246,8 @@ class GramRecorder:
             self._flush_pending(step, entry)
         step.pending.clear()
         step.stack.clear()
+        if step.blocks:                     # unscaled sum first: the use check reads it
+            step.acc = self._sum_blocks(step)
         for u in self._units:
             u.record.calls = u.calls
             if u.calls == 0:
@@ -250,6 +262,18 @@ class GramRecorder:
                 raise
         if self._measured:
             self._uses_checked = True
+        if step.blocks:                     # G is the sum of the kept (scaled) blocks, in order
+            scale = self._scale(step)
+            for block in step.blocks.values():
+                block.mul_(scale)
+            step.acc = self._sum_blocks(step)
+
+    @staticmethod
+    def _sum_blocks(step: _Step) -> torch.Tensor:
+        total = None
+        for block in step.blocks.values():
+            total = block.clone() if total is None else total.add_(block)
+        return total
 
     # ------------------------------------------------------------------ results
     @property
@@ -289,23 +313,60 @@ class GramRecorder:
         # finite trace ⇔ every ‖J_i‖² finite ⇒ every |G_ij| ≤ sqrt(G_ii G_jj) finite (one scalar
         # read instead of a B×B isfinite pass)
         if not math.isfinite(float(torch.trace(step.acc))):
-            finite = torch.isfinite(torch.stack([t for _, t in step.marks])).tolist()
-            unit = step.marks[finite.index(False)][0]
+            if step.blocks:
+                unit = next(step.block_units[name] for name, b in step.blocks.items()
+                            if not math.isfinite(float(torch.trace(b))))
+            else:
+                finite = torch.isfinite(torch.stack([t for _, t in step.marks])).tolist()
+                unit = step.marks[finite.index(False)][0]
             raise FloatingPointError(
                 f"non-finite per-sample gradients in layer {unit.name or '<model>'!r} "
                 f"({type(unit.module).__name__}) at this step; the Gram matrix is undefined. Check the "
                 "loss and learning rate, or skip this step's measurement")
-        return step.acc * self._scale(step)
+        return step.acc if step.blocks else step.acc * self._scale(step)
 
     def _scale(self, step: _Step) -> float:
         return float(step.batch) ** 2 if self.loss_reduction == "mean" else 1.0
+
+    def blocks(self) -> dict[str, torch.Tensor]:
+        """``{module name: (B, B) block}`` of the last step, summing to :meth:`gram` exactly.
+
+        A parameter used by several modules (tied weights) has its block under the name of the
+        first module that covers it.
+
+        Raises:
+            RuntimeError: the recorder was built without ``keep_blocks=True``, or as
+                :meth:`gram`.
+        """
+        if not self.keep_blocks:
+            raise RuntimeError("per-layer blocks were not kept: build the recorder with "
+                               "GramRecorder(model, keep_blocks=True)")
+        self.gram()                       # the same checks (measured, finite, after the block)
+        return {(name or "<model>"): b for name, b in self._last.blocks.items()}
+
+    def result(self):
+        """The last step as a :class:`fimcore.GramResult` (Gram, gradient dtype, B, P, report,
+        and the per-layer blocks when ``keep_blocks=True``); ``MeasureTracker.update`` takes it.
+        """
+        from fimcore import GramResult
+
+        gram = self.gram()
+        selected = {id(p): p for u in self._units for _, p in u.params if id(p) in u.selected}
+        return GramResult(gram=gram, grad_dtype=self.grad_dtype, batch_size=self.batch_size,
+                          num_params=sum(p.numel() for p in selected.values()),
+                          blocks=self.blocks() if self.keep_blocks else None,
+                          report=self.report(), loss_reduction=self.loss_reduction)
 
     def report(self) -> Report:
         """Per-layer path taken in the last step and why (a list of :class:`LayerRecord`)."""
         rep = Report()
         step = self._last
         shares = {}
-        if step is not None and step.marks:
+        if step is not None and step.blocks:
+            traces = torch.stack([torch.trace(b) for b in step.blocks.values()]).double().cpu().tolist()
+            for name, t in zip(step.blocks, traces):     # blocks are scaled already
+                shares[id(step.block_units[name])] = t
+        elif step is not None and step.marks:
             vals = torch.stack([t for _, t in step.marks]).double().cpu().tolist()
             prev = 0.0
             for (u, _), v in zip(step.marks, vals):
@@ -400,13 +461,24 @@ class GramRecorder:
                         step.multi.add(id(u))
         return id(unit) in step.multi
 
-    def _acc(self, like: torch.Tensor) -> torch.Tensor:
+    def _acc(self, like: torch.Tensor, unit=None) -> torch.Tensor:
+        """The buffer ``unit``'s contribution is added into: the step's G, or the unit's own
+        block when blocks are kept."""
         step = self._step
+        if step.grad_dtype is None:
+            step.grad_dtype = like.dtype
+        if step.blocks is not None:
+            if unit is None:
+                raise RuntimeError("internal: a contribution reached the Gram without its layer")
+            block = step.blocks.get(unit.name)
+            if block is None:
+                block = step.blocks[unit.name] = torch.zeros(
+                    step.batch, step.batch, dtype=self.dtype or like.dtype, device=like.device)
+                step.block_units[unit.name] = unit
+            return block
         if step.acc is None:
             dt = self.dtype or like.dtype
             step.acc = torch.zeros(step.batch, step.batch, dtype=dt, device=like.device)
-            if step.grad_dtype is None:
-                step.grad_dtype = like.dtype
         return step.acc
 
     def _add_rows(self, unit, blocks) -> None:
@@ -423,7 +495,7 @@ class GramRecorder:
             if multi and sum(u.calls for u in self._param_units[id(p)]) > 1:
                 self._pend(step, p, J)
                 continue
-            acc = self._acc(J)
+            acc = self._acc(J, unit)
             J = J.reshape(J.shape[0], -1)
             if J.dtype != acc.dtype:
                 J = J.to(acc.dtype)
@@ -432,13 +504,13 @@ class GramRecorder:
 
     def _add_gram(self, unit, K: torch.Tensor) -> None:
         """Add a ready (B, B) contribution."""
-        acc = self._acc(K)
+        acc = self._acc(K, unit)
         acc.add_(K.to(acc.dtype) if K.dtype != acc.dtype else K)
         self._mark(unit)
 
     def _mark(self, unit) -> None:
         step = self._step
-        if step.acc is not None:
+        if step.blocks is None and step.acc is not None:
             step.marks.append((unit, torch.trace(step.acc)))
 
     def _pend(self, step: _Step, p, J: torch.Tensor) -> None:
@@ -456,10 +528,10 @@ class GramRecorder:
 
     def _flush_pending(self, step: _Step, entry) -> None:
         J, _, _, p = entry
-        acc = self._acc(J)
+        owner = self._param_units[id(p)][0]
+        acc = self._acc(J, owner)
         J = J if J.dtype == acc.dtype else J.to(acc.dtype)
         acc.addmm_(J, J.T)
-        owner = self._param_units[id(p)][0]
         self._mark(owner)
 
 
