@@ -1,0 +1,176 @@
+r"""``diagonal_fisher``: Î1, Î2, exact and empirical Fisher diagonals with V1/V2 (PyTorch).
+
+Per chunk of inputs the output Jacobian columns :math:`u = \partial h/\partial\theta_i` come from
+``torch.func.vmap(jacrev(·))`` of one sample's forward (C×P per input, never N×P at once), the
+second derivatives :math:`w = \partial^2 h/\partial\theta_i^2` from
+:class:`~fimcore_adapters._torch.diagonal_hessian.SecondDerivatives` (``"i2"`` only), and
+:func:`fimcore.diagonal.diagonal_sums` turns them into the estimates, variances and bounds.
+Labels are drawn once for all inputs before chunking, so results do not depend on the chunk size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from fimcore.diagonal import (
+    DiagonalFisher,
+    check_options,
+    check_outputs,
+    diagonal_sums,
+    finish,
+    residuals,
+)
+
+from .._errors import coupled_layer
+from .diagonal_hessian import SecondDerivatives
+
+__all__ = ["diagonal_fisher"]
+
+_ELEMENTS = 2 ** 24          # default budget of u and w entries held per chunk
+
+
+def _check_modes(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+            raise coupled_layer(name, type(m).__name__,
+                                "in training mode it mixes the batch or draws random masks, so "
+                                "the per-input Fisher is not defined",
+                                "Call model.eval() before diagonal_fisher")
+
+
+def _labels(outputs, labels, targets, *, likelihood, estimator, mc_samples, generator):
+    """(N, M, C) residuals s = t(y) − η, or None for ``"exact"``."""
+    unused = {"exact": ("labels", "targets"), "empirical": ("labels",), "i1": ("targets",),
+              "i2": ("targets",)}[estimator]
+    passed = {"labels": labels, "targets": targets}
+    for key in unused:
+        if passed[key] is not None:
+            raise ValueError(f"estimator={estimator!r} does not use {key}=; labels= are for "
+                             "'i1'/'i2' (drawn from the model when omitted), targets= (data "
+                             "labels) for 'empirical', neither for 'exact'.")
+    given = targets if estimator == "empirical" else labels
+    if estimator == "exact":
+        return None
+    n, c = outputs.shape
+    if given is None:
+        if estimator == "empirical":
+            raise ValueError("estimator='empirical' needs targets= (the data labels: class "
+                             "indices (N,) for 'categorical', values (N, C) for 'gaussian').")
+        if likelihood == "categorical":
+            p = torch.softmax(outputs, dim=1)
+            given = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
+        else:
+            noise = torch.randn((n, mc_samples, c), generator=generator, dtype=outputs.dtype,
+                                device=outputs.device)
+            given = outputs[:, None, :] + noise
+    given = torch.as_tensor(given, device=outputs.device)
+    if likelihood == "categorical" and given.dim() == 1:
+        given = given[:, None]
+    if likelihood == "gaussian" and given.dim() == 2:
+        given = given[:, None, :]
+    if likelihood == "categorical" and (given.dtype.is_floating_point or given.dtype == torch.bool):
+        raise TypeError(f"categorical labels must be integer class indices; received dtype "
+                        f"{given.dtype}.")
+    return residuals(outputs, given, likelihood)
+
+
+def diagonal_fisher(model: nn.Module, inputs: torch.Tensor, *, likelihood: str = "categorical",
+                    estimator: str = "i1", labels=None, targets=None, mc_samples: int = 1,
+                    generator: torch.Generator | None = None, variance: bool = False,
+                    chunk_size: int | None = None) -> DiagonalFisher:
+    r"""Diagonal Fisher estimate of ``model`` on ``inputs``, averaged over the inputs.
+
+    With :math:`u = \partial h/\partial\theta_i`, :math:`w = \partial^2 h/\partial\theta_i^2` and
+    :math:`s = t(y) - \eta(x)` (see :mod:`fimcore.diagonal` for the formulas):
+
+    * ``"i1"``: :math:`\frac1{NM}\sum_{n,m}(s_{nm}^\top u_n)^2`, labels drawn from the model;
+    * ``"i2"``: :math:`\frac1{NM}\sum_{n,m}(u_n^\top\mathcal I(h_n)u_n - s_{nm}^\top w_n)`;
+    * ``"exact"``: :math:`\frac1N\sum_n u_n^\top\mathcal I(h_n)u_n` (the GGN diagonal);
+    * ``"empirical"``: :math:`\frac1N\sum_n(s_n^\top u_n)^2` at the data labels ``targets``.
+
+    Args:
+        model: maps a batch (N, ...) to outputs (N, C): logits for ``"categorical"``, the mean of
+            a unit-variance Gaussian for ``"gaussian"``. BatchNorm/Dropout must be in eval mode.
+        inputs: (N, ...) tensor.
+        likelihood: ``"categorical"`` or ``"gaussian"``.
+        estimator: ``"i1"``, ``"i2"``, ``"exact"`` or ``"empirical"``.
+        labels: for ``"i1"``/``"i2"``, labels to evaluate at instead of drawing them: class
+            indices (N,) or (N, M); Gaussian values (N, C) or (N, M, C).
+        targets: data labels for ``"empirical"`` (same shapes as ``labels``).
+        mc_samples: labels drawn per input when ``labels`` is None (M).
+        generator: ``torch.Generator`` for the label draws.
+        variance: also return the closed-form V1 (``"i1"``) or V2 (``"i2"``) averaged over the
+            inputs, and its bounds.
+        chunk_size: inputs per chunk (default: about 2**24 entries of u and w per chunk).
+
+    Returns:
+        :class:`fimcore.diagonal.DiagonalFisher` with ``values``, ``variance``, ``bounds`` and
+        ``groups()``, keyed by ``model.named_parameters()`` names (trainable ones).
+
+    Raises:
+        ValueError: an unknown option, ``mc_samples < 1``, outputs that do not fit the
+            likelihood, labels of the wrong shape, a module in training mode that mixes samples.
+        NotImplementedError: ``"i2"`` on a model with a module the exact second-derivative route
+            does not cover (named with its path and type).
+        FloatingPointError: NaN/inf outputs or derivatives.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <...>
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> exact = diagonal_fisher(model, x, estimator="exact")
+        >>> i2 = diagonal_fisher(model, x, estimator="i2", variance=True)
+        >>> bool(torch.allclose(i2.variance["2.weight"], torch.zeros(2, 4, dtype=torch.float64)))
+        True
+        >>> bool(torch.allclose(i2.values["2.weight"], exact.values["2.weight"]))
+        True
+    """
+    mc_samples = check_options(likelihood, estimator, mc_samples)
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1:
+        raise TypeError(f"inputs must be a tensor with the batch on axis 0; received "
+                        f"{type(inputs).__name__}.")
+    _check_modes(model)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("model has no trainable parameters; there is no Fisher diagonal to "
+                         "estimate.")
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        outputs = model(inputs)
+    check_outputs(outputs, likelihood)
+    s = _labels(outputs, labels, targets, likelihood=likelihood, estimator=estimator,
+                mc_samples=mc_samples, generator=generator)
+    second = SecondDerivatives(model, params, buffers, inputs) if estimator == "i2" else None
+
+    def one(p, xi):
+        return functional_call(model, (p, buffers), (xi.unsqueeze(0),)).squeeze(0)
+
+    jac = vmap(jacrev(one), in_dims=(None, 0))
+    n, c = outputs.shape
+    total = sum(p.numel() for p in params.values())
+    step = chunk_size or max(1, min(n, _ELEMENTS // (c * total)))
+    sums = {}
+    for start in range(0, n, step):
+        sl = slice(start, min(n, start + step))
+        u = jac({k: p.detach() for k, p in params.items()}, inputs[sl])
+        w = second(inputs[sl]) if second is not None else {}
+        for name in params:
+            un = u[name].reshape(u[name].shape[0], c, -1)
+            wn = w[name].reshape(un.shape) if name in w else None
+            for arr in (un, wn):
+                if arr is not None and not bool(torch.isfinite(arr).all()):
+                    raise FloatingPointError(f"non-finite derivatives of the outputs with respect "
+                                             f"to parameter {name!r}; the Fisher is undefined.")
+            part = diagonal_sums(un, wn, outputs[sl], None if s is None else s[sl],
+                                 likelihood=likelihood, estimator=estimator, variance=variance)
+            sums[name] = part if name not in sums else type(part)(
+                *(None if a is None else a + b for a, b in zip(sums[name], part)))
+    shapes = {k: tuple(p.shape) for k, p in params.items()}
+    return finish(sums, shapes, n, reshape=lambda a, shape: a.reshape(shape),
+                  estimator=estimator, likelihood=likelihood,
+                  mc_samples=1 if s is None else s.shape[1])
