@@ -60,12 +60,13 @@ stream chunks of inputs and never hold the whole N×C×P array.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._namespace import resolve_namespace
+from ._namespace import jit_for, resolve_namespace
 
 __all__ = [
     "ESTIMATORS",
@@ -77,8 +78,11 @@ __all__ = [
     "chebyshev_samples",
     "check_options",
     "check_outputs",
+    "chunk_size_for",
     "diagonal_sums",
-    "finish",
+    "estimate",
+    "given_labels",
+    "label_residuals",
     "output_moments",
     "residuals",
 ]
@@ -237,6 +241,12 @@ def diagonal_sums(u: Any, w: Any, outputs: Any, s: Any, *, likelihood: str, esti
         [1.0]
     """
     xp = resolve_namespace(u, xp=xp)
+    body = jit_for(_diagonal_sums, xp, static=("likelihood", "estimator", "variance"))
+    return body(u, w, outputs, s, likelihood=likelihood, estimator=estimator, variance=variance)
+
+
+def _diagonal_sums(u: Any, w: Any, outputs: Any, s: Any, *, likelihood: str, estimator: str,
+                   variance: bool, xp: Any) -> DiagonalSums:
     eta = output_moments(outputs, likelihood, xp=xp)
     with_var = variance and estimator in ("i1", "i2")
     if likelihood == "categorical":
@@ -379,14 +389,95 @@ class DiagonalFisher:
         return out
 
 
-def finish(sums: Mapping[str, DiagonalSums], shapes: Mapping[str, tuple[int, ...]], n: int, *,
-           reshape: Any, estimator: str, likelihood: str, mc_samples: int) -> DiagonalFisher:
-    """Divide accumulated sums by N, reshape to the parameters' shapes, build the result."""
-    def part(field: str) -> dict[str, Any] | None:
-        if getattr(next(iter(sums.values())), field) is None:
-            return None
-        return {k: reshape(getattr(v, field) / n, shapes[k]) for k, v in sums.items()}
+def given_labels(estimator: str, labels: Any, targets: Any) -> Any:
+    """The labels the estimator evaluates at (None: draw from the model, or ``"exact"``).
 
-    variance, lower, upper = part("variance"), part("lower"), part("upper")
-    bounds = None if lower is None else DiagonalBounds(lower, upper)
-    return DiagonalFisher(part("values"), variance, bounds, estimator, likelihood, n, mc_samples)
+    Raises:
+        ValueError: ``labels`` with ``"empirical"``/``"exact"``, ``targets`` with anything but
+            ``"empirical"``, or ``"empirical"`` without ``targets``.
+    """
+    unused = {"exact": ("labels", "targets"), "empirical": ("labels",)}.get(estimator, ("targets",))
+    passed = {"labels": labels, "targets": targets}
+    for key in unused:
+        if passed[key] is not None:
+            raise ValueError(f"estimator={estimator!r} does not use {key}=; labels= are for "
+                             "'i1'/'i2' (drawn from the model when omitted), targets= (data "
+                             "labels) for 'empirical', neither for 'exact'.")
+    if estimator == "empirical" and targets is None:
+        raise ValueError("estimator='empirical' needs targets= (the data labels: class indices "
+                         "(N,) for 'categorical', values (N, C) for 'gaussian').")
+    return targets if estimator == "empirical" else labels
+
+
+def label_residuals(outputs: Any, given: Any, likelihood: str) -> Any:
+    """:func:`residuals` after lifting (N,) class indices / (N, C) values to M = 1.
+
+    Raises:
+        TypeError: non-integer categorical labels.
+    """
+    xp = resolve_namespace(outputs)
+    if likelihood == "categorical":
+        if not xp.isdtype(given.dtype, "integral"):
+            raise TypeError(f"categorical labels must be integer class indices; received dtype "
+                            f"{given.dtype}.")
+        given = given[:, None] if given.ndim == 1 else given
+    elif given.ndim == 2:
+        given = given[:, None, :]
+    return residuals(outputs, given, likelihood, xp=xp)
+
+
+def chunk_size_for(n: int, c: int, p: int, chunk_size: int | None, budget: int = 2 ** 24) -> int:
+    """Inputs per chunk: ``chunk_size``, or as many as keep C·P·n entries under ``budget``."""
+    return chunk_size or max(1, min(n, budget // (c * p)))
+
+
+def estimate(chunks: Any, outputs: Any, s: Any, shapes: Mapping[str, tuple[int, ...]], *,
+             likelihood: str, estimator: str, variance: bool) -> DiagonalFisher:
+    """Stream chunks of derivatives through :func:`diagonal_sums`; average over the N inputs.
+
+    Args:
+        chunks: iterable of ``(slice of the inputs, u, w)`` with ``u``/``w`` mappings
+            ``{name: (n, C, *shape)}`` (``w`` may be empty unless ``estimator="i2"``).
+        outputs: (N, C) outputs; s: (N, M, C) residuals or None.
+        shapes: ``{name: parameter shape}``.
+
+    Raises:
+        FloatingPointError: NaN/inf derivatives (nothing is returned).
+    """
+    xp = resolve_namespace(outputs)
+    n, c = outputs.shape
+    names = list(shapes)
+    sizes = [math.prod(shapes[k]) for k in names]
+    sums = None
+    for sl, u, w in chunks:
+        # one (n, C, P) array per chunk: one compiled body in JAX, whatever the parameter count
+        un = xp.concat([xp.reshape(u[k], (u[k].shape[0], c, -1)) for k in names], axis=2)
+        wn = None
+        if estimator == "i2":
+            wn = xp.concat([xp.reshape(w[k], (w[k].shape[0], c, -1)) for k in names], axis=2)
+        for arr, what in ((un, "∂h/∂θ"), (wn, "∂²h/∂θ²")):
+            if arr is not None and not bool(xp.all(xp.isfinite(arr))):
+                bad = xp.any(~xp.isfinite(arr), axis=(0, 1))
+                first = int(xp.argmax(xp.astype(bad, xp.int32)))
+                ends = itertools.accumulate(sizes)
+                name = names[next(i for i, end in enumerate(ends) if end > first)]
+                raise FloatingPointError(f"non-finite derivatives {what} of the outputs with "
+                                         f"respect to parameter {name!r}; the Fisher is undefined "
+                                         "(check the weights and inputs).")
+        part = diagonal_sums(un, wn, outputs[sl], None if s is None else s[sl],
+                             likelihood=likelihood, estimator=estimator, variance=variance, xp=xp)
+        sums = part if sums is None else DiagonalSums(
+            *(None if a is None else a + b for a, b in zip(sums, part)))
+    offsets = [0, *itertools.accumulate(sizes)]
+
+    def part_of(field: str) -> dict[str, Any] | None:
+        total = getattr(sums, field)
+        if total is None:
+            return None
+        return {k: xp.reshape(total[offsets[i]:offsets[i + 1]] / n, shapes[k])
+                for i, k in enumerate(names)}
+
+    lower = part_of("lower")
+    bounds = None if lower is None else DiagonalBounds(lower, part_of("upper"))
+    return DiagonalFisher(part_of("values"), part_of("variance"), bounds, estimator, likelihood,
+                          n, 1 if s is None else s.shape[1])

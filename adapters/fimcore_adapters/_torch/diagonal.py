@@ -18,18 +18,16 @@ from fimcore.diagonal import (
     DiagonalFisher,
     check_options,
     check_outputs,
-    diagonal_sums,
-    finish,
-    residuals,
+    chunk_size_for,
+    estimate,
+    given_labels,
+    label_residuals,
 )
 
 from .._errors import coupled_layer
 from .diagonal_hessian import SecondDerivatives
 
 __all__ = ["diagonal_fisher"]
-
-_ELEMENTS = 2 ** 24          # default budget of u and w entries held per chunk
-
 
 def _check_modes(model: nn.Module) -> None:
     for name, m in model.named_modules():
@@ -40,24 +38,13 @@ def _check_modes(model: nn.Module) -> None:
                                 "Call model.eval() before diagonal_fisher")
 
 
-def _labels(outputs, labels, targets, *, likelihood, estimator, mc_samples, generator):
+def _residuals(outputs, labels, targets, *, likelihood, estimator, mc_samples, generator):
     """(N, M, C) residuals s = t(y) − η, or None for ``"exact"``."""
-    unused = {"exact": ("labels", "targets"), "empirical": ("labels",), "i1": ("targets",),
-              "i2": ("targets",)}[estimator]
-    passed = {"labels": labels, "targets": targets}
-    for key in unused:
-        if passed[key] is not None:
-            raise ValueError(f"estimator={estimator!r} does not use {key}=; labels= are for "
-                             "'i1'/'i2' (drawn from the model when omitted), targets= (data "
-                             "labels) for 'empirical', neither for 'exact'.")
-    given = targets if estimator == "empirical" else labels
+    given = given_labels(estimator, labels, targets)
     if estimator == "exact":
         return None
-    n, c = outputs.shape
     if given is None:
-        if estimator == "empirical":
-            raise ValueError("estimator='empirical' needs targets= (the data labels: class "
-                             "indices (N,) for 'categorical', values (N, C) for 'gaussian').")
+        n, c = outputs.shape
         if likelihood == "categorical":
             p = torch.softmax(outputs, dim=1)
             given = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
@@ -65,15 +52,7 @@ def _labels(outputs, labels, targets, *, likelihood, estimator, mc_samples, gene
             noise = torch.randn((n, mc_samples, c), generator=generator, dtype=outputs.dtype,
                                 device=outputs.device)
             given = outputs[:, None, :] + noise
-    given = torch.as_tensor(given, device=outputs.device)
-    if likelihood == "categorical" and given.dim() == 1:
-        given = given[:, None]
-    if likelihood == "gaussian" and given.dim() == 2:
-        given = given[:, None, :]
-    if likelihood == "categorical" and (given.dtype.is_floating_point or given.dtype == torch.bool):
-        raise TypeError(f"categorical labels must be integer class indices; received dtype "
-                        f"{given.dtype}.")
-    return residuals(outputs, given, likelihood)
+    return label_residuals(outputs, torch.as_tensor(given, device=outputs.device), likelihood)
 
 
 def diagonal_fisher(model: nn.Module, inputs: torch.Tensor, *, likelihood: str = "categorical",
@@ -143,34 +122,22 @@ def diagonal_fisher(model: nn.Module, inputs: torch.Tensor, *, likelihood: str =
     with torch.no_grad():
         outputs = model(inputs)
     check_outputs(outputs, likelihood)
-    s = _labels(outputs, labels, targets, likelihood=likelihood, estimator=estimator,
-                mc_samples=mc_samples, generator=generator)
+    s = _residuals(outputs, labels, targets, likelihood=likelihood, estimator=estimator,
+                   mc_samples=mc_samples, generator=generator)
     second = SecondDerivatives(model, params, buffers, inputs) if estimator == "i2" else None
 
     def one(p, xi):
         return functional_call(model, (p, buffers), (xi.unsqueeze(0),)).squeeze(0)
 
     jac = vmap(jacrev(one), in_dims=(None, 0))
+    detached = {k: p.detach() for k, p in params.items()}
     n, c = outputs.shape
-    total = sum(p.numel() for p in params.values())
-    step = chunk_size or max(1, min(n, _ELEMENTS // (c * total)))
-    sums = {}
-    for start in range(0, n, step):
-        sl = slice(start, min(n, start + step))
-        u = jac({k: p.detach() for k, p in params.items()}, inputs[sl])
-        w = second(inputs[sl]) if second is not None else {}
-        for name in params:
-            un = u[name].reshape(u[name].shape[0], c, -1)
-            wn = w[name].reshape(un.shape) if name in w else None
-            for arr in (un, wn):
-                if arr is not None and not bool(torch.isfinite(arr).all()):
-                    raise FloatingPointError(f"non-finite derivatives of the outputs with respect "
-                                             f"to parameter {name!r}; the Fisher is undefined.")
-            part = diagonal_sums(un, wn, outputs[sl], None if s is None else s[sl],
-                                 likelihood=likelihood, estimator=estimator, variance=variance)
-            sums[name] = part if name not in sums else type(part)(
-                *(None if a is None else a + b for a, b in zip(sums[name], part)))
-    shapes = {k: tuple(p.shape) for k, p in params.items()}
-    return finish(sums, shapes, n, reshape=lambda a, shape: a.reshape(shape),
-                  estimator=estimator, likelihood=likelihood,
-                  mc_samples=1 if s is None else s.shape[1])
+    step = chunk_size_for(n, c, sum(p.numel() for p in params.values()), chunk_size)
+
+    def chunks():
+        for start in range(0, n, step):
+            sl = slice(start, min(n, start + step))
+            yield sl, jac(detached, inputs[sl]), (second(inputs[sl]) if second else {})
+
+    return estimate(chunks(), outputs, s, {k: tuple(p.shape) for k, p in params.items()},
+                    likelihood=likelihood, estimator=estimator, variance=variance)
