@@ -161,7 +161,6 @@ def residuals(outputs: Any, labels: Any, likelihood: str, *, xp: Any = None) -> 
     """
     xp = resolve_namespace(outputs, xp=xp)
     n, c = outputs.shape
-    eta = output_moments(outputs, likelihood, xp=xp)
     if likelihood == "categorical":
         if labels.ndim != 2 or labels.shape[0] != n:
             raise ValueError(f"categorical labels must be class indices shaped (N,) or (N, M) with "
@@ -169,12 +168,19 @@ def residuals(outputs: Any, labels: Any, likelihood: str, *, xp: Any = None) -> 
         if bool(xp.any(labels < 0)) or bool(xp.any(labels >= c)):
             raise ValueError(f"categorical labels must lie in [0, C) = [0, {c}); received values "
                              f"from {int(xp.min(labels))} to {int(xp.max(labels))}.")
-        classes = xp.arange(c, dtype=labels.dtype, device=getattr(labels, "device", None))
-        onehot = xp.astype(labels[:, :, None] == classes, outputs.dtype)
-        return onehot - eta[:, None, :]
-    if labels.ndim != 3 or tuple(labels.shape[::2]) != (n, c):
+    elif labels.ndim != 3 or tuple(labels.shape[::2]) != (n, c):
         raise ValueError(f"gaussian labels must be shaped (N, C) or (N, M, C) like the outputs "
                          f"(N, C) = {(n, c)}; received shape {tuple(labels.shape)}.")
+    return jit_for(_residuals, xp, static=("likelihood",))(outputs, labels, likelihood=likelihood)
+
+
+def _residuals(outputs: Any, labels: Any, *, likelihood: str, xp: Any) -> Any:
+    eta = output_moments(outputs, likelihood, xp=xp)
+    if likelihood == "categorical":
+        classes = xp.arange(outputs.shape[1], dtype=labels.dtype,
+                            device=getattr(labels, "device", None))
+        onehot = xp.astype(labels[:, :, None] == classes, outputs.dtype)
+        return onehot - eta[:, None, :]
     return xp.astype(labels, outputs.dtype) - eta[:, None, :]
 
 

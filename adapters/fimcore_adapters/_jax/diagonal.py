@@ -216,7 +216,7 @@ def diagonal_fisher(model: nn.Module, variables: Mapping, inputs, *,
     if "params" not in variables or not jax.tree_util.tree_leaves(variables["params"]):
         raise ValueError("variables must hold a non-empty 'params' collection; received "
                          f"collections {sorted(variables)}.")
-    outputs = model.apply(variables, inputs)
+    outputs = jax.jit(model.apply)(variables, inputs)
     check_outputs(outputs, likelihood)
     s = _residuals(outputs, labels, targets, likelihood=likelihood, estimator=estimator,
                    mc_samples=mc_samples, generator=generator)
