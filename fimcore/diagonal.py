@@ -79,6 +79,7 @@ __all__ = [
     "check_options",
     "check_outputs",
     "chunk_size_for",
+    "dense_sums",
     "diagonal_sums",
     "estimate",
     "given_labels",
@@ -253,6 +254,14 @@ def diagonal_sums(u: Any, w: Any, outputs: Any, s: Any, *, likelihood: str, esti
 
 def _diagonal_sums(u: Any, w: Any, outputs: Any, s: Any, *, likelihood: str, estimator: str,
                    variance: bool, xp: Any) -> DiagonalSums:
+    per = _per_input(u, w, outputs, s, likelihood=likelihood, estimator=estimator,
+                     variance=variance, xp=xp)
+    return DiagonalSums(*(None if a is None else xp.sum(a, axis=0) for a in per))
+
+
+def _per_input(u: Any, w: Any, outputs: Any, s: Any, *, likelihood: str, estimator: str,
+               variance: bool, xp: Any) -> DiagonalSums:
+    """The per-input (N, K) quantities behind :func:`diagonal_sums` (M labels averaged)."""
     eta = output_moments(outputs, likelihood, xp=xp)
     with_var = variance and estimator in ("i1", "i2")
     if likelihood == "categorical":
@@ -261,18 +270,17 @@ def _diagonal_sums(u: Any, w: Any, outputs: Any, s: Any, *, likelihood: str, est
     else:
         exact = xp.sum(u * u, axis=1)                                    # ‖u‖²
     if estimator == "exact":
-        return DiagonalSums(xp.sum(exact, axis=0), None, None, None)
+        return DiagonalSums(exact, None, None, None)
     if estimator in ("i1", "empirical"):
         su = xp.matmul(s, u)                                             # (N, M, K)
-        values = xp.sum(xp.mean(su * su, axis=1), axis=0)
+        values = xp.mean(su * su, axis=1)
     else:
-        values = xp.sum(exact - xp.mean(xp.matmul(s, w), axis=1), axis=0)
+        values = exact - xp.mean(xp.matmul(s, w), axis=1)
     if not with_var:
         return DiagonalSums(values, None, None, None)
     if likelihood == "gaussian":
         v = 2.0 * exact ** 2 if estimator == "i1" else xp.sum(w * w, axis=1)
-        total = xp.sum(v, axis=0)
-        return DiagonalSums(values, total, total, total)
+        return DiagonalSums(values, v, v, v)
     i_min, i_max, m_min, m_max = _categorical_spectra(eta, xp)
     if estimator == "i1":
         v = xp.sum(eta[:, :, None] * centred ** 4, axis=1) - exact ** 2
@@ -283,7 +291,45 @@ def _diagonal_sums(u: Any, w: Any, outputs: Any, s: Any, *, likelihood: str, est
         v = xp.sum(eta[:, :, None] * w_c ** 2, axis=1)
         norm = _projected_sq_norm(w, xp)
         lo, hi = i_min[:, None] * norm, i_max[:, None] * norm
-    return DiagonalSums(values, xp.sum(v, axis=0), xp.sum(lo, axis=0), xp.sum(hi, axis=0))
+    return DiagonalSums(values, v, lo, hi)
+
+
+def dense_sums(j: Any, hd: Any, a: Any, outputs: Any, s: Any, *, likelihood: str, estimator: str,
+               variance: bool, xp: Any = None) -> tuple[DiagonalSums, DiagonalSums]:
+    r"""Sums over N inputs for a dense layer :math:`z = Wa + b` on one feature vector per input.
+
+    With :math:`J_c = \partial h_c/\partial z` and :math:`(H_c)_{jj} = \partial^2 h_c/\partial z_j^2`,
+    :math:`u_c(W_{jk}) = J_{cj}a_k`, :math:`w_c(W_{jk}) = (H_c)_{jj}a_k^2` and, for the bias,
+    :math:`a_k = 1`. Every per-input quantity is then a per-unit quantity times :math:`a_k^2`
+    (the estimates) or :math:`a_k^4` (V1, V2 and their bounds), so the weight sums are the
+    products :math:`Q^\top (a\circ a)` and :math:`Q^\top (a\circ a)^{\circ 2}` — never the
+    (N, C, O·F) array of the generic route.
+
+    Args:
+        j: (N, C, O) output Jacobian with respect to the layer output.
+        hd: (N, C, O) diagonal of the output Hessians (``"i2"``; else None).
+        a: (N, F) layer inputs.
+        outputs, s, likelihood, estimator, variance: as :func:`diagonal_sums`.
+
+    Returns:
+        (weight sums shaped (O, F), bias sums shaped (O,)).
+    """
+    xp = resolve_namespace(j, xp=xp)
+    body = jit_for(_dense_sums, xp, static=("likelihood", "estimator", "variance"))
+    return body(j, hd, a, outputs, s, likelihood=likelihood, estimator=estimator,
+                variance=variance)
+
+
+def _dense_sums(j, hd, a, outputs, s, *, likelihood, estimator, variance, xp):
+    per = _per_input(j, hd, outputs, s, likelihood=likelihood, estimator=estimator,
+                     variance=variance, xp=xp)
+    a2 = a * a
+    a4 = a2 * a2
+    t = xp.matrix_transpose
+    weight = DiagonalSums(xp.matmul(t(per.values), a2),
+                          *(None if q is None else xp.matmul(t(q), a4) for q in per[1:]))
+    bias = DiagonalSums(*(None if q is None else xp.sum(q, axis=0) for q in per))
+    return weight, bias
 
 
 def chebyshev_samples(variance: float, epsilon: float, delta: float = 0.05) -> int:
@@ -437,13 +483,32 @@ def chunk_size_for(n: int, c: int, p: int, chunk_size: int | None, budget: int =
     return chunk_size or max(1, min(n, budget // (c * p)))
 
 
+def _check_finite(arr: Any, names: list[str], sizes: list[int], what: str, xp: Any) -> None:
+    if arr is None or bool(xp.all(xp.isfinite(arr))):
+        return
+    bad = xp.any(~xp.isfinite(arr), axis=tuple(range(arr.ndim - 1)))
+    first = int(xp.argmax(xp.astype(bad, xp.int32)))
+    ends = itertools.accumulate(sizes)
+    name = names[next(i for i, end in enumerate(ends) if end > first)]
+    raise FloatingPointError(f"non-finite derivatives {what} of the outputs for parameter "
+                             f"{name!r}; the Fisher is undefined (check the weights and inputs).")
+
+
+def _add(old: DiagonalSums | None, new: DiagonalSums) -> DiagonalSums:
+    if old is None:
+        return new
+    return DiagonalSums(*(None if a is None else a + b for a, b in zip(old, new)))
+
+
 def estimate(chunks: Any, outputs: Any, s: Any, shapes: Mapping[str, tuple[int, ...]], *,
              likelihood: str, estimator: str, variance: bool) -> DiagonalFisher:
     """Stream chunks of derivatives through :func:`diagonal_sums`; average over the N inputs.
 
     Args:
-        chunks: iterable of ``(slice of the inputs, u, w)`` with ``u``/``w`` mappings
-            ``{name: (n, C, *shape)}`` (``w`` may be empty unless ``estimator="i2"``).
+        chunks: iterable of ``(slice of the inputs, u, w, dense)``: ``u``/``w`` map parameter
+            names to (n, C, *shape) derivatives (``w`` may be empty unless ``estimator="i2"``);
+            ``dense`` maps a dense layer's weight name to ``(bias name or None, J, H diagonal
+            or None, layer input a)`` for :func:`dense_sums`.
         outputs: (N, C) outputs; s: (N, M, C) residuals or None.
         shapes: ``{name: parameter shape}``.
 
@@ -452,36 +517,37 @@ def estimate(chunks: Any, outputs: Any, s: Any, shapes: Mapping[str, tuple[int, 
     """
     xp = resolve_namespace(outputs)
     n, c = outputs.shape
-    names = list(shapes)
-    sizes = [math.prod(shapes[k]) for k in names]
-    sums = None
-    for sl, u, w in chunks:
-        # one (n, C, P) array per chunk: one compiled body in JAX, whatever the parameter count
-        un = xp.concat([xp.reshape(u[k], (u[k].shape[0], c, -1)) for k in names], axis=2)
-        wn = None
-        if estimator == "i2":
-            wn = xp.concat([xp.reshape(w[k], (w[k].shape[0], c, -1)) for k in names], axis=2)
-        for arr, what in ((un, "∂h/∂θ"), (wn, "∂²h/∂θ²")):
-            if arr is not None and not bool(xp.all(xp.isfinite(arr))):
-                bad = xp.any(~xp.isfinite(arr), axis=(0, 1))
-                first = int(xp.argmax(xp.astype(bad, xp.int32)))
-                ends = itertools.accumulate(sizes)
-                name = names[next(i for i, end in enumerate(ends) if end > first)]
-                raise FloatingPointError(f"non-finite derivatives {what} of the outputs with "
-                                         f"respect to parameter {name!r}; the Fisher is undefined "
-                                         "(check the weights and inputs).")
-        part = diagonal_sums(un, wn, outputs[sl], None if s is None else s[sl],
-                             likelihood=likelihood, estimator=estimator, variance=variance, xp=xp)
-        sums = part if sums is None else DiagonalSums(
-            *(None if a is None else a + b for a, b in zip(sums, part)))
-    offsets = [0, *itertools.accumulate(sizes)]
+    opts = dict(likelihood=likelihood, estimator=estimator, variance=variance, xp=xp)
+    sums: dict[str, DiagonalSums] = {}
+    for sl, u, w, dense in chunks:
+        out_sl, s_sl = outputs[sl], None if s is None else s[sl]
+        names = list(u)
+        if names:
+            # one (n, C, P) array per chunk: one compiled body in JAX, whatever the leaf count
+            sizes = [math.prod(shapes[k]) for k in names]
+            un = xp.concat([xp.reshape(u[k], (u[k].shape[0], c, -1)) for k in names], axis=2)
+            wn = None
+            if estimator == "i2":
+                wn = xp.concat([xp.reshape(w[k], (w[k].shape[0], c, -1)) for k in names], axis=2)
+            _check_finite(un, names, sizes, "∂h/∂θ", xp)
+            _check_finite(wn, names, sizes, "∂²h/∂θ²", xp)
+            part = diagonal_sums(un, wn, out_sl, s_sl, **opts)
+            for k, lo, hi in zip(names, [0, *itertools.accumulate(sizes)],
+                                 itertools.accumulate(sizes)):
+                sums[k] = _add(sums.get(k), DiagonalSums(
+                    *(None if a is None else a[lo:hi] for a in part)))
+        for weight, (bias, j, hd, a) in dense.items():
+            for arr, what in ((j, "∂h/∂z"), (hd, "∂²h/∂z²"), (a, "(layer input)")):
+                _check_finite(arr, [weight], [arr.shape[-1]] if arr is not None else [], what, xp)
+            wsum, bsum = dense_sums(j, hd, a, out_sl, s_sl, **opts)
+            sums[weight] = _add(sums.get(weight), wsum)
+            if bias is not None:
+                sums[bias] = _add(sums.get(bias), bsum)
 
     def part_of(field: str) -> dict[str, Any] | None:
-        total = getattr(sums, field)
-        if total is None:
+        if getattr(next(iter(sums.values())), field) is None:
             return None
-        return {k: xp.reshape(total[offsets[i]:offsets[i + 1]] / n, shapes[k])
-                for i, k in enumerate(names)}
+        return {k: xp.reshape(getattr(sums[k], field) / n, shapes[k]) for k in shapes}
 
     lower = part_of("lower")
     bounds = None if lower is None else DiagonalBounds(lower, part_of("upper"))

@@ -304,3 +304,21 @@ def test_bad_input_errors():
         bad[0].weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         diagonal_fisher(bad, x)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+def test_factored_dense_route_equals_generic_route(likelihood, monkeypatch):
+    import fimcore_adapters._torch.diagonal as td
+
+    model, x = mlp(), batch((4,), n=5)
+    assert td.dense_layers(model, dict(model.named_parameters()), x) is not None
+    y = draw_labels(model, x, likelihood)
+    fast = {e: diagonal_fisher(model, x, likelihood=likelihood, estimator=e, labels=y,
+                               variance=True, chunk_size=2) for e in ("i1", "i2")}
+    monkeypatch.setattr(td, "dense_layers", lambda *args: None)
+    for e, r in fast.items():
+        slow = diagonal_fisher(model, x, likelihood=likelihood, estimator=e, labels=y,
+                               variance=True)
+        for a, b in ((r.values, slow.values), (r.variance, slow.variance),
+                     (r.bounds.lower, slow.bounds.lower), (r.bounds.upper, slow.bounds.upper)):
+            assert_close(a, b, rtol=1e-10, atol=1e-14)

@@ -235,7 +235,7 @@ def diagonal_fisher(model: nn.Module, variables: Mapping, inputs, *,
             w = {}
             for path, fn in second.items():
                 w.update(fn(x))
-            yield slice(start, start + x.shape[0]), _flat(jac(params, x)), w
+            yield slice(start, start + x.shape[0]), _flat(jac(params, x)), w, {}
 
     return estimate(chunks(), outputs, s, shapes, likelihood=likelihood, estimator=estimator,
                     variance=variance)

@@ -25,7 +25,7 @@ from fimcore.diagonal import (
 )
 
 from .._errors import coupled_layer
-from .diagonal_hessian import SecondDerivatives
+from .diagonal_hessian import SecondDerivatives, dense_layers, perturbed
 
 __all__ = ["diagonal_fisher"]
 
@@ -124,20 +124,39 @@ def diagonal_fisher(model: nn.Module, inputs: torch.Tensor, *, likelihood: str =
     check_outputs(outputs, likelihood)
     s = _residuals(outputs, labels, targets, likelihood=likelihood, estimator=estimator,
                    mc_samples=mc_samples, generator=generator)
-    second = SecondDerivatives(model, params, buffers, inputs) if estimator == "i2" else None
-
-    def one(p, xi):
-        return functional_call(model, (p, buffers), (xi.unsqueeze(0),)).squeeze(0)
-
-    jac = vmap(jacrev(one), in_dims=(None, 0))
-    detached = {k: p.detach() for k, p in params.items()}
     n, c = outputs.shape
-    step = chunk_size_for(n, c, sum(p.numel() for p in params.values()), chunk_size)
+    dense = dense_layers(model, params, inputs)
+    if dense is not None:                    # an MLP: the factored per-unit route
+        def chunks():
+            widest = max(m.out_features ** (2 if estimator == "i2" else 1) + m.in_features
+                         for m in dense.values())
+            step = chunk_size_for(n, c, widest, chunk_size)
+            for start in range(0, n, step):
+                sl = slice(start, min(n, start + step))
+                parts = {}
+                for name, module in dense.items():
+                    a, j, hd = perturbed(model, params, buffers, module, inputs[sl],
+                                         hessian=estimator == "i2")
+                    if hd is not None:
+                        hd = hd.diagonal(dim1=2, dim2=3)
+                    prefix = f"{name}." if name else ""
+                    bias = prefix + "bias" if module.bias is not None else None
+                    parts[prefix + "weight"] = (bias, j, hd, a)
+                yield sl, {}, {}, parts
+    else:
+        second = SecondDerivatives(model, params, buffers, inputs) if estimator == "i2" else None
 
-    def chunks():
-        for start in range(0, n, step):
-            sl = slice(start, min(n, start + step))
-            yield sl, jac(detached, inputs[sl]), (second(inputs[sl]) if second else {})
+        def one(p, xi):
+            return functional_call(model, (p, buffers), (xi.unsqueeze(0),)).squeeze(0)
+
+        jac = vmap(jacrev(one), in_dims=(None, 0))
+        detached = {k: p.detach() for k, p in params.items()}
+        step = chunk_size_for(n, c, sum(p.numel() for p in params.values()), chunk_size)
+
+        def chunks():
+            for start in range(0, n, step):
+                sl = slice(start, min(n, start + step))
+                yield sl, jac(detached, inputs[sl]), (second(inputs[sl]) if second else {}), {}
 
     return estimate(chunks(), outputs, s, {k: tuple(p.shape) for k, p in params.items()},
                     likelihood=likelihood, estimator=estimator, variance=variance)

@@ -28,12 +28,74 @@ from torch.func import functional_call, jacfwd, jacrev, vmap
 
 from .._errors import unsupported_layer
 
-__all__ = ["SecondDerivatives"]
+__all__ = ["SecondDerivatives", "dense_layers", "perturbed"]
 
 _LINEAR_IN_PARAMS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FIX = ("The exact Î2/V2 route covers networks of Linear/Conv1-3d layers with parameter-free "
         "modules between them (activations, pooling, flatten); use estimator='i1' or 'exact', "
         "which need first derivatives only")
+
+
+def perturbed(model, params, buffers, module, x, *, hessian: bool):
+    """Layer inputs a (n, *in), J = ∂h/∂z (n, C, *z) and (if asked) H = ∂²h/∂z² (n, C, *z, *z).
+
+    A forward hook adds a perturbation δ (zero) to the module's output; derivatives in δ at 0
+    are the derivatives in the layer output z.
+    """
+    state = {}
+    params = {k: p.detach() for k, p in params.items()}    # derivatives in δ only
+
+    def hook(mod, inputs, output):
+        state["a"] = inputs[0]
+        return output + state["delta"].unsqueeze(0) if "delta" in state else output
+
+    def h_of_delta(delta, xi):
+        state["delta"] = delta
+        try:
+            return functional_call(model, (params, buffers), (xi.unsqueeze(0),)).squeeze(0)
+        finally:
+            del state["delta"]
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(x)
+            a = state.pop("a").detach()
+            zero = torch.zeros(module(a[:1]).shape[1:], dtype=x.dtype, device=x.device)
+        jac = vmap(jacrev(h_of_delta), in_dims=(None, 0))(zero, x).detach()
+        hess = None
+        if hessian:
+            hess = vmap(jacfwd(jacrev(h_of_delta)), in_dims=(None, 0))(zero, x).detach()
+    finally:
+        handle.remove()
+    return a, jac, hess
+
+
+def dense_layers(model: nn.Module, params: dict[str, torch.Tensor], probe: torch.Tensor):
+    """``{name: nn.Linear}`` when every trainable parameter is the weight or bias of an
+    ``nn.Linear`` called once per forward on (N, features) inputs (an MLP), else None."""
+    layers = {}
+    covered = set()
+    for name, module in model.named_modules():
+        own = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if not own:
+            continue
+        if type(module) is not nn.Linear:
+            return None
+        layers[name] = module
+        covered |= {f"{name}.{n}" if name else n for n in own}
+    if covered != set(params):
+        return None
+    seen: dict[str, list] = {name: [] for name in layers}
+    handles = [m.register_forward_hook(lambda mod, i, o, n=name: seen[n].append(i[0].dim()))
+               for name, m in layers.items()]
+    try:
+        with torch.no_grad():
+            model(probe[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return layers if all(v == [2] for v in seen.values()) else None
 
 
 class SecondDerivatives:
@@ -83,41 +145,9 @@ class SecondDerivatives:
         """``{parameter name: (n, C, *shape)}`` second derivatives for a chunk of inputs x."""
         out = {}
         for name, module in self.layers.items():
-            a, hess = self._layer_hessian(name, module, x)
+            a, _, hess = perturbed(self.model, self.params, self.buffers, module, x, hessian=True)
             out.update(self._contract(name, module, a, hess))
         return out
-
-    def _layer_hessian(self, name, module, x):
-        """Layer inputs a (n, *in) and H = ∂²h/∂z² (n, C, *z, *z) by a zero perturbation at z."""
-        state = {}
-
-        def hook(mod, inputs, output):
-            state["a"] = inputs[0]
-            if "delta" in state:
-                return output + state["delta"].unsqueeze(0)
-            return output
-
-        handle = module.register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                self.model(x)
-            a = state.pop("a")
-
-            def h_of_delta(delta, xi):
-                state["delta"] = delta
-                try:
-                    return functional_call(self.model, (self.params, self.buffers),
-                                           (xi.unsqueeze(0),)).squeeze(0)
-                finally:
-                    del state["delta"]
-
-            with torch.no_grad():
-                z_shape = module(a[:1]).shape[1:]
-            zero = torch.zeros(z_shape, dtype=x.dtype, device=x.device)
-            hess = vmap(jacfwd(jacrev(h_of_delta)), in_dims=(None, 0))(zero, x)
-        finally:
-            handle.remove()
-        return a.detach(), hess.detach()
 
     def _contract(self, name, module, a, hess):
         n, c = hess.shape[:2]
