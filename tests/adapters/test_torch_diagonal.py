@@ -39,7 +39,14 @@ def cnn1d(c=2):
                          nn.Linear(15, c)).to(F64)
 
 
-MODELS = {"mlp": (mlp, (4,)), "cnn": (cnn, (1, 6, 6)), "cnn1d": (cnn1d, (2, 5))}
+def cnn3d(c=2):
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Conv3d(1, 2, 2), nn.Softplus(), nn.Flatten(), nn.GELU(),
+                         nn.Linear(16, c)).to(F64)
+
+
+MODELS = {"mlp": (mlp, (4,)), "mlp_gelu": (lambda: mlp(act=nn.GELU), (4,)),
+          "cnn": (cnn, (1, 6, 6)), "cnn1d": (cnn1d, (2, 5)), "cnn3d": (cnn3d, (1, 3, 3, 3))}
 
 
 def batch(shape, n=4, seed=3):
