@@ -45,7 +45,12 @@ def cnn3d(c=2):
                          nn.Linear(16, c)).to(F64)
 
 
-MODELS = {"mlp": (mlp, (4,)), "mlp_gelu": (lambda: mlp(act=nn.GELU), (4,)),
+def per_token(c=2):                 # a Linear over a sequence axis: the generic contraction
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(8, c)).to(F64)
+
+
+MODELS = {"mlp": (mlp, (4,)), "per_token": (per_token, (2, 3)), "mlp_gelu": (lambda: mlp(act=nn.GELU), (4,)),
           "cnn": (cnn, (1, 6, 6)), "cnn1d": (cnn1d, (2, 5)), "cnn3d": (cnn3d, (1, 3, 3, 3))}
 
 
