@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from ._torch.cost import STRATEGIES
+from ._torch.diagonal import diagonal_fisher
 from ._torch.policy import PolicyBatchSampler
 from ._torch.recorder import GramRecorder
 from ._torch.report import LayerRecord, Report
 
 __all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "PolicyBatchSampler", "Report",
-           "STRATEGIES"]
+           "STRATEGIES", "diagonal_fisher"]
 
 
 def per_sample_gram(model: nn.Module, loss_fn, inputs, targets, *, loss_reduction: str = "mean",
