@@ -204,3 +204,41 @@ def test_random_fallback_module_raises(batch):
     variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
     with pytest.raises(NotImplementedError, match=r"module noisy \(Noisy\) draws random numbers"):
         jax.jit(lambda v: FlaxGram(model, cross_entropy)(v, x, y, rngs={"dropout": jax.random.key(2)}))(variables)
+
+
+class Counted(nn.Module):
+    """Reads and updates its own state in one call: the re-run must start from the state before."""
+
+    @nn.compact
+    def __call__(self, h):
+        s = self.param("s", nn.initializers.ones, (h.shape[-1],), jnp.float64)
+        calls = self.variable("batch_stats", "calls", lambda: jnp.zeros((), jnp.float64))
+        out = h * s * (1.0 + calls.value)
+        if not self.is_initializing():
+            calls.value = calls.value + 1.0
+        return out
+
+
+class CountedNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = Counted(name="counted")(nn.Dense(D_HID, param_dtype=jnp.float64)(x))
+        return nn.Dense(CLASSES, param_dtype=jnp.float64)(h)
+
+
+def test_stateful_fallback_module_is_re_run_from_its_state_before_the_call(batch):
+    x, y = batch
+    model = CountedNet()
+    variables = model.init(jax.random.key(0), x)
+    variables = {**variables, "batch_stats": {"counted": {"calls": jnp.asarray(2.0)}}}
+    _, grad, gram, state = jax.jit(FlaxGram(model, cross_entropy, mutable=["batch_stats"]))(variables, x, y)
+    assert float(state["batch_stats"]["counted"]["calls"]) == 3.0
+
+    def one(p, x_i, y_i):  # per-sample loss from the same starting state
+        out = model.apply({**variables, "params": p}, x_i[None], mutable=["batch_stats"])[0]
+        return cross_entropy(out, y_i[None])[0]
+
+    rows = jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0, 0)))(variables["params"], x, y)
+    J = np.concatenate([np.asarray(v).reshape(B, -1) for v in jax.tree_util.tree_leaves(rows)], axis=1)
+    np.testing.assert_allclose(np.asarray(gram), J @ J.T, rtol=1e-10, atol=1e-12 * np.abs(J @ J.T).max())
+    np.testing.assert_allclose(flat(grad), J.mean(0), rtol=1e-10, atol=1e-14)

@@ -133,7 +133,7 @@ def gamma(n):
 
 
 def float32_bounds(contraction_lengths, n_params, batch):
-    """``(γ_G, γ_g)``: ``|Ĝ_ij − G_ij| ≤ γ_G·sqrt(G_ii G_jj)`` and ``‖ĝ − g‖ ≤ γ_g·mean_i ‖J_i‖``.
+    """``(γ_G, γ_g)`` with ``|Ĝ_ij − G_ij| ≤ γ_G·sqrt(G_ii G_jj)``, ``‖ĝ − g‖ ≤ γ_g·mean_i ‖J_i‖``.
 
     Each float32 row ``Ĵ_i`` comes from a chain of sums whose lengths ``n_l`` are the
     contraction lengths of the forward and backward (fan-ins, positions, batch statistics); a

@@ -120,6 +120,9 @@ class Recorder:
                 f"leading axis (size {self.batch}); its input has shape {getattr(x, 'shape', None)}. "
                 "Keep the batch axis first inside the model, or use value_grad_and_gram."
             )
+        if kind == "fallback":  # the state the call starts from (it may update it), for the re-run
+            before = {c: jax.tree_util.tree_map(lambda v: v, dict(v)) for c, v in module.variables.items()
+                      if c != "params"}
         self._active.append(path)
         try:
             out = next_fun(*args, **kwargs)
@@ -141,8 +144,7 @@ class Recorder:
                 params=params,
                 direct=sorted(direct),
             )
-            others = {c: v for c, v in module.variables.items() if c != "params"}
-            captured = ([v for v, a in zip(leaves, is_array) if a], others)
+            captured = ([v for v, a in zip(leaves, is_array) if a], before)
         out_leaves, out_def = jax.tree_util.tree_flatten(out)
         float_out = [jnp.issubdtype(jnp.result_type(o), jnp.inexact) for o in out_leaves]
         if kind != "fallback" and (len(out_leaves) != 1 or out_leaves[0].shape[0] != self.batch):

@@ -17,11 +17,13 @@ Two ways compute it exactly:
 
 Which case holds is decided at the call's own values, by comparing the parameter Jacobians
 applied to one fixed pseudo-random tangent ``v``: separable iff
-``|∂f(θ, X_i)/∂θ · v − (∂f(θ, X)/∂θ · v)_i| ≤ τ · m`` for every i and entry, with ``m`` the
-largest magnitude of either side and ``τ = 1000 ε`` of the output dtype (the tolerance the PyTorch generic path uses for
-its per-sample re-run). Jacobians that differ agree on a random ``v`` only on a set of measure
-zero, and the check sees couplings that vanish in the outputs at this point (e.g. a coupling
-term whose weight is 0) but not in the gradient. Under ``jit`` the decision is a ``lax.cond``.
+``|∂f(θ, X_i)/∂θ · v − (∂f(θ, X)/∂θ · v)_i| ≤ τ·m`` for every i and entry, with ``m`` the
+largest magnitude of either side and ``τ = 1000 ε`` of the output dtype (the tolerance the
+PyTorch generic path uses for its per-sample re-run). Jacobians that differ agree on a random
+``v`` only on a set of measure zero, and the check sees couplings that vanish in the outputs
+at this point (e.g. a coupling term whose weight is 0) but not in the gradient. Under ``jit``
+the decision is a ``lax.cond``. The module is re-run from the non-parameter state it started
+the call with.
 """
 
 from __future__ import annotations
