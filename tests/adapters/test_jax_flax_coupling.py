@@ -46,13 +46,17 @@ def gated_mean(p, h):  # with a = 0 the output equals the per-sample output; the
     return h * p["s"] + p["a"] * h.mean(0)
 
 
+def row_bias(p, h):  # one parameter row per sample: the module cannot be re-run on one sample
+    return h + p["b"]
+
+
 def affine(p, h):  # separable
     return h * p["s"] + p["t"]
 
 
 FORMULAS = {"centred": (centred, ("s",)), "batch_softmax": (batch_softmax, ("w",)),
             "hand_batchnorm": (hand_batchnorm, ("scale", "bias")), "gated_mean": (gated_mean, ("s", "a")),
-            "affine": (affine, ("s", "t"))}
+            "row_bias": (row_bias, ("b",)), "affine": (affine, ("s", "t"))}
 
 
 class Custom(nn.Module):
@@ -67,7 +71,8 @@ class Custom(nn.Module):
         for k, name in enumerate(names):
             init = nn.initializers.zeros if (self.kind, name) == ("gated_mean", "a") else (
                 lambda key, shape, dtype, k=k: 1.0 + 0.3 * jax.random.normal(key, shape, dtype))
-            p[name] = self.param(name, init, (h.shape[-1],), jnp.float64)
+            shape = h.shape if self.kind == "row_bias" else (h.shape[-1],)
+            p[name] = self.param(name, init, shape, jnp.float64)
         return fn(p, h)
 
 
@@ -129,7 +134,7 @@ def check_against_references(model, variables, x, y, loss, grad, gram):
 
 def test_coupling_module_rows_are_batch_contributions(batch):
     x, y = batch
-    model = Net(COUPLED + ("affine",))
+    model = Net(COUPLED + ("row_bias",))
     variables = model.init(jax.random.key(1), x)
     step = FlaxGram(model, cross_entropy)
     loss, grad, gram = jax.jit(step)(variables, x, y)
@@ -138,6 +143,8 @@ def test_coupling_module_rows_are_batch_contributions(batch):
         assert "checked at run time" in step.report[f"custom_{k}"], kind
         # a per-sample re-run would give centred and batch_softmax a zero gradient
         assert np.abs(flat(grad[f"custom_{k}"])).max() > 1e-3, kind
+    assert step.report[f"custom_{len(COUPLED)}"].startswith(
+        "fallback: masked batch VJP per sample (per-sample re-run failed")
 
 
 def test_eager_call_reports_the_path_taken(batch):

@@ -111,7 +111,7 @@ def fallback_rows(call, captured, deltas, size):
 
     try:
         same = _same_jacobian(forward, single, own, leaves, samples)
-    except (TypeError, ValueError, IndexError) as exc:  # the module cannot run on one sample
+    except (TypeError, ValueError, IndexError, flax.errors.FlaxError) as exc:  # it cannot run on one sample
         reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
         return coupled(), f"fallback: masked batch VJP per sample (per-sample re-run failed: {reason})"
     if not isinstance(same, jax.core.Tracer):
