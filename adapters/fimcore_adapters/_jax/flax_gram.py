@@ -55,7 +55,9 @@ class FlaxGram:
         apply_kwargs: extra keyword arguments for ``model.apply`` (e.g. ``{"train": True}``).
         dtype: Gram dtype; ``None`` = float64 when ``jax_enable_x64`` is on, else float32.
         dense_form: ``"auto"``, ``"factored"`` or ``"materialised"`` for dense-like layers.
-        fallback: ``"vmap"`` or ``"error"`` for unrecognised parameterised modules.
+        fallback: for unrecognised parameterised modules, ``"vmap"`` (exact rows from a re-run
+            of the module: per sample, or masked batch VJPs when it couples samples) or
+            ``"error"``.
         check_finite: outside ``jit``, raise if a parameter is NaN/Inf.
 
     Raises:
