@@ -7,7 +7,7 @@ Importing this module imports torch (that import is the opt-in). Two roles:
   forward or backward pass and never the whole B×P Jacobian;
 * :func:`per_sample_gram` — one call that runs forward and backward on a batch and returns G.
 
-Rows of J follow architecture.md §3: B × each sample's contribution to the gradient of the batch
+Rows of J are B × each sample's contribution to the gradient of the batch
 loss (the gradient of its own loss ℓ_i unless a layer couples samples; under BatchNorm in train
 mode, the per-sample contributions of the ordinary batch backward), so ``1ᵀ G 1 = B²‖∇L‖²``.
 Layers with an exact rule: ``nn.Linear`` (any leading dimensions), ``nn.Conv1d/2d/3d``,

@@ -9,8 +9,8 @@ backward. Its share of J is then formed with ``torch.func``:
 * *coupled* modules (the output of sample i depends on other samples, e.g. a custom batch
   normalisation, or randomness such as dropout inside the module): the VJP of the whole batch
   forward with the cotangent masked to sample i's slice, ``vmap``-ed over i. This is exactly the
-  per-sample contribution of the batch backward, the BatchNorm rule of architecture.md §3,
-  at B times the module's backward cost.
+  per-sample contribution of the batch backward (the contributions sum to the batch gradient,
+  as for BatchNorm in train mode), at B times the module's backward cost.
 
 Which case holds is checked once per module and train/eval mode: the per-sample forward must
 reproduce the recorded batch output. Buffers are cloned for the re-run, so running statistics are
