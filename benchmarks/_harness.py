@@ -3,7 +3,7 @@
 Nothing here imports a deep-learning framework: a benchmark passes plain callables (one training
 step each) and gets back wall times, peak memory and Markdown text.
 
-The measurement protocol follows ``../shared/design/performance.md``:
+The measurement protocol:
 
 * **Time.** A configuration (model, batch size B, method) is timed against the plain training step
   in one process, interleaved — plain, method, plain, method, … — after one warm-up of each; the
@@ -34,6 +34,7 @@ import datetime as _dt
 import gc
 import importlib
 import importlib.metadata
+import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
@@ -48,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 MMAP_THRESHOLD_BYTES = 65536
-"""Value of ``MALLOC_MMAP_THRESHOLD_`` used for memory measurements (performance.md)."""
+"""Value of ``MALLOC_MMAP_THRESHOLD_`` used for memory measurements (see the module docstring)."""
 
 MIN_REP_SECONDS = 0.2
 """Shortest timed run: steps shorter than this are timed as runs of consecutive calls."""
@@ -121,6 +122,46 @@ def median_ratio(baseline: Sequence[float], candidate: Sequence[float]) -> float
     return statistics.median(c / b for b, c in zip(baseline, candidate))
 
 
+def ratio_quartiles(baseline: Sequence[float], candidate: Sequence[float]) -> tuple[float, float]:
+    """Lower and upper quartiles of the paired ratios: the run-to-run spread a table reports.
+
+    Example:
+        >>> ratio_quartiles([1.0, 1.0, 1.0, 1.0, 1.0], [1.1, 1.2, 1.3, 1.4, 1.5])
+        (1.2, 1.4)
+    """
+    ratios = sorted(c / b for b, c in zip(baseline, candidate))
+    if len(ratios) < 2:
+        return (ratios[0], ratios[0]) if ratios else (math.nan, math.nan)
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return round(q1, 12), round(q3, 12)
+
+
+def target_mark(q1: float, q3: float, target: float) -> str:
+    """``✓``/``✗`` against a ratio target only when the whole spread is on one side of it.
+
+    ``✓`` when the upper quartile of the paired ratios is ≤ ``target``, ``✗`` when the lower
+    quartile is above it, ``≈`` (within the run-to-run spread: neither met nor missed) otherwise.
+
+    Example:
+        >>> target_mark(1.02, 1.10, 1.5), target_mark(1.6, 1.7, 1.5), target_mark(1.45, 1.55, 1.5)
+        ('✓', '✗', '≈')
+    """
+    if math.isnan(q1) or math.isnan(q3):
+        return "–"
+    return "✓" if q3 <= target else ("✗" if q1 > target else "≈")
+
+
+SPREAD_NOTE = ("In square brackets: the interquartile range of the paired ratios. A time target is "
+               "marked ✓ or ✗ only when that whole range is on one side of it, ≈ otherwise (within the "
+               "run-to-run spread).")
+"""The sentence every timing table prints about its spread and its marks."""
+
+
+def fmt_spread(q1: float, q3: float) -> str:
+    """``[1.02–1.10]``: the interquartile range of the paired ratios, printed beside a ratio."""
+    return "" if math.isnan(q1) else f" [{q1:.2f}–{q3:.2f}]"
+
+
 def _timed_run(fn: Callable[[], Any], number: int, clock: Callable[[], float]) -> float:
     """Mean time per call of ``number`` consecutive calls."""
     t0 = clock()
@@ -139,9 +180,10 @@ def warm_then_time(
 ) -> dict:
     """Calls each step once untimed (compilation or tracing), then :func:`interleaved_times`.
 
-    Returns a JSON-friendly dict: ``ratio``, the upper-median ``plain`` and ``step`` times (per
-    call), ``reps``, ``number`` (calls per timed run), ``capped`` and ``warmup_s`` (seconds spent
-    in the untimed first calls).
+    Returns a JSON-friendly dict: ``ratio``, its quartiles ``q1`` and ``q3``
+    (:func:`ratio_quartiles`), the upper-median ``plain`` and ``step`` times (per call), ``reps``,
+    ``number`` (calls per timed run), ``capped`` and ``warmup_s`` (seconds spent in the untimed
+    first calls).
     """
     t0 = time.perf_counter()
     baseline()
@@ -149,7 +191,9 @@ def warm_then_time(
     warmup_s = time.perf_counter() - t0
     t = interleaved_times(baseline, candidate, reps=reps, cap_seconds=cap_seconds,
                           min_rep_seconds=min_rep_seconds)
-    return {"ratio": t.ratio, "plain": _upper_median(t.baseline), "step": _upper_median(t.candidate),
+    q1, q3 = ratio_quartiles(t.baseline, t.candidate)
+    return {"ratio": t.ratio, "q1": q1, "q3": q3,
+            "plain": _upper_median(t.baseline), "step": _upper_median(t.candidate),
             "reps": t.reps, "number": t.number, "capped": t.capped, "warmup_s": warmup_s}
 
 
@@ -632,7 +676,8 @@ def run_timing_grid(runner: "IsolatedRunner", module: str, *, model_labels: dict
     ``{"extra_mb": …}`` and ``timing_job(model, batch_size, method, reps, cap_seconds)``
     returning ``{"plain", "step", "ratio", "reps", "capped"}``. Memory is measured for the plain
     step and every method except the ``*-noeig`` ones (same memory as their method); ratios of
-    ``targeted`` methods at ``target_batch`` are marked ✓/✗ against ``target``.
+    ``targeted`` methods at ``target_batch`` are marked against ``target`` by :func:`target_mark`
+    (✓/✗ only when the interquartile range printed beside the ratio is on one side of it).
 
     Returns:
         ``(rows, notes)``: table rows in :func:`grid_headers` order, and a note per failed child.
@@ -657,10 +702,12 @@ def run_timing_grid(runner: "IsolatedRunner", module: str, *, model_labels: dict
                     rows.append([model_labels[model], b, method_labels[method], *["–"] * 6])
                     continue
                 v = r.value
-                mark = (" ✓" if v["ratio"] <= target else " ✗") if b == target_batch and targeted(method) else ""
+                spread = fmt_spread(v.get("q1", math.nan), v.get("q3", math.nan))
+                mark = (" " + target_mark(v.get("q1", math.nan), v.get("q3", math.nan), target)
+                        if b == target_batch and targeted(method) else "")
                 m = mem.get(method)
                 rows.append([model_labels[model], b, method_labels[method], fmt_ms(v["plain"]),
-                             fmt_ms(v["step"]), fmt_ratio(v["ratio"]) + mark,
+                             fmt_ms(v["step"]), fmt_ratio(v["ratio"]) + spread + mark,
                              f"{v['reps']}{' (cap)' if v['capped'] else ''}",
                              "–" if mem.get("plain") is None else f"{mem['plain']:.0f}",
                              "–" if m is None else f"{m:.0f}"])

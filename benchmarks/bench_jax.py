@@ -23,8 +23,8 @@ PyTorch benchmark does. Timing: plain and method interleaved in one child proces
 (``benchmarks._harness.step_memory``: peak resident set over three steps minus the set before).
 
 The children run NumPy's BLAS single-threaded (``OPENBLAS_NUM_THREADS=1`` etc. unless already set):
-a multi-threaded OpenBLAS pool spinning beside XLA's threads on 2 cores made the 128×128
-eigenvalue call take 17 ms instead of 1.4 ms and slowed the next XLA step (MLP B=128: 3.0× vs 1.4×).
+a multi-threaded OpenBLAS pool spinning beside XLA's threads on 2 cores slows the eigenvalue call
+and the next XLA step.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def main(argv=None):
             "jitted step: value_and_grad of the mean cross-entropy + SGD), float32, compilation excluded. Extra MB: "
             "peak resident set over three steps minus the set before them, one fresh process per cell. "
             f"Steps shorter than {H.MIN_REP_SECONDS} s are timed in runs of consecutive calls lasting about "
-            "that long (paired per-call means)."],
+            "that long (paired per-call means). " + H.SPREAD_NOTE],
         headers=H.grid_headers("ratio (target ≤ 1.5× at B=128)"), rows=rows,
         exact_caption="Exactness in float64: ‖G_factored − G_generic‖_F / ‖G_generic‖_F",
         exact=H.exactness_rows(runner, "benchmarks.bench_jax", MODELS, args.models),

@@ -23,9 +23,9 @@ written to ``benchmarks/results/spectrum.md`` with the machine and the versions
 
 ``--threads N`` pins the BLAS/OpenMP pools and torch to N threads (the script re-executes
 itself with ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/``MKL_NUM_THREADS`` set, since the
-pools are sized when NumPy loads). On a shared machine an idle-spinning OpenBLAS pool makes
-a 128×128 ``eigvalsh`` tens of times slower than one thread does, so the load average at the
-start is recorded with each table.
+pools are sized when NumPy loads). On a shared machine an idle-spinning OpenBLAS pool slows a
+small ``eigvalsh`` down by far more than the work it adds, so the load average at the start is
+recorded with each table.
 """
 
 from __future__ import annotations

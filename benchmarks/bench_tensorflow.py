@@ -174,8 +174,8 @@ def main(argv=None):
     parser.add_argument("--note", default="", help="free text added to the report (e.g. machine load)")
     parser.add_argument("--out", default="benchmarks/results/tensorflow.md")
     args = parser.parse_args(argv)
-    # children inherit this: a multi-threaded OpenBLAS eigvalsh of a 128×128 Gram took 40–50 ms
-    # beside TensorFlow's thread pool on the loaded 2-core machine, 1 ms single-threaded
+    # children inherit this: a multi-threaded OpenBLAS eigvalsh of a small Gram competes with
+    # TensorFlow's thread pool for the cores
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sizes = args.batch_sizes or ([32] if args.quick else [32, 128])
     reps = args.reps or (5 if args.quick else 11)
@@ -195,7 +195,7 @@ def main(argv=None):
                     "them, one fresh process per cell. Children run with "
                     f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']} (host eigenvalues). "
                     f"Steps shorter than {H.MIN_REP_SECONDS} s are timed in runs of consecutive calls lasting about "
-                    "that long (paired per-call means)."],
+                    "that long (paired per-call means). " + H.SPREAD_NOTE],
         headers=H.grid_headers("ratio (target ≤ 1.5× at B=128, registry)"), rows=rows,
         exact_caption="Exactness in float64: max |G_registry − G_loop| / max |G_loop| against one "
                       "GradientTape per sample",

@@ -6,9 +6,8 @@ installs into site-packages)::
     python -m benchmarks.bench_torch            # full run, writes benchmarks/results/torch.md
     python -m benchmarks.bench_torch --quick    # five small models at B = 32, 3 reps, 10 s cap
 
-The default caps (75 s per configuration) are chosen so that the full run takes about 20 minutes
-on 2 idle cores (an estimate from the step times in performance.md; configurations that cannot
-finish their repetitions in the cap are reported as skipped), ``--quick`` about 2 minutes.
+The default cap is 75 s per configuration; configurations that cannot finish their repetitions in
+the cap are reported as skipped. Each committed table prints the wall time of its run.
 
 For every model and batch size B it measures, as ratios to the plain step (forward, mean
 cross-entropy, backward, SGD with momentum), the time and the peak extra memory of a training
@@ -75,14 +74,6 @@ TIME_TARGETS = {"resnet20-bn": 1.4, "resnet20-gn": 1.4, "mlp": 1.3, "cnn": 1.5}
 MEMORY_TARGET_RATIO, MEMORY_TARGET_SMALL_MB, MEMORY_SMALL_PLAIN_MB = 1.3, 50.0, 50.0
 """Memory target: extra memory ≤ 1.3× the plain step's, or ≤ +50 MB where the plain step needs
 less than 50 MB."""
-
-PERFORMANCE_MD_B128 = {
-    "resnet20-bn": "torch.func 2.90× ¹, BackPACK 6.07×, Opacus refuses",
-    "resnet20-gn": "torch.func 2.02×, BackPACK 5.72× ², Opacus 2.84×",
-    "mlp": "torch.func 86×, BackPACK 57×, Opacus 85×",
-    "cnn": "torch.func 1.90×, BackPACK 5.19×, Opacus 2.39× (2-conv CNN)",
-}
-"""Baselines measured earlier on this machine kind (performance.md, B = 128)."""
 
 LEARNING_RATE = 0.01
 DEFAULT_REPS, DEFAULT_CAP = 5, 75.0
@@ -391,6 +382,8 @@ class ConfigResult:
     plain_s: float = math.nan
     method_s: float = math.nan
     ratio: float = math.nan
+    q1: float = math.nan   # quartiles of the paired ratios (the spread a target mark must exceed)
+    q3: float = math.nan
     reps: int = 0
     rel_err: float | None = None
     mem_mb: float | None = None
@@ -436,6 +429,7 @@ def run_config(runner: H.IsolatedRunner, model: str, batch_size: int, method: st
         return r
     r.plain_s, r.method_s = _median(v["plain"]), _median(v["method"])
     r.ratio, r.reps = H.median_ratio(v["plain"], v["method"]), len(v["method"])
+    r.q1, r.q3 = H.ratio_quartiles(v["plain"], v["method"])
     r.rel_err, r.notes, r.faults = v["rel_err"], v["notes"], tuple(v.get("faults", (None, None)))
     if v["capped"]:
         r.status = "capped"
@@ -515,9 +509,16 @@ def _mark(ok: bool | None) -> str:
     return "–" if ok is None else ("✓" if ok else "✗")
 
 
+def _time_mark(r: ConfigResult) -> str:
+    """✓/✗ against the model's time target only outside the ratio's interquartile range."""
+    return "–" if r.status != "ok" else H.target_mark(r.q1, r.q3, TIME_TARGETS[r.model])
+
+
 def _time_cell(r: ConfigResult) -> str:
     if r.status == "ok":
-        return H.fmt_ratio(r.ratio) if r.method != "spectrum" else f"{r.ratio:.4f}× (alone)"
+        if r.method == "spectrum":
+            return f"{r.ratio:.4f}× (alone)"
+        return H.fmt_ratio(r.ratio) + H.fmt_spread(r.q1, r.q3)
     if r.status == "capped":
         return f"skipped (cap; {r.detail})"
     if r.status == "refused":
@@ -545,8 +546,7 @@ def _err_cell(r: ConfigResult) -> str:
 def _target_cell(r: ConfigResult) -> str:
     if r.method != "fimcore" or r.model not in TIME_TARGETS:
         return ""
-    t_ok = None if r.status != "ok" else r.ratio <= TIME_TARGETS[r.model]
-    return (f"time ≤ {TIME_TARGETS[r.model]}× {_mark(t_ok)}; "
+    return (f"time ≤ {TIME_TARGETS[r.model]}× {_time_mark(r)}; "
             f"memory {_mark(_mem_ok(r.mem_mb, r.plain_mem_mb))}")
 
 
@@ -563,7 +563,7 @@ def render(results: list[ConfigResult], plain_memory: dict, ref_notes: dict, *, 
             ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".", ""]
     out += ["Time: median over the repetitions of the paired ratio (step with G and its eigenvalues) / "
             "(plain step: forward, mean cross-entropy, backward, SGD), plain and method interleaved in one "
-            "child process per configuration. "
+            "child process per configuration. " + H.SPREAD_NOTE + " "
             f"Steps shorter than {H.MIN_REP_SECONDS} s are timed in runs of consecutive calls lasting about "
             "that long (paired per-call means). Memory: extra resident memory of a step (peak over 3 steps "
             "after 2 warm-ups minus the resident set before them) in a fresh child with "
@@ -579,17 +579,16 @@ def render(results: list[ConfigResult], plain_memory: dict, ref_notes: dict, *, 
             base = {x.method: _time_cell(x) for x in same if x.method in ("torch.func", "backpack", "opacus")}
             g_only = next((x for x in same if x.method == "fimcore-noeig"), None)
             g_cell = "–" if g_only is None else _time_cell(g_only) + (
-                f" {_mark(g_only.ratio <= TIME_TARGETS[r.model])}" if g_only.status == "ok" else "")
+                f" {_time_mark(g_only)}" if g_only.status == "ok" else "")
             rows.append([MODEL_LABELS[r.model], r.batch_size, f"≤ {TIME_TARGETS[r.model]}×", _time_cell(r),
-                         _mark(None if r.status != "ok" else r.ratio <= TIME_TARGETS[r.model]), g_cell,
+                         _time_mark(r), g_cell,
                          _mem_cell(r), f"{r.plain_mem_mb:.0f} MB" if r.plain_mem_mb is not None else "–",
                          _mark(_mem_ok(r.mem_mb, r.plain_mem_mb)),
-                         "; ".join(f"{k} {v}" for k, v in base.items()),
-                         PERFORMANCE_MD_B128.get(r.model, "") if r.batch_size == 128 else ""])
+                         "; ".join(f"{k} {v}" for k, v in base.items())])
         out += [H.markdown_table(["model", "B", "time target", "fimcore (auto), G + eigenvalues", "time met",
                                   "G alone (no eigenvalues)", "extra memory",
-                                  "plain step's", "memory ≤ 1.3× (or +50 MB) met", "baselines in this run",
-                                  "baselines in performance.md (B = 128)"], rows), ""]
+                                  "plain step's", "memory ≤ 1.3× (or +50 MB) met", "baselines in this run"],
+                                 rows), ""]
     for model in dict.fromkeys(r.model for r in results):
         out += [f"## {MODEL_LABELS[model]}", ""]
         rows = []
@@ -626,9 +625,7 @@ def render(results: list[ConfigResult], plain_memory: dict, ref_notes: dict, *, 
             "- Page faults: median minor page faults per call of each step in the timing child. glibc "
             "hands freed blocks above its mmap/trim thresholds back to the kernel, so a step that frees "
             "and re-allocates large temporaries (per-sample gradients, patches) pays for fresh pages "
-            "again; how many depends on the heap's history, and ratios move with it (ResNet-20 BN, "
-            "B = 128, plain and measured steps alternating: 1.61× with ~65,000 faults per measured "
-            "step, 1.38–1.40× with 3,000–8,000 in other runs of the same script).", ""]
+            "again; how many depends on the heap's history, and ratios move with it from run to run.", ""]
     out += ["## Machine and versions", "", H.key_value_table({**machine, **versions}), ""]
     return "\n".join(out)
 

@@ -12,7 +12,7 @@ gradients:
 * dynamic sampling: a batch size growing over stages (:class:`StagedBatchSchedule`).
 
 The core imports only the standard library, numpy and array-api-compat; it computes in the
-caller's namespace (numpy, torch, jax.numpy, array_api_strict, cupy, ...) and device, and
+caller's namespace (numpy, torch, jax.numpy and array_api_strict are tested) and device, and
 imports no framework.
 """
 

@@ -87,7 +87,7 @@ def resolve_namespace(*arrays: Any, xp: Any = None) -> Any:
             ) from exc
         raise TypeError(
             "inputs must be arrays of a library with an array-API namespace (numpy, torch, "
-            f"jax.numpy, array_api_strict, cupy, ...); received {kinds}. Convert with "
+            f"jax.numpy, array_api_strict, ...); received {kinds}. Convert with "
             "numpy.asarray(...) or pass a tensor of your framework."
         ) from exc
 

@@ -11,7 +11,7 @@ never traced).
 * Stages split the epochs as equally as possible; earlier stages take the remainder
   (10 epochs over 3 stages: 4, 3, 3).
 * :meth:`StagedBatchSchedule.multi_stage` repeats the ramp inside each learning-rate phase
-  (the "-MS" variant, read as in method_liao2018.md §6 A6 — a hypothesis).
+  (the "-MS" variant, read this way as a hypothesis: README, *Reference reproduction*).
 * :func:`paper_lr_milestones` gives the paper's LR drops: epochs
   :math:`\lfloor E/2\rfloor` and :math:`\lfloor 3E/4\rfloor` (0-based, the new LR applies
   from the start of that epoch).
@@ -171,7 +171,7 @@ class StagedBatchSchedule:
         r"""The "-MS" variant: the ramp ``start``→``end`` repeated inside each LR phase.
 
         The paper's "s32-to-128-MS" is not defined in the sources that could be retrieved;
-        this is the reading chosen in method_liao2018.md §6 A6, *a hypothesis*: the
+        this is the reading chosen here, *a hypothesis* (README, *Reference reproduction*): the
         learning-rate milestones split training into phases ([0, m_1), [m_1, m_2), ...,
         [m_last, E)) and each phase runs the full ``stages``-stage ramp, its epochs split
         as equally as possible (earlier stages take the remainder).

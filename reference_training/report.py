@@ -3,7 +3,7 @@
 For every (model, dataset, epochs) group of runs found below ``RUNS_DIR`` (any folder holding a
 ``summary.json``):
 
-* ``plane_<group>.png`` — the (C̄_K, L_K) plane of spec §3.6: final C̄_K and L_K of each setting
+* ``plane_<group>.png`` — the (C̄_K, L_K) plane of the authors' ``plot_multiple_models.m``: final C̄_K and L_K of each setting
   (mean over seeds) on log axes, one line per learning rate through the batch sizes, points
   labelled ``s<batch>``, dynamic-sampling runs marked with stars; behind them the test error
   interpolated on a 51 × 51 grid over the log-transformed, min-max-normalised axes from the 5

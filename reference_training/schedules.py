@@ -1,8 +1,8 @@
 """Batch-size and learning-rate schedules of a run, by the paper's names.
 
 * ``sB`` — fixed batch B; ``sA-to-B`` — dynamic sampling, A to B geometrically over ``stages``
-  equal stages (spec §6 A7); ``sA-to-B-MS`` — the ramp repeated inside each LR phase (the
-  hypothesis of spec §6 A6); ``16,32,64`` — explicit sizes, one per equal stage.
+  equal stages (a choice); ``sA-to-B-MS`` — the ramp repeated inside each LR phase (a
+  hypothesis; both in README, *Reference reproduction*); ``16,32,64`` — explicit sizes, one per equal stage.
 * Learning rate: base LR ×0.1 at each of ``fimcore.paper_lr_milestones(E)`` = (⌊E/2⌋, ⌊3E/4⌋).
 """
 
@@ -64,8 +64,9 @@ def make_schedule(spec: str, *, epochs: int, stages: int = 5, initial: int | Non
                   options: str | None = None):
     """Build the batch schedule for a schedule name and epoch budget.
 
-    ``sA-to-B`` grows geometrically over ``stages`` equal stages (spec §6 A7);
-    ``sA-to-B-MS`` repeats the ramp inside each LR phase (hypothesis of spec §6 A6);
+    ``sA-to-B`` grows geometrically over ``stages`` equal stages (a choice);
+    ``sA-to-B-MS`` repeats the ramp inside each LR phase (a hypothesis; README, *Reference
+    reproduction*);
     ``auto:<rule>`` is an :class:`~reference_training.adaptive.AdaptiveSchedule` starting at
     ``initial`` with the ``key=value`` ``options``.
     """

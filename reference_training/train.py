@@ -283,6 +283,7 @@ def _measure(run: _Run, metrics, *, epoch: int, n: int, n_iters: int, batch: int
         "c_k": m.c_k, "c_k_jacobian": m.c_k_jacobian, "I_k": m.I_k,
         "trace": m.trace, "C_bar": m.C_bar, "C_bar_jacobian": m.C_bar_jacobian,
         "L": m.L, "grad_norm": _grad_norm(run.model), "lambda_max": m.lambda_max,
+        "ones_gram_ones": float(gram.detach().double().sum()),
         "rank": m.rank, "zero_rows": m.zero_rows, "c_limit": m.c_limit,
         "resolution_limited": m.resolution_limited, "c_k_legacy": m.c_k_legacy,
     }

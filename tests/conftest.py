@@ -3,10 +3,9 @@
 Backends
     The ``xp`` fixture runs a test once per array namespace (numpy, array_api_strict,
     torch, jax.numpy); the ``framework`` fixture once per framework (torch, jax,
-    tensorflow). A library that is not installed is skipped, unless it is required:
-    ``FIMCORE_TEST_BACKENDS`` names the required ones (comma list, e.g.
-    ``numpy,torch``, or ``all``); when it is unset and ``CI`` is set, all are required.
-    A required library that fails to import makes its tests fail, never skip.
+    tensorflow). Whether a library that is not installed skips or fails is decided in one
+    place, ``tests/_backends.py`` (``FIMCORE_TEST_BACKENDS``, ``CI``), for these fixtures,
+    for :func:`import_backend` in tests and for module-level imports (root ``conftest.py``).
 
 JAX
     float64 is switched on once here (``jax_enable_x64``) when jax is installed, so the
@@ -27,6 +26,9 @@ from types import ModuleType
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from tests._backends import KNOWN, import_backend, required_backends  # noqa: F401  (re-exported)
+
 
 # --- Hypothesis ---------------------------------------------------------------------------
 
@@ -59,25 +61,6 @@ ARRAY_BACKENDS = {
 }
 #: frameworks of the ``framework`` fixture: test id -> module to import
 FRAMEWORKS = {"torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}
-_ALIASES = {"jax.numpy": "jax", "jnp": "jax", "tf": "tensorflow", "strict": "array_api_strict"}
-KNOWN = {"numpy", "array_api_strict", "torch", "jax", "tensorflow"}
-
-
-def required_backends() -> set[str]:
-    """Libraries whose import failure must fail the tests (from the environment)."""
-    raw = os.environ.get("FIMCORE_TEST_BACKENDS")
-    if raw is None:
-        raw = "all" if os.environ.get("CI") else ""
-    names = {_ALIASES.get(n.strip(), n.strip()) for n in raw.split(",") if n.strip()}
-    if "all" in names:
-        return set(KNOWN)
-    unknown = names - KNOWN
-    if unknown:
-        raise pytest.UsageError(
-            f"FIMCORE_TEST_BACKENDS must list names from {sorted(KNOWN)} or 'all'; "
-            f"received unknown {sorted(unknown)}."
-        )
-    return names
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -93,20 +76,6 @@ def _enable_jax_x64() -> None:
 
 
 _enable_jax_x64()
-
-
-def import_backend(module_name: str) -> ModuleType:
-    """Import a backend; skip when absent unless required (then the error propagates)."""
-    top = module_name.split(".")[0]
-    try:
-        return importlib.import_module(module_name)
-    except ImportError as exc:
-        if top in required_backends():
-            raise ImportError(
-                f"backend {top!r} is required by FIMCORE_TEST_BACKENDS/CI but failed to "
-                f"import: {exc}"
-            ) from exc
-        pytest.skip(f"{top} is not installed")
 
 
 def array_namespace_of(module_name: str) -> ModuleType:

@@ -2,7 +2,7 @@
 
 Importing this module imports JAX (and Flax for the layer-factored path); that import is the opt-in.
 
-Two roles (architecture.md §5):
+Two roles:
 
 1. **Transforms returning loss, mean gradient and Gram together**, so the measured step is the
    step you already jit:

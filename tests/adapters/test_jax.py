@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-jax = pytest.importorskip("jax")
+import jax
 import jax.numpy as jnp  # noqa: E402
 
 from fimcore_adapters.jax import gradient_dtype, per_sample_gram, value_grad_and_gram  # noqa: E402

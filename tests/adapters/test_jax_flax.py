@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-nn = pytest.importorskip("flax.linen")
+import flax.linen as nn
+import jax
 import jax.numpy as jnp  # noqa: E402
 
 from fimcore_adapters.jax import (  # noqa: E402

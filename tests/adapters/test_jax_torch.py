@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-nn = pytest.importorskip("flax.linen")
-torch = pytest.importorskip("torch")
+import flax.linen as nn
+import jax
+import torch
 import jax.numpy as jnp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

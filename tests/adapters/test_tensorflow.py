@@ -8,25 +8,25 @@ References (none shares code with the adapter's layer rules):
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tests.conftest import required_backends
-
-if "tensorflow" in required_backends():
-    import tensorflow as tf
-else:
-    tf = pytest.importorskip("tensorflow")
-import keras  # noqa: E402
-from tests.adapters._keras_float64 import keras_float64  # noqa: E402
-
-from fimcore_adapters.tensorflow import (  # noqa: E402
+from fimcore_adapters.tensorflow import (
     GramTape,
     LayerRule,
     per_sample_gram,
     register_layer_rule,
     rule_for,
 )
+from tests.adapters._keras_float64 import keras_float64
+from tests.conftest import import_backend
+from tests.core.helpers import assert_within, float32_sum_bound
 
 RTOL = 1e-10
 
@@ -211,17 +211,24 @@ GROUPED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-call", "one-sample-chunks"])
+@pytest.mark.parametrize("chunk_bytes", [None, 1, "no-grouped-kernel"],
+                         ids=["one-call", "one-sample-chunks", "no-grouped-kernel"])
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_float32_convolutions_take_the_grouped_filter_gradient_and_match_the_loop(case, chunk_bytes,
                                                                                     monkeypatch):
     """float32 1-D/2-D convolutions use grouped filter gradients over the batch (no float64
     CPU kernel exists for them, so the float64 tests above run the unfold), in one call or in
-    batch chunks: checked against the float64 loop on the same weights, within float32
-    rounding."""
+    batch chunks, and the unfold where the build has no grouped filter-gradient kernel:
+    checked against the float64 loop on the same weights, within float32 rounding."""
     from fimcore_adapters._tensorflow import _conv
 
-    if chunk_bytes is not None:
+    grouped = chunk_bytes != "no-grouped-kernel"
+    if not grouped:
+        monkeypatch.setattr(_conv, "grouped_filter_gradient_available", lambda: False)
+    elif not _conv.grouped_filter_gradient_available():
+        pytest.fail("this TensorFlow has no grouped filter-gradient kernel although "
+                    "tests/conftest.py sets TF_ENABLE_ONEDNN_OPTS=1 before importing it")
+    elif chunk_bytes is not None:
         monkeypatch.setattr(_conv, "CHUNK_BYTES", chunk_bytes)
 
     case = dict(case)
@@ -242,17 +249,41 @@ def test_float32_convolutions_take_the_grouped_filter_gradient_and_match_the_loo
     monkeypatch.setattr(_conv, "grouped_filter_blocks",
                         lambda *a, **k: calls.append(len(real(*a, **k))) or real(*a, **k))
     gram = per_sample_gram(m32, xent(), x.astype(np.float32), y)
-    assert calls, "the float32 convolution did not take the grouped filter gradient"
-    assert set(calls) == ({1} if chunk_bytes is None else {5}), calls
+    if not grouped:
+        assert not calls, "the grouped filter gradient ran although the build has no kernel for it"
+    else:
+        assert calls, "the float32 convolution did not take the grouped filter gradient"
+        assert set(calls) == ({1} if chunk_bytes is None else {5}), calls
     expected = loop_gram(m64, x, y)
     assert_close(gram, expected, rtol=1e-5)
+
+
+PROBE = "from fimcore_adapters._tensorflow import _conv; print(_conv.grouped_filter_gradient_available())"
+
+
+def test_grouped_filter_gradient_probe_follows_the_onednn_switch():
+    """TensorFlow's own CPU kernel has no grouped filter gradient, oneDNN's has: the probe says so."""
+    seen = {}
+    for flag in ("0", "1"):
+        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=flag, TF_CPP_MIN_LOG_LEVEL="2")
+        out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                             timeout=120, check=True).stdout.split()
+        seen[flag] = out[-1]
+    assert seen == {"0": "False", "1": "True"}
 
 
 def test_grouped_columns_in_uneven_chunks_equal_one_call_and_the_per_sample_loop():
     """Chunks of 2, 2 and 1 samples give the same (P, B) columns and kernel gradient as one
     call, and each column (and each per-sample block of ``grouped_kernel_grads``) is that
-    sample's own kernel gradient (one tape per sample)."""
+    sample's own kernel gradient (one tape per sample). All of it is float32 through different
+    kernels: compared within the float32 rounding bound of a sum over the output positions
+    (12 per sample, 60 for the batch gradient), from the same sums of |x|·|δ|."""
     from fimcore_adapters._tensorflow import _conv
+
+    if not _conv.grouped_filter_gradient_available():
+        pytest.skip("this CPU's TensorFlow build has no grouped filter-gradient kernel (its oneDNN "
+                    "operations are off here; TF_ENABLE_ONEDNN_OPTS=1 turns them on); the layer "
+                    "rules take the unfold, tested above")
 
     rng = np.random.default_rng(5)
     x = tf.constant(rng.normal(size=(5, 6, 7, 4)), tf.float32)
@@ -264,21 +295,29 @@ def test_grouped_columns_in_uneven_chunks_equal_one_call_and_the_per_sample_loop
     assert _conv._chunk_sizes(delta, 2 * per_sample_bytes) == [2, 2, 1]
     one, grad_one = _conv.grouped_kernel_columns(x, delta, chunk_bytes=10**9, **opts)
     split, grad_split = _conv.grouped_kernel_columns(x, delta, chunk_bytes=2 * per_sample_bytes, **opts)
-    rows = []
-    for i in range(5):
-        with tf.GradientTape() as tape:
-            tape.watch(kernel)
-            y = tf.nn.conv2d(x[i:i + 1], kernel, strides=2, padding="SAME")
-        rows.append(tape.gradient(y, kernel, output_gradients=delta[i:i + 1]).numpy().ravel())
-    expected = np.stack(rows, axis=1)
+
+    def per_sample_columns(inputs, cotangents):
+        rows = []
+        for i in range(5):
+            with tf.GradientTape() as tape:
+                tape.watch(kernel)
+                y = tf.nn.conv2d(inputs[i:i + 1], kernel, strides=2, padding="SAME")
+            rows.append(tape.gradient(y, kernel, output_gradients=cotangents[i:i + 1]).numpy().ravel())
+        return np.stack(rows, axis=1)
+
+    expected = per_sample_columns(x, delta)
+    abs_sum = per_sample_columns(tf.abs(x), tf.abs(delta))  # Σ_positions |x|·|δ| per entry
+    positions = 3 * 4
+    column_bound = float32_sum_bound(abs_sum, positions)
+    batch_bound = float32_sum_bound(abs_sum.sum(axis=1), 5 * positions)
     assert one.shape == (3 * 2 * 2 * 6, 5)
-    np.testing.assert_allclose(one.numpy(), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(split.numpy(), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grad_split.numpy().ravel(), expected.sum(axis=1), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grad_one.numpy(), grad_split.numpy(), rtol=1e-6, atol=1e-6)
+    assert_within(one.numpy(), expected, column_bound)
+    assert_within(split.numpy(), expected, column_bound)
+    assert_within(grad_split.numpy().ravel(), expected.sum(axis=1), batch_bound)
+    assert_within(grad_one.numpy().ravel(), grad_split.numpy().ravel(), batch_bound)
     blocks = _conv.grouped_kernel_grads(x, delta, chunk_bytes=2 * per_sample_bytes, **opts)
     assert blocks.shape == (5, 3, 2, 2, 6)
-    np.testing.assert_allclose(blocks.numpy().reshape(5, -1).T, expected, rtol=1e-5, atol=1e-5)
+    assert_within(blocks.numpy().reshape(5, -1).T, expected, column_bound)
 
 
 def test_layers_filter_restricts_the_gram(models):
@@ -340,7 +379,7 @@ def test_batchnorm_eval_mode_matches_per_sample_loop():
 
 
 def _torch_pair(kind):
-    torch = pytest.importorskip("torch")
+    torch = import_backend("torch")
     from torch import nn
 
     rng = np.random.default_rng(5)

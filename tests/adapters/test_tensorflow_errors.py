@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tests.conftest import required_backends
-
-if "tensorflow" in required_backends():
-    import tensorflow as tf
-else:
-    tf = pytest.importorskip("tensorflow")
-import keras  # noqa: E402
-
-from fimcore_adapters.tensorflow import GramTape, per_sample_gram  # noqa: E402
+from fimcore_adapters.tensorflow import GramTape, per_sample_gram
 
 
 def xent(reduction="sum_over_batch_size"):

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tests.conftest import required_backends
-
-if "tensorflow" in required_backends():
-    import tensorflow as tf
-else:
-    tf = pytest.importorskip("tensorflow")
-import keras  # noqa: E402
-from tests.adapters._keras_float64 import keras_float64  # noqa: E402
-
-import fimcore  # noqa: E402
-from fimcore_adapters.tensorflow import (  # noqa: E402
+import fimcore
+from tests.adapters._keras_float64 import keras_float64
+from fimcore_adapters.tensorflow import (
     GramMeasureCallback,
     GramModel,
     GramStepMixin,

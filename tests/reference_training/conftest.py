@@ -6,6 +6,16 @@ import struct
 import numpy as np
 import pytest
 
+from tests.conftest import import_backend
+
+
+@pytest.fixture(autouse=True)
+def _reference_extra():
+    """reference_training needs its extra (``pip install .[reference]``): without it these tests
+    skip, or fail where the backends are required (``tests/_backends.py``)."""
+    for name in ("torch", "matplotlib", "tqdm", "mlxtend", "scipy"):
+        import_backend(name)
+
 
 def write_idx(path, array):
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)

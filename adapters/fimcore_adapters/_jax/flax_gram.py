@@ -29,7 +29,7 @@ class FlaxGram:
     - ``gram = J Jᵀ`` (B×B), rows ``J_i = B ×`` sample i's contribution to ``∇ L``
       (``1ᵀ G 1 = B²·‖∇L‖²``; without cross-sample layers ``J_i = ∇ ℓ_i``).
 
-    Per layer (architecture.md §5): ``Dense``/``DenseGeneral`` use the factored form
+    Per layer, the cheaper of two exact forms: ``Dense``/``DenseGeneral`` use the factored form
     ``G_ij = Σ_{t,s}(a_it·a_js)(g_it·g_js)`` (``(A Aᵀ)⊙(Gₒ Gₒᵀ)`` for T = 1) or materialised
     per-sample weights, whichever costs fewer multiply-adds (``dense_form`` overrides);
     ``Conv`` materialises per-sample kernel gradients (``vmap`` of the convolution's VJP,

@@ -2,11 +2,12 @@
 
 Notation: ``a`` (B, T, d_in) are a layer's inputs at its T positions, ``g`` (B, T, d_out) the
 cotangents of the batch loss at its outputs. Rows of ``J`` are ``B ×`` the per-sample
-contributions (architecture.md §3), so the caller multiplies the summed Gram by B².
+contributions (``J_i = B·∂L/∂θ`` restricted to sample i's cotangent, so ``Σ_i J_i = B·∇L``),
+so the caller multiplies the summed Gram by B².
 Each function returns ``(gram_block, param_grads)`` with ``param_grads`` a dict of the layer's
 batch gradients (sums of the per-sample contributions, for the optimiser step).
 
-Two exact forms (architecture.md §5):
+Two exact forms (the cheaper one is taken per layer):
 
 - factored: ``G_ij = Σ_{t,s} (a_it·a_js)(g_it·g_js)``; for T = 1 this is ``(A Aᵀ) ⊙ (Gₒ Gₒᵀ)``;
 - materialised: per-sample weight gradients ``J_l`` (B × P_l), then ``J_l J_lᵀ``.
@@ -138,9 +139,8 @@ def conv_kernel_per_sample(module, x, g, *, over_samples="auto"):
 
     Sample i's gradient is ``Σ_t P_i[t]ᵀ g_i[t]``, with ``P_i`` its input patches (T positions ×
     kernel offsets × channels) taken by strided slices of the padded input. On CPU the samples go
-    through ``lax.map``, one plain matrix product each: this runs at about the speed of XLA's own
-    batch kernel gradient, where ``vmap`` of the convolution's VJP (a convolution grouped over
-    the batch) was 2–10× slower (``benchmarks/bench_jax.py``). On accelerators, where a loop of
+    through ``lax.map``, one plain matrix product each, instead of ``vmap`` of the convolution's
+    VJP (a convolution grouped over the batch; ``over_samples`` chooses). On accelerators, where a loop of
     B small products would leave the device idle, the same body is ``vmap``-ed into one batched
     product.
 

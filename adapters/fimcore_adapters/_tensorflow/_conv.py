@@ -10,13 +10,14 @@ grouped-convolution gradient) and under XLA.
 
 For float32/float16 1-D and 2-D convolutions without dilation, :func:`grouped_filter_blocks`
 gets the same gradients from filter-gradient calls of a convolution grouped over the batch
-(samples folded into channels), which on CPU ran 1.5–3× faster than the unfold + batched
-matmul on the small CNN's layers (``benchmarks/bench_tensorflow.py``);
-:func:`grouped_kernel_columns` hands them to the Gram as (P, B) columns.
+(samples folded into channels) where the build has a kernel for it
+(:func:`grouped_filter_gradient_available`); :func:`grouped_kernel_columns` hands them to the
+Gram as (P, B) columns.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -93,16 +94,37 @@ def per_sample_kernel_grads(patches, delta, *, groups: int, kernel_shape):
     return tf.reshape(rows, tf.concat([[batch], kernel_shape], 0))
 
 
+@functools.cache
+def grouped_filter_gradient_available() -> bool:
+    """Whether this TensorFlow build has a kernel for a grouped filter gradient.
+
+    TensorFlow's own CPU ``Conv2DBackpropFilter`` refuses an input whose channels are a
+    multiple of the filter's ("filter_size does not have enough elements"); the oneDNN
+    kernels accept it, and TensorFlow turns them on by default only on CPUs with AVX-512
+    neural-network instructions (``TF_ENABLE_ONEDNN_OPTS=1`` forces them). Probed once,
+    eagerly, on a 2×2 input with two channel groups.
+    """
+    with tf.init_scope():
+        try:
+            tf.raw_ops.Conv2DBackpropFilter(
+                input=tf.zeros([1, 2, 2, 2]), filter_sizes=[1, 1, 1, 2],
+                out_backprop=tf.zeros([1, 2, 2, 2]), strides=[1, 1, 1, 1], padding="VALID")
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+            return False
+    return True
+
+
 def grouped_applies(x, *, rank: int, dilation_rate) -> bool:
     """Whether :func:`grouped_filter_blocks` covers this call (TensorFlow has no float64 CPU
-    kernel for a grouped filter gradient; 3-D and dilated filter gradients are left to
+    kernel for a grouped filter gradient, and none at all without oneDNN, see
+    :func:`grouped_filter_gradient_available`; 3-D and dilated filter gradients are left to
     the unfold)."""
-    return rank in (1, 2) and all(d == 1 for d in dilation_rate) and x.dtype != tf.float64
+    return (rank in (1, 2) and all(d == 1 for d in dilation_rate) and x.dtype != tf.float64
+            and grouped_filter_gradient_available())
 
 
-#: δ bytes per chunk of the grouped filter gradient: on the small CNN's 32×32×16 layer at
-#: B = 128 (8 MB of δ) four chunks of 2 MB took 6–6.6 ms against 7–8 ms for one call (the
-#: batch-to-channels transposes run in cache); smaller chunks were slower again.
+#: δ bytes per chunk of the grouped filter gradient (a chunk's batch-to-channels transposes stay
+#: in cache).
 CHUNK_BYTES = 2 * 2**20
 
 
@@ -179,9 +201,7 @@ def grouped_kernel_columns(x, delta, *, kernel_size, strides, padding, groups: i
                            chunk_bytes: int | None = None):
     """Per-sample kernel gradients as columns (P, B), P = prod(kernel_shape), and their sum.
 
-    The column layout is what the Gram wants: ``tf.matmul(c, c, transpose_a=True)`` on a
-    (P, 128) matrix took 2.7 ms at P = 4,608 and 8.6 ms at P = 18,432 against 6.0 and 11 ms
-    for the same product from (128, P) rows (TensorFlow 2.21, this machine's CPU).
+    The Gram is then ``tf.matmul(c, c, transpose_a=True)`` on the (P, B) columns.
 
     Returns:
         ``(columns, kernel_gradient)``: (P, B) and the batch kernel gradient (*kernel_shape).

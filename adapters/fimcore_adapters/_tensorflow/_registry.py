@@ -5,7 +5,8 @@ ordinary forward pass, the tensors its per-sample gradients are made of (the lay
 ``a`` and the pre-activation output, whose loss gradient ``δ`` the ordinary backward
 provides), and turns them into that layer's Gram contribution and its batch gradients.
 
-Rows are per-sample *contributions* to the gradient of the batch loss (architecture.md §3):
+Rows are B × the per-sample *contributions* to the gradient of the batch loss L (they sum to
+B·∇L, so ``1ᵀ G 1 = B²‖∇L‖²``):
 for a layer without cross-sample coupling row i is sample i's own gradient; behind a
 train-mode BatchNormalization the coupling is already inside ``δ``.
 

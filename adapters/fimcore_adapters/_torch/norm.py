@@ -8,7 +8,7 @@ at the layer's output in the ordinary batch backward, sample i contributes
 
 summed over the positions t that share one affine entry. For BatchNorm in train mode δ already
 carries the coupling through the batch statistics, so these are the per-sample contributions of
-the batch backward (they sum to the batch gradient), as architecture.md §3 requires.
+the batch backward (they sum to the batch gradient, so ``1ᵀ G 1 = B²‖∇L‖²`` for a mean loss).
 
 The layer's forward runs through the ATen op that also returns its statistics (native batch/
 group/layer norm, the op ``F.batch_norm`` etc. reach), so no statistic is recomputed; a reference
@@ -52,7 +52,8 @@ class NormUnit(Unit):
             return self._install_hooks(rec)
 
         def forward(x):
-            rec._forward(self, x.shape[0], x.dtype)
+            lead = x.shape[:x.dim() - len(m.normalized_shape)] if self.family == "layer" else None
+            rec._forward(self, x.shape[0], x.dtype, lead=lead)
             try:
                 out, ctx = self._forward_with_stats(x)
             finally:
