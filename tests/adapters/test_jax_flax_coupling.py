@@ -9,14 +9,13 @@ against ``jax.grad`` of the batch loss, and ``1ᵀG1 = B²‖∇L‖²``.
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-nn = pytest.importorskip("flax.linen")
-import jax.numpy as jnp  # noqa: E402
-
-from fimcore_adapters.jax import FlaxGram  # noqa: E402
+from fimcore_adapters.jax import FlaxGram
 
 B, D_IN, D_HID, CLASSES = 6, 4, 5, 3
 EPS = 1e-5

@@ -17,19 +17,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
-import pytest
+from jax import lax
 
-jax = pytest.importorskip("jax")
-nn = pytest.importorskip("flax.linen")
-import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
-
-from fimcore_adapters.jax import FlaxGram  # noqa: E402
-from tests.adapters.test_jax_flax import cross_entropy, flat, loop_reference, numpy_init  # noqa: E402
+from fimcore_adapters.jax import FlaxGram
+from tests.adapters.test_jax_flax import cross_entropy, flat, loop_reference, numpy_init
+from tests.core.helpers import gamma
 
 BN_EPS = 1e-5
-U32 = 2.0 ** -24  # unit roundoff of float32
 
 
 class ConvBN(nn.Module):
@@ -127,18 +125,13 @@ def test_instance_norm_after_conv_matches_loop():
 # --- float32, x64 off --------------------------------------------------------------------
 
 
-def gamma(n):
-    """Relative error bound ``γ_n = n·u/(1 − n·u)`` of a float32 sum of n terms (u = 2⁻²⁴)."""
-    return n * U32 / (1 - n * U32)
-
-
 def float32_bounds(contraction_lengths, n_params, batch):
     """``(γ_G, γ_g)`` with ``|Ĝ_ij − G_ij| ≤ γ_G·sqrt(G_ii G_jj)``, ``‖ĝ − g‖ ≤ γ_g·mean_i ‖J_i‖``.
 
     Each float32 row ``Ĵ_i`` comes from a chain of sums whose lengths ``n_l`` are the
     contraction lengths of the forward and backward (fan-ins, positions, batch statistics); a
-    sum of n terms carries a relative error of at most ``γ_n``, so (for well-conditioned
-    activations) ``‖Ĵ_i − J_i‖ ≤ ρ‖J_i‖`` with ``ρ = Σ_l γ_{n_l}``. A Gram entry is a dot
+    sum of n terms carries a relative error of at most ``γ_n = n·u/(1 − n·u)`` (u = 2⁻²⁴),
+    so (for well-conditioned activations) ``‖Ĵ_i − J_i‖ ≤ ρ‖J_i‖`` with ``ρ = Σ_l γ_{n_l}``. A Gram entry is a dot
     product of length ≤ P: ``|Ĝ_ij − G_ij| ≤ (2ρ + ρ² + γ_P)‖J_i‖‖J_j‖`` and
     ``‖J_i‖‖J_j‖ = sqrt(G_ii G_jj)``. The mean gradient ``g = (1/B)Σ_i J_i`` is a sum of B
     rows: ``‖ĝ − g‖ ≤ (ρ + γ_B)(1 + ρ)·mean_i ‖J_i‖``.

@@ -9,19 +9,13 @@ batch statistics are computed from all rows, as in training). Row i of J is ``BÂ
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tests.conftest import required_backends
-
-if "tensorflow" in required_backends():
-    import tensorflow as tf
-else:
-    tf = pytest.importorskip("tensorflow")
-import keras  # noqa: E402
-from tests.adapters._keras_float64 import keras_float64  # noqa: E402
-
-from fimcore_adapters.tensorflow import per_sample_gram  # noqa: E402
+from fimcore_adapters.tensorflow import per_sample_gram
+from tests.adapters._keras_float64 import keras_float64
 
 
 @pytest.fixture(autouse=True, scope="module")
