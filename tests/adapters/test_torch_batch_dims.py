@@ -168,42 +168,52 @@ def test_multihead_attention_per_head_3d_mask_is_exact():
     assert_exact(G, G_ref, rec)
 
 
-def transformer_case(kind):
-    S = B                                                          # sequence length == batch size
-    src = torch.randn(S, B, D, dtype=torch.float64)
-    tgt = torch.randn(S + 1, B, D, dtype=torch.float64)
+def transformer_case(kind, batch_first):
+    S, bd = B, (0 if batch_first else 1)                           # sequence length == batch size
+
+    def seq(n):
+        return torch.randn(*((B, n) if batch_first else (n, B)), D, dtype=torch.float64)
+
+    src, tgt = seq(S), seq(S + 1)
     pad = torch.zeros(B, S, dtype=torch.bool)
     pad[1, -1] = True
-    enc = dict(d_model=D, nhead=2, dim_feedforward=6, dropout=0.0)
+    enc = dict(d_model=D, nhead=2, dim_feedforward=6, dropout=0.0, batch_first=batch_first)
     if kind == "encoder layer":
         m = nn.TransformerEncoderLayer(**enc)
-        return m, (lambda i: m(take(src, i, 1), src_key_padding_mask=take(pad, i, 0))), \
+        return m, (lambda i: m(take(src, i, bd), src_key_padding_mask=take(pad, i, 0))), \
             (lambda: m(src, src_key_padding_mask=pad))
     if kind == "decoder layer":
         m = nn.TransformerDecoderLayer(**enc)
-        return m, (lambda i: m(take(tgt, i, 1), take(src, i, 1), memory_key_padding_mask=take(pad, i, 0))), \
+        return m, (lambda i: m(take(tgt, i, bd), take(src, i, bd),
+                               memory_key_padding_mask=take(pad, i, 0))), \
             (lambda: m(tgt, src, memory_key_padding_mask=pad))
     if kind == "encoder with norm":
         m = nn.TransformerEncoder(nn.TransformerEncoderLayer(**enc), 2, norm=nn.LayerNorm(D),
                                   enable_nested_tensor=False)
-        return m, (lambda i: m(take(src, i, 1), src_key_padding_mask=take(pad, i, 0))), \
+        return m, (lambda i: m(take(src, i, bd), src_key_padding_mask=take(pad, i, 0))), \
             (lambda: m(src, src_key_padding_mask=pad))
     m = nn.Transformer(d_model=D, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
-                       dim_feedforward=6, dropout=0.0)
+                       dim_feedforward=6, dropout=0.0, batch_first=batch_first)
     causal = m.generate_square_subsequent_mask(S + 1, dtype=torch.float64)
-    return m, (lambda i: m(take(src, i, 1), take(tgt, i, 1), tgt_mask=causal,
+    return m, (lambda i: m(take(src, i, bd), take(tgt, i, bd), tgt_mask=causal,
                            src_key_padding_mask=take(pad, i, 0))), \
         (lambda: m(src, tgt, tgt_mask=causal, src_key_padding_mask=pad))
 
 
-@pytest.mark.parametrize("kind", ["encoder layer", "decoder layer", "encoder with norm", "transformer"])
-def test_sequence_first_transformer_modules_are_one_unit_split_along_dim_1(kind):
-    m, one, whole = transformer_case(kind)
+@pytest.mark.parametrize("kind,batch_first", [
+    ("encoder layer", False), ("decoder layer", False), ("encoder with norm", False),
+    ("transformer", False), ("encoder layer", True), ("transformer", True)])
+def test_transformer_modules_split_along_their_declared_batch_dim(kind, batch_first):
+    m, one, whole = transformer_case(kind, batch_first)
     m.double()
     G_ref = loop_reference(m, lambda i: one(i).square().sum())
     G, rec = recorded(m, lambda: whole().square().sum())
     assert_exact(G, G_ref, rec)
-    assert [r.module for r in rec.report()] == [type(m).__name__]
+    modules = [r.module for r in rec.report()]
+    if batch_first:             # children keep their layer rules
+        assert {"Linear", "LayerNorm", "MultiheadAttention"} <= set(modules)
+    else:                       # children see (S, B, E): one generic unit split along dim 1
+        assert modules == [type(m).__name__]
 
 
 # ------------------------------------------------------------------ refusals
@@ -317,3 +327,16 @@ def test_recurrent_cells_unrolled_over_time(cls):
         with GramRecorder(cell):
             out = cell(x[0, 0])
             (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+
+def test_subclass_with_renamed_forward_arguments_is_refused():
+    class MyGRU(nn.GRU):
+        def forward(self, seq):                                    # not the name nn.GRU uses
+            return super().forward(seq)
+
+    net = MyGRU(D, H).double()
+    x = torch.randn(B, B, D, dtype=torch.float64)
+    with pytest.raises(ValueError, match="module '<model>' \\(MyGRU\\) was called without a batched "
+                                         "tensor input.*other names \\(here \\(.seq.,\\)\\)"):
+        with GramRecorder(net):
+            net(x)[0].sum().backward()

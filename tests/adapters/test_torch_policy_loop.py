@@ -138,5 +138,5 @@ def test_bad_arguments_and_snapshots_are_refused():
     other = PolicyBatchSampler(12, _policy(), seed=1)
     with pytest.raises(ValueError, match="num_samples=10"):
         other.load_state_dict(sampler.state_dict())
-    with pytest.raises(ValueError, match="PolicyBatchSampler.state_dict"):
+    with pytest.raises(ValueError, match="PolicyBatches.state_dict"):
         sampler.load_state_dict({"epoch": 0})

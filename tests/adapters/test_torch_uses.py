@@ -98,7 +98,7 @@ def test_use_outside_the_owner_is_refused_by_every_route(route, data):
     model = TiedOutside(route).double()
     idx, y = data
     G_ref, _ = loop_gram(model, seq_loss, idx, y)
-    # the route does carry gradient to emb.weight: the loop's rows sum to the batch gradient
+    # reference sanity: the loop rows sum to autograd's batch gradient of the same model
     model.zero_grad(set_to_none=True)
     seq_loss(model(idx), y).backward()
     flat = torch.cat([p.grad.flatten() for p in model.parameters()])

@@ -111,8 +111,11 @@ class Layout:
         elif sizes:
             self.batch = int(sizes[0][1])
         else:
-            raise ValueError(f"{self.where} was called without a batched tensor input; pass "
-                             f"{_SHAPES[self.kind]}")
+            raise ValueError(
+                f"{self.where} was called without a batched tensor input; pass "
+                f"{' / '.join(_SEQ_ARGS[self.kind])} as {_SHAPES[self.kind]}. The batch is read from "
+                "the arguments named as in torch's own forward; a subclass whose forward takes "
+                f"other names (here {names}) must keep torch's names or wrap the module instead")
         bad = [(a, s) for a, s in sizes if s != self.batch]
         if bad:
             raise ValueError(f"{self.where}: its inputs disagree on the batch size (B = {self.batch} "
