@@ -13,14 +13,16 @@ backward. Its share of J is then formed with ``torch.func``:
   as for BatchNorm in train mode), at B times the module's backward cost.
 
 Which case holds is checked once per module and train/eval mode: the per-sample forward must
-reproduce the recorded batch output. Buffers are cloned for the re-run, so running statistics are
+reproduce the recorded batch output, and its parameter Jacobian that of the batch forward
+(compared on one pseudo-random parameter tangent in forward mode: equal outputs alone miss a
+parameter that multiplies a batch statistic and happens to be zero). Buffers are cloned for the re-run, so running statistics are
 not updated twice, and the RNG state of the user's forward is replayed.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, jvp, vjp, vmap
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -211,8 +213,8 @@ class GenericUnit(Unit):
             return
         if self.separable.get(key, True):
             try:
-                res = self._per_sample(call, sel, cots, chunk, check=check)
                 self.why_coupled = "per-sample re-run differs from the batch output"
+                res = self._per_sample(call, sel, cots, chunk, check=check)
             except (RuntimeError, ValueError) as exc:
                 res = None
                 self.why_coupled = f"per-sample vmap failed ({str(exc).splitlines()[0][:80]})"
@@ -247,7 +249,39 @@ class GenericUnit(Unit):
                 o = o.movedim(0, d)          # (…, B, 1, …): sample i's output in slot i of dim d
                 if o.numel() != ref.numel() or not _close(o.reshape(ref.shape), ref):
                     return None
+            if not self._same_parameter_jacobian(call, sel, f, leaves, in_dims, out_dims):
+                self.why_coupled = "per-sample parameter Jacobian differs from the batch one"
+                return None
         return res
+
+    def _same_parameter_jacobian(self, call, sel, f, leaves, in_dims, out_dims) -> bool:
+        """Whether ∂out_i/∂θ of the per-sample re-run equals that of the batch forward.
+
+        Row i of the module's share of J is ``(∂out_i/∂θ)ᵀ δ_i`` with the *batch* forward's
+        Jacobian; the per-sample VJP uses the one-sample forward's. Equal outputs do not imply
+        equal Jacobians (``h·s + a·mean_b(h)`` at ``a = 0``), so both are applied to one fixed
+        pseudo-random parameter tangent (forward mode) and compared. Where forward mode is not
+        available the module is treated as coupled (the masked batch VJP is exact either way).
+        """
+        gen = torch.Generator().manual_seed(0x5EED)
+        tangent = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+                   for n, p in sel.items()}
+        f_batch, batch_leaves, _ = self._functional(call, batch_leaves_one=False)
+
+        def one(*xs):
+            return jvp(lambda p: f(p, *xs), (sel,), (tangent,))[1]
+
+        try:
+            with torch.enable_grad(), _Replay(call["rng"]):
+                _, batch = jvp(lambda p: f_batch(p, *batch_leaves), (sel,), (tangent,))
+            per = vmap(one, in_dims=tuple(in_dims))(*leaves)
+        except (RuntimeError, NotImplementedError, ValueError):
+            return False
+        for o, ref, d in zip(per, batch, out_dims):
+            o = o.movedim(0, d)
+            if o.numel() != ref.numel() or not _close(o.reshape(ref.shape), ref):
+                return False
+        return True
 
     def _coupled(self, call, sel, cots, chunk, check):
         f, leaves, _ = self._functional(call, batch_leaves_one=False)
