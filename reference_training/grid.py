@@ -73,7 +73,8 @@ def plan_grid(
             ``auto:<rule>@<first size>`` for a closed-loop policy; without ``@`` it starts at the
             smallest of ``batch_sizes``), each run at every LR of ``dynamic_lrs`` and every seed.
         seeds: repeats.
-        **common: other ``RunConfig`` fields shared by all runs (epochs, subset, measure_every, ...).
+        **common: other ``RunConfig`` fields shared by all runs (epochs, subset, measure_every, ...);
+            ``policy_options`` goes to the ``auto:<rule>`` runs only.
     """
     runs: list[GridRun] = []
     root = Path(out)
@@ -83,8 +84,11 @@ def plan_grid(
             settings += [(_dynamic(str(s), batch_sizes), float(lr)) for lr in dynamic_lrs
                          for s in dynamic]
             for batch, lr in settings:
+                fields = dict(common)
+                if not str(batch.get("batch_schedule", "")).lower().startswith("auto:"):
+                    fields.pop("policy_options", None)   # they steer the auto:<rule> runs only
                 cfg = RunConfig(model=model, dataset=dataset, lr=lr, seed=int(seed), **batch,
-                                **common)
+                                **fields)
                 cfg.validate()
                 name = f"{run_label(cfg)}_lr{_fmt_lr(lr)}_seed{seed}"
                 runs.append(GridRun(cfg, root / f"{model}-{dataset}" / name))

@@ -49,11 +49,13 @@ from __future__ import annotations
 import jax  # noqa: F401  (the framework import is the opt-in)
 
 from ._jax._checks import gradient_dtype
+from ._jax.diagonal import diagonal_fisher
 from ._jax.flax_gram import FlaxGram, flax_per_sample_gram, flax_value_grad_and_gram
 from ._jax.generic import per_sample_gram, value_grad_and_gram
 
 __all__ = [
     "FlaxGram",
+    "diagonal_fisher",
     "flax_per_sample_gram",
     "flax_value_grad_and_gram",
     "gradient_dtype",

@@ -7,7 +7,8 @@ run on its TensorFlow backend. Two roles, as in every fimcore adapter:
   ordinary gradients together with the (B, B) Gram, from one forward and one backward;
   :class:`GramModel` / :class:`GramStepMixin` put it into a Keras ``train_step`` every n-th
   step, :class:`GramMeasureCallback` turns it into ``c_k``, ``I_k``, ``C_bar``, ``L`` in the
-  ``fit`` logs, :class:`StagedBatchSize` / :func:`fit_staged` apply a
+  ``fit`` logs, :class:`PolicyBatchSize` / :func:`fit_policy` let a ``fimcore.policy`` rule
+  set the batch size at epoch boundaries, :class:`StagedBatchSize` / :func:`fit_staged` apply a
   :class:`fimcore.StagedBatchSchedule`;
 * functional: :func:`per_sample_gram` for one model, loss and batch (returns NumPy:
   TensorFlow has no array-API namespace yet).
@@ -35,7 +36,9 @@ from ._tensorflow._keras import (  # noqa: E402
     GramMeasureCallback,
     GramModel,
     GramStepMixin,
+    PolicyBatchSize,
     StagedBatchSize,
+    fit_policy,
     fit_staged,
 )
 from ._tensorflow._rules import (  # noqa: E402
@@ -51,7 +54,9 @@ __all__ = [
     "GramStepMixin",
     "GramTape",
     "LayerRule",
+    "PolicyBatchSize",
     "StagedBatchSize",
+    "fit_policy",
     "fit_staged",
     "per_sample_gram",
     "register_layer_rule",

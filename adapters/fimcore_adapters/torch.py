@@ -12,8 +12,9 @@ loss (the gradient of its own loss ℓ_i unless a layer couples samples; under B
 mode, the per-sample contributions of the ordinary batch backward), so ``1ᵀ G 1 = B²‖∇L‖²``.
 Layers with an exact rule: ``nn.Linear`` (any leading dimensions), ``nn.Conv1d/2d/3d``,
 ``nn.Embedding``, BatchNorm/GroupNorm/LayerNorm/InstanceNorm affine parameters; any other module
-with parameters takes an exact generic ``torch.func`` path. ``recorder.report()`` lists which path
-each layer took and why.
+with parameters takes an exact generic ``torch.func`` path, split along the batch dimension the
+module declares (``batch_first`` of RNN/GRU/LSTM, MultiheadAttention and Transformer modules,
+packed sequences). ``recorder.report()`` lists which path each layer took and why.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import torch
 from torch import nn
 
 from ._torch.cost import STRATEGIES
+from ._torch.diagonal import diagonal_fisher
+from ._torch.policy import PolicyBatchSampler
 from ._torch.recorder import GramRecorder
 from ._torch.report import LayerRecord, Report
 
-__all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "Report", "STRATEGIES"]
+__all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "PolicyBatchSampler", "Report",
+           "STRATEGIES", "diagonal_fisher"]
 
 
 def per_sample_gram(model: nn.Module, loss_fn, inputs, targets, *, loss_reduction: str = "mean",

@@ -7,7 +7,8 @@ rules (noise scale, adaptive-sampling tests, the (C̄_K, L_K) plane).
 
 from .base import (BatchSizePolicy, Constraints, Decision, PolicyState, Rule, policy_init,
                    policy_update)
+from .batches import PolicyBatches
 from .rules import RULES, NoiseScaleRule, NormTestRule, PlaneRule
 
 __all__ = ["BatchSizePolicy", "Constraints", "Decision", "NoiseScaleRule", "NormTestRule",
-           "PlaneRule", "PolicyState", "RULES", "Rule", "policy_init", "policy_update"]
+           "PlaneRule", "PolicyBatches", "PolicyState", "RULES", "Rule", "policy_init", "policy_update"]

@@ -167,3 +167,27 @@ def test_callback_and_wrapper_errors(data):
         GramModel(net(), every=0)
     with pytest.raises(ValueError, match="must be built before wrapping"):
         GramModel(keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_fit_policy_lets_a_rule_set_the_batch_size_at_epoch_boundaries(data):
+    from fimcore.policy import BatchSizePolicy, Constraints, NormTestRule
+    from fimcore.stats import BatchTests
+    from fimcore_adapters.tensorflow import fit_policy
+
+    x, y = data
+    x, y = np.concatenate([x] * 4), np.concatenate([y] * 4)        # 48 samples
+    model = GramModel(net(), every=1)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss=xent())
+    measures = GramMeasureCallback(fimcore.MeasureTracker(statistics=(*fimcore.stats.DEFAULT, BatchTests())))
+    policy = BatchSizePolicy(NormTestRule(theta=0.05), 4, Constraints(patience=2, max_size=16))
+    history = fit_policy(model, x, y, policy=policy, measures=measures, epochs=4, verbose=0,
+                         shuffle=False)
+    sizes = [int(s) for s in history.history["batch_size"]]
+    assert history.epoch == list(range(4)) and sizes[0] == 4 and max(sizes) > 4, sizes
+    # every measured step ran with its epoch's size: changes only at epoch boundaries
+    per_step = [m.batch_size for m in measures.tracker.history]
+    assert per_step == [s for s in sizes for _ in range(len(x) // s)], (per_step, sizes)
+    assert int(model.optimizer.iterations) == sum(math.ceil(len(x) / s) for s in sizes)
+    assert policy.decisions and all(d.reason for d in policy.decisions)
+    with pytest.raises(ValueError, match="fit_policy sets batch_size itself"):
+        fit_policy(model, x, y, policy=policy, measures=measures, epochs=1, batch_size=8)

@@ -16,7 +16,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import fimcore
-from fimcore.rank import SLACK, resolved
+from fimcore.rank import SEPARATION, SLACK, _separated_minimum, rank_tolerance, resolved
 from fimcore.spectral import _eigs
 from tests.conftest import import_backend
 from tests.core.helpers import to_numpy
@@ -148,8 +148,33 @@ def test_host_fast_route_equals_projection_route(batch, kind, decades, seed):
     fast = resolved(sym, eigs, eps_acc=eps, eps_grad=eps, xp=np, project=False)
     proj = resolved(sym, eigs, eps_acc=eps, eps_grad=eps, xp=np, project=True)
     assert int(fast.rank) == int(proj.rank) and int(fast.zero_rows) == int(proj.zero_rows)
-    assert float(fast.c) == pytest.approx(float(proj.c), rel=1e-8)
+    # the separated shortcut is exact to 1/SEPARATION by Weyl's inequality, the others to rounding
+    assert float(fast.c) == pytest.approx(float(proj.c), rel=2 / SEPARATION)
     assert float(fast.limit) == float(proj.limit)
+
+
+def test_separated_shortcut_taken_only_when_weyl_bound_holds():
+    """Deficient but well separated: the eigvalsh-only shortcut answers (and matches the
+    projection); the noisy duplicated-rows case of the test above must fall back."""
+    rng = np.random.default_rng(3)
+    J = rng.standard_normal((40, 20))
+    sym = J @ J.T
+    sym = (sym + sym.T) / 2
+    eigs = _eigs(sym, xp=np)
+    d = np.sqrt(np.diag(sym))
+    c_mat = sym / np.outer(d, d)
+    tau = rank_tolerance(40, np.float64)
+    got = _separated_minimum(c_mat, eigs, np.diag(sym), tau, xp=np)
+    assert got is not None and int(got[1]) == 20
+    proj = resolved(sym, eigs, eps_acc=float(np.finfo(float).eps), eps_grad=float(np.finfo(float).eps),
+                    xp=np, project=True)
+    assert float(got[0]) == pytest.approx(float(proj.lambda_min), rel=1 / SEPARATION)
+    G = np.array([[1.0, 1.0 - 1e-7, 0.0], [1.0 - 1e-7, 1.0, 0.0], [0.0, 0.0, 1e-8]], dtype=np.float32)
+    G64 = G.astype(np.float64)
+    d = np.sqrt(np.diag(G64))
+    tau32 = rank_tolerance(3, np.float32)
+    assert _separated_minimum(G64 / np.outer(d, d), np.linalg.eigvalsh(G64), np.diag(G64), tau32,
+                              xp=np) is None
 
 
 @given(batch=st.sampled_from([4, 16]), seed=seeds, scale=st.integers(-8, 8))

@@ -24,6 +24,15 @@ def test_default_grid_is_the_papers_six_by_five_plus_dynamic_runs(tmp_path):
     assert all(r.config.model == "liao-densenet" and r.config.dataset == "cifar10" for r in runs)
 
 
+def test_policy_options_steer_only_the_auto_runs_of_a_grid(tmp_path):
+    runs = plan_grid(tmp_path, models=("resnet20",), dataset="mnist5k", batch_sizes=(16, 64),
+                     lrs=(0.1,), dynamic=("s16-to-64", "auto:norm_test@16"), policy_options="max=64")
+    by = {r.out_dir.name: r.config for r in runs}
+    assert by["s16-auto-norm_test_lr0.1_seed0"].policy_options == "max=64"
+    assert by["s16-auto-norm_test_lr0.1_seed0"].batch_size == 16
+    assert all(c.policy_options is None for name, c in by.items() if "auto" not in name)
+
+
 def test_grid_skips_finished_runs_and_records_divergence(tiny_mnist_dir, tmp_path):
     runs = plan_grid(tmp_path, models=("resnet20",), dataset="mnist", batch_sizes=(16, 32),
                      lrs=(1e30,), dynamic=(), seeds=(0,), data_dir=str(tiny_mnist_dir),

@@ -7,8 +7,10 @@ that perturbation is the output cotangent δ of the layer. Parameters are not di
 all, so the backward pass computes no weight gradient: the batch weight gradients are formed
 from the same (input, δ) pairs that build the Gram.
 
-Modules that own parameters but are not recognised are recorded as *fallback* calls: their
-per-sample gradients are recomputed later by ``vmap`` of a VJP of that module alone.
+Modules that own parameters but are not recognised are recorded as *fallback* calls (their
+array arguments and non-parameter collections are kept): their rows are formed afterwards by
+re-running that module alone (``flax_fallback``), per sample or, when it couples samples,
+as the batch VJP masked to each sample.
 """
 
 from __future__ import annotations
@@ -107,8 +109,8 @@ class Recorder:
                 raise NotImplementedError(
                     f"module {'/'.join(path) or '<root>'} ({type(module).__name__}) owns parameters "
                     f"{sorted(direct)} but is not a recognised Flax layer; with fallback='error' "
-                    "it cannot be handled. Pass fallback='vmap' for an exact per-module "
-                    "per-sample computation (it assumes the module treats samples independently)."
+                    "it cannot be handled. Pass fallback='vmap' for an exact computation from a "
+                    "re-run of the module alone (per sample, or masked batch VJPs when it couples samples)."
                 )
             kind = "fallback"
         x = args[0] if args else next(iter(kwargs.values()))
@@ -118,6 +120,9 @@ class Recorder:
                 f"leading axis (size {self.batch}); its input has shape {getattr(x, 'shape', None)}. "
                 "Keep the batch axis first inside the model, or use value_grad_and_gram."
             )
+        if kind == "fallback":  # the state the call starts from (it may update it), for the re-run
+            before = {c: jax.tree_util.tree_map(lambda v: v, dict(v)) for c, v in module.variables.items()
+                      if c != "params"}
         self._active.append(path)
         try:
             out = next_fun(*args, **kwargs)
@@ -139,8 +144,7 @@ class Recorder:
                 params=params,
                 direct=sorted(direct),
             )
-            others = {c: v for c, v in module.variables.items() if c != "params"}
-            captured = ([v for v, a in zip(leaves, is_array) if a], others)
+            captured = ([v for v, a in zip(leaves, is_array) if a], before)
         out_leaves, out_def = jax.tree_util.tree_flatten(out)
         float_out = [jnp.issubdtype(jnp.result_type(o), jnp.inexact) for o in out_leaves]
         if kind != "fallback" and (len(out_leaves) != 1 or out_leaves[0].shape[0] != self.batch):

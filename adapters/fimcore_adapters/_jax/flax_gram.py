@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from . import flax_layers as layers
 from ._checks import accumulation_dtype, batch_size, check_finite_if_concrete, check_params
 from .flax_capture import Recorder
+from .flax_fallback import fallback_rows
 
 __all__ = ["FlaxGram", "flax_per_sample_gram", "flax_value_grad_and_gram"]
 
@@ -37,10 +38,14 @@ class FlaxGram:
     ``BatchNorm``, ``RMSNorm``, ``InstanceNorm`` get per-sample affine blocks
     ``(Σ_t x̂_it δ_it, Σ_t δ_it)``. BatchNorm in train mode keeps its batch statistics: its rows
     are the per-sample contributions read off the batch backward (δ carries the coupling).
-    Any other module that owns parameters is handled exactly by ``vmap`` of a VJP of that
-    module alone (``fallback="vmap"``, assuming it treats samples independently), or rejected
-    (``fallback="error"``). After a call, ``report`` maps each parameterised module path to
-    the path taken.
+    Any other module that owns parameters is handled exactly (``fallback="vmap"``): its rows are
+    ``(∂f(θ, X)_i/∂θ)ᵀ δ_i`` for its batch forward ``f`` and output cotangent ``δ``, formed by
+    ``vmap`` of the VJP of the module on one sample when its parameter Jacobian is separable
+    across samples, else (a module coupling samples: batch statistics, ``h − mean_b h``, a
+    softmax over the batch) by the batch VJP at the cotangent masked to each sample's slice,
+    at B times the module's backward; the check is made at each call's values (under ``jit``
+    by ``lax.cond``). ``fallback="error"`` rejects such modules instead. After a call,
+    ``report`` maps each parameterised module path to the path taken.
 
     Args:
         model: a ``flax.linen.Module``.
@@ -50,16 +55,20 @@ class FlaxGram:
         apply_kwargs: extra keyword arguments for ``model.apply`` (e.g. ``{"train": True}``).
         dtype: Gram dtype; ``None`` = float64 when ``jax_enable_x64`` is on, else float32.
         dense_form: ``"auto"``, ``"factored"`` or ``"materialised"`` for dense-like layers.
-        fallback: ``"vmap"`` or ``"error"`` for unrecognised parameterised modules.
+        fallback: for unrecognised parameterised modules, ``"vmap"`` (exact rows from a re-run
+            of the module: per sample, or masked batch VJPs when it couples samples) or
+            ``"error"``.
         check_finite: outside ``jit``, raise if a parameter is NaN/Inf.
 
     Raises:
         TypeError: integer parameters; non-float ``dtype``.
         ValueError: per-example losses not of shape (B,); inputs/targets with different
-            leading sizes; a layer not receiving the batch on axis 0; non-finite parameters
+            leading sizes; a layer not receiving the batch on axis 0, or an unrecognised
+            module returning an output without it that the loss uses; non-finite parameters
             (outside ``jit``); bad ``dense_form``/``fallback``.
-        NotImplementedError: unrecognised parameterised module with ``fallback="error"``;
-            a recognised layer used through another method (tied embeddings).
+        NotImplementedError: unrecognised parameterised module with ``fallback="error"``, or
+            one that draws random numbers; a recognised layer used through another method
+            (tied embeddings).
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -185,8 +194,9 @@ class FlaxGram:
         block, grads = layers.materialised_block(per_sample, acc)
         if kind == "conv":
             return block, grads, "conv: materialised per-sample kernel gradients by " + " and ".join(sorted(forms))
-        how = {"norm": "norm: per-sample affine", "fallback": "fallback: vmap per-sample VJP of the module"}[kind]
-        return block, grads, how
+        if kind == "fallback":
+            return block, grads, "; ".join(sorted(forms))
+        return block, grads, "norm: per-sample affine"
 
 
 def _to_dict(tree):
@@ -215,7 +225,7 @@ def _dense_operands(call, x, d, size):
 
 
 def _per_sample(call, captured, deltas, size):
-    """Per-sample gradients (leading axis B) of one conv / norm / fallback call, and how (conv)."""
+    """Per-sample gradients (leading axis B) of one conv / norm / fallback call, and how."""
     module = call.module
     if call.kind == "norm":
         (d,) = deltas
@@ -245,33 +255,7 @@ def _per_sample(call, captured, deltas, size):
         if module.use_bias:
             out["bias"] = jnp.sum(d, axis=tuple(range(1, d.ndim - 1)))
         return out, form
-    # fallback: VJP of the module alone with respect to its own parameters, one sample at a time
-    st = call.static
-    array_leaves, others = captured
-    params = nn.meta.unbox(st["params"])
-    direct = {k: params[k] for k in st["direct"]}
-    plain = module.clone(parent=None)
-    in_axes = [0 if (jnp.ndim(v) > 0 and jnp.shape(v)[0] == size) else None for v in array_leaves]
-
-    def one(d_list, *leaves):
-        it = iter(leaves)
-        full = [next(it)[None] if a and ax == 0 else (next(it) if a else s)
-                for a, s, ax in zip(st["is_array"], st["static_leaves"], _expand(st["is_array"], in_axes))]
-        args, kwargs = jax.tree_util.tree_unflatten(st["treedef"], full)
-
-        def f(own):
-            variables = {"params": {**params, **own}, **others}
-            out = plain.apply(variables, *args, method=call.method, mutable=list(others), **kwargs)[0]
-            return [o for o, fl in zip(jax.tree_util.tree_leaves(out), st["float_out"]) if fl]
-
-        return jax.vjp(f, direct)[1]([x[None] for x in d_list])[0]
-
-    return jax.vmap(one, in_axes=(0, *in_axes))(list(deltas), *array_leaves), None
-
-
-def _expand(is_array, in_axes):
-    it = iter(in_axes)
-    return [next(it) if a else None for a in is_array]
+    return fallback_rows(call, captured, deltas, size)
 
 
 def flax_value_grad_and_gram(model, loss_fn, **options):

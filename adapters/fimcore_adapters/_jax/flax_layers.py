@@ -28,7 +28,6 @@ __all__ = [
     "dense_block",
     "embed_block",
     "materialised_block",
-    "norm_block",
 ]
 
 
@@ -94,30 +93,6 @@ def embed_block(ids, g, *, num_embeddings, form, dtype, param_dtype):
     else:
         per_sample = jnp.einsum("btv,btd->bvd", onehot.astype(dtype), g64).reshape(ids.shape[0], -1)
         block = per_sample @ per_sample.T
-    return block, grads
-
-
-def norm_block(xhat, g, *, feature_axes, use_scale, use_bias, dtype):
-    """Per-sample affine blocks of a normalisation layer ``y = x̂·γ + β``.
-
-    ``∂/∂γ_i = Σ_t x̂_it δ_it`` and ``∂/∂β_i = Σ_t δ_it`` over every axis except the batch
-    axis and the feature axes (for BatchNorm in train mode ``δ`` already carries the
-    coupling through the batch statistics, so these are the batch-contribution rows).
-    """
-    reduce = tuple(ax for ax in range(1, g.ndim) if ax not in feature_axes)
-    batch = g.shape[0]
-    grads, rows = {}, []
-    if use_scale:
-        s = jnp.sum(xhat.astype(g.dtype) * g, axis=reduce)
-        grads["scale"] = jnp.sum(s, axis=0)
-        rows.append(s.reshape(batch, -1).astype(dtype))
-    if use_bias:
-        b = jnp.sum(g, axis=reduce)
-        grads["bias"] = jnp.sum(b, axis=0)
-        rows.append(b.reshape(batch, -1).astype(dtype))
-    block = None
-    for r in rows:
-        block = r @ r.T if block is None else block + r @ r.T
     return block, grads
 
 

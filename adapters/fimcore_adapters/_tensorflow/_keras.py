@@ -317,6 +317,12 @@ def fit_staged(model, x, y=None, *, schedule, callbacks=(), **fit_kwargs):
             raise ValueError(f"fit_staged sets {key} from the schedule; received {key}="
                              f"{fit_kwargs[key]!r}. Remove it (the schedule has total_epochs).")
     stages = StagedBatchSize(schedule)
+    return _fit_in_stages(model, x, y, stages, schedule.total_epochs, [stages, *callbacks], fit_kwargs)
+
+
+def _fit_in_stages(model, x, y, stages, total_epochs, callbacks, fit_kwargs):
+    """One ``fit`` per batch size: ``stages`` (``batch_size``, ``done``, ``next_epoch``,
+    ``stage_end``) stops each call where the size changes; the histories are merged."""
     merged = keras.callbacks.History()
     merged.history = {}
     merged.epoch = []
@@ -327,8 +333,8 @@ def fit_staged(model, x, y=None, *, schedule, callbacks=(), **fit_kwargs):
         extra = {"shuffle": False} if dataset and "shuffle" not in fit_kwargs else {}
         if not dataset:
             extra["batch_size"] = size
-        history = model.fit(data, y, initial_epoch=stages.next_epoch, epochs=schedule.total_epochs,
-                            callbacks=[stages, *callbacks], **extra, **fit_kwargs)
+        history = model.fit(data, y, initial_epoch=stages.next_epoch, epochs=total_epochs,
+                            callbacks=list(callbacks), **extra, **fit_kwargs)
         for key, values in history.history.items():
             merged.history.setdefault(key, []).extend(values)
         merged.epoch.extend(history.epoch)
@@ -336,3 +342,87 @@ def fit_staged(model, x, y=None, *, schedule, callbacks=(), **fit_kwargs):
             break
     merged.set_model(model)
     return merged
+
+
+class PolicyBatchSize(keras.callbacks.Callback):
+    """Let a :class:`fimcore.policy.BatchSizePolicy` set the batch size between epochs.
+
+    Keras ``fit`` fixes the batch size of one call, so the policy's size changes at *epoch
+    boundaries* (:func:`fit_policy` runs one ``fit`` per size): after each measured step the
+    callback feeds the measurement of ``measures`` (a :class:`GramMeasureCallback`, which must
+    run before it) to the policy; at the end of an epoch whose policy size differs from the one
+    ``fit`` is using, it stops ``fit``, and the loop continues at the new size. The epoch logs
+    get ``batch_size`` (the size the epoch ran with). Model, optimizer and tracker carry over.
+
+    Args:
+        policy: the :class:`fimcore.policy.BatchSizePolicy`.
+        measures: the :class:`GramMeasureCallback` whose tracker holds the statistics the
+            policy's rule reads (e.g. ``fimcore.stats.BatchTests()`` for ``NormTestRule``).
+        epochs: the number of epochs in all.
+    """
+
+    def __init__(self, policy, measures: GramMeasureCallback, epochs: int) -> None:
+        super().__init__()
+        if not isinstance(measures, GramMeasureCallback):
+            raise TypeError(f"measures must be a GramMeasureCallback; received {type(measures).__name__}")
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive int; received {epochs!r}")
+        self.policy, self.measures, self.total_epochs = policy, measures, epochs
+        self.next_epoch = 0
+        self.stage_end = False
+        self._running = int(policy.batch_size)
+        self._seen = None
+
+    @property
+    def batch_size(self) -> int:
+        """Batch size for ``next_epoch`` (the policy's size in force)."""
+        return int(self.policy.batch_size)
+
+    @property
+    def done(self) -> bool:
+        return self.next_epoch >= self.total_epochs
+
+    def on_train_begin(self, logs=None):
+        self.stage_end = False
+        self._running = self.batch_size
+
+    def on_train_batch_end(self, batch, logs=None):
+        last = self.measures.last
+        if last is not None and last is not self._seen:
+            self._seen = last
+            self.policy.update(last)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["batch_size"] = float(self._running)
+        self.next_epoch = epoch + 1
+        if not self.done and self.batch_size != self._running:
+            self.stage_end = True
+            self.model.stop_training = True
+
+
+def fit_policy(model, x, y=None, *, policy, measures: GramMeasureCallback, epochs: int,
+               callbacks=(), **fit_kwargs):
+    """Train with a batch-size policy: one ``model.fit`` per batch size, switching at epoch ends.
+
+    Args:
+        model: a compiled :class:`GramModel` (or a model with :class:`GramStepMixin`).
+        x, y: as for :func:`fit_staged` (arrays, or an unbatched ``tf.data.Dataset``).
+        policy: a :class:`fimcore.policy.BatchSizePolicy`; its initial size starts the run.
+        measures: the :class:`GramMeasureCallback` feeding the policy (runs first).
+        epochs: epochs in all.
+        callbacks: further callbacks, shared by all ``fit`` calls.
+        **fit_kwargs: passed to every ``fit`` call (not ``epochs``/``initial_epoch``/``batch_size``).
+
+    Returns:
+        ``keras.callbacks.History`` over all epochs, with ``batch_size`` per epoch.
+
+    Raises:
+        ValueError: when ``fit_kwargs`` sets ``epochs``, ``initial_epoch`` or ``batch_size``.
+    """
+    for key in ("epochs", "initial_epoch", "batch_size"):
+        if key in fit_kwargs:
+            raise ValueError(f"fit_policy sets {key} itself; received {key}={fit_kwargs[key]!r}. "
+                             "Pass epochs= as its own argument and let the policy set the batch size.")
+    stages = PolicyBatchSize(policy, measures, epochs)
+    return _fit_in_stages(model, x, y, stages, epochs, [measures, stages, *callbacks], fit_kwargs)

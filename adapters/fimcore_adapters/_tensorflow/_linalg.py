@@ -61,8 +61,3 @@ def per_sample_outer(a, g):
     if a.shape.rank == 2:
         return a[:, :, None] * g[:, None, :]
     return tf.matmul(a, g, transpose_a=True)
-
-
-def static_dim(tensor, axis: int):
-    """The static size of ``tensor`` along ``axis``, or None when it is unknown."""
-    return tensor.shape[axis]

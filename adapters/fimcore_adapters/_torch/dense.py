@@ -97,7 +97,7 @@ class LinearUnit(Unit):
         m = self.module
 
         def forward(x):
-            rec._forward(self, x.shape[0], m.weight.dtype)
+            rec._forward(self, x.shape[0], m.weight.dtype, lead=x.shape[:-1])
             try:
                 choice = self._path(x)          # (path, reason), reported by the backward
                 if choice[0] == "factored":
@@ -141,7 +141,7 @@ class LinearUnit(Unit):
             rec._add_rows(self, blocks)
             return None
         self.set_path(*choice)
-        acc = rec._acc(go)
+        acc = rec._acc(go, self)
         if x.dim() == 2:                 # one position per sample: rank-one per-sample gradients
             g = go if go.dtype == acc.dtype else go.to(acc.dtype)
             if w_sel:
@@ -299,7 +299,7 @@ class ConvUnit(Unit):
         gw = None
         if path == "factored":
             self.set_path(path, reason)
-            acc = rec._acc(go)
+            acc = rec._acc(go, self)
             if w_sel:
                 A, Gg = convps.patches(x, go, spec, padding)
                 factored_sum(acc, A, Gg, rec.memory_budget)

@@ -27,7 +27,7 @@ class EmbeddingUnit(Unit):
         m = self.module
 
         def pre(module, args):
-            rec._forward(self, args[0].shape[0], m.weight.dtype)
+            rec._forward(self, args[0].shape[0], m.weight.dtype, lead=args[0].shape)
 
         def post(module, args, out):
             rec._forward_done(self)
@@ -60,7 +60,7 @@ class EmbeddingUnit(Unit):
                 path, reason = "materialize", "parameters reused in this step: per-sample gradients summed over uses"
             self.set_path(path, reason)
             if path == "factored":
-                acc = rec._acc(Gg)
+                acc = rec._acc(Gg, self)
                 G2 = Gg.reshape(B * T, d).to(acc.dtype)
                 I2 = I.reshape(B * T)
                 per_sample = 2 * T * B * T * acc.element_size()

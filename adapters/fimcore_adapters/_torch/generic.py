@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import torch
 from torch.func import functional_call, vjp, vmap
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .layout import PACKED, Layout, declared_kind
 from .units import Unit
 
 __all__ = ["GenericUnit"]
@@ -67,52 +69,86 @@ class GenericUnit(Unit):
     def install(self, rec):
         self.rec = rec
         m = self.module
-        pending_rng = []
+        pending = []
 
         def pre(module, args, kwargs):
             if self.replaying:
                 return None
-            leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            b = leaves[0].shape[0] if leaves and leaves[0].dim() > 0 else None
-            dev = self.params[0][1].device
-            if b is not None:
-                rec._forward(self, b, self.params[0][1].dtype)
+            dtype = self.params[0][1].dtype
+            if declared_kind(module) is not None:
+                layout = Layout(self.name, module, args, kwargs)
+                how = ("a packed sequence" if layout.rows is not None else
+                       f"dim {layout.seq_dim} of its sequence input (batch_first="
+                       f"{layout.seq_dim == 0})")
+                rec._forward(self, layout.batch, dtype, source=how,
+                             seq_first=layout.seq_first_call)
             else:
-                rec._forward(self, rec._step.batch or 0, self.params[0][1].dtype)
-            pending_rng.append(_rng_state(dev))
+                layout = None
+                if any(isinstance(a, PackedSequence) for a in (*args, *kwargs.values())):
+                    raise ValueError(
+                        f"module {self.name or '<model>'!r} ({type(module).__name__}) takes a "
+                        "PackedSequence; the recorder splits packed sequences by sample only for "
+                        "nn.RNN/GRU/LSTM. Unpack it first (nn.utils.rnn.pad_packed_sequence with "
+                        "batch_first=True) or exclude this module's parameters with params=...")
+                leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+                if leaves and leaves[0].dim() > 0:
+                    rec._forward(self, leaves[0].shape[0], dtype, lead=tuple(leaves[0].shape[:-1]))
+                else:
+                    rec._forward(self, rec._step.batch or 0, dtype)
+            pending.append((_rng_state(self.params[0][1].device), layout))
 
         def post(module, args, kwargs, out):
             if self.replaying:
                 return None
             rec._forward_done(self)
-            rng = pending_rng.pop() if pending_rng else None
+            rng, layout = pending.pop() if pending else (None, None)
             if not rec._active:
                 return None
-            flat, _ = tree_flatten(out)
+            flat, spec = tree_flatten(out)
             pos = [k for k, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.requires_grad]
             if not pos:
                 return None
+            replaced = None
+            if len(pos) > 1:
+                # one output may be computed from another (LSTMCell: h' = o·tanh(c')), or returned
+                # twice: a hook on the output itself would see the gradient through the module's own
+                # use of it as well. Fresh aliases receive only the gradient from outside.
+                flat = list(flat)
+                for k in pos:
+                    flat[k] = flat[k].view_as(flat[k])
+                replaced = tree_unflatten(flat, spec)
+            out_dims = layout.out_dims(out) if layout is not None else [0] * len(flat)
             # outputs are kept (cloned: a later in-place op may overwrite them) only while the
             # separable/coupled check for this train/eval mode is still to be made
             first = module.training not in self.checked
             outs = [flat[k].detach().clone() if first else None for k in pos]
-            call = {"args": args, "kwargs": kwargs, "out": outs,
-                    "pos": pos, "rng": rng}
+            call = {"args": args, "kwargs": kwargs, "out": outs, "pos": pos, "rng": rng,
+                    "layout": layout, "out_dims": [out_dims[k] for k in pos]}
             torch.autograd.graph.register_multi_grad_hook(
                 [flat[k] for k in pos], lambda grads: self._grad(call, grads))
-            return None
+            return replaced
 
         return [m.register_forward_pre_hook(pre, with_kwargs=True),
                 m.register_forward_hook(post, with_kwargs=True, always_call=True)]
 
     # ------------------------------------------------------------------
     def _functional(self, call, batch_leaves_one):
-        """f(selected params, batched input leaves) -> output leaves of the recorded positions."""
+        """f(selected params, batched input leaves) -> output leaves of the recorded positions.
+
+        Also returns the batched leaves and their batch dims: the declared ones for a module
+        with a :class:`Layout`, else dim 0 of every tensor whose dim 0 has size B.
+        """
         m = self.module
         flat, spec = tree_flatten((call["args"], call["kwargs"]))
+        flat = [t.detach() if isinstance(t, torch.Tensor) else t for t in flat]   # θ-gradients only
         B = self.rec._step.batch
-        batched = [k for k, t in enumerate(flat)
-                   if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == B]
+        layout = call["layout"]
+        if layout is not None:
+            dims = layout.in_dims
+        else:
+            dims = [0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == B else None
+                    for t in flat]
+        batched = [k for k, d in enumerate(dims) if isinstance(d, int)]
         consts = {n: p.detach() for n, p in self.local if id(p) not in self.selected}
         buffers = dict(m.named_buffers())
         pos = call["pos"]
@@ -120,14 +156,14 @@ class GenericUnit(Unit):
         def f(sel, *leaves):
             full = list(flat)
             for k, t in zip(batched, leaves):
-                full[k] = t.unsqueeze(0) if batch_leaves_one else t
+                full[k] = t.unsqueeze(dims[k]) if batch_leaves_one else t
             a, kw = tree_unflatten(full, spec)
             fresh = {n: b.clone() for n, b in buffers.items()}   # the re-run must not update them
             out = functional_call(m, {**sel, **consts, **fresh}, a, kw, strict=False)
             out_flat, _ = tree_flatten(out)
             return tuple(out_flat[k] for k in pos)
 
-        return f, [flat[k] for k in batched]
+        return f, [flat[k] for k in batched], [dims[k] for k in batched]
 
     def _grad(self, call, grads):
         self.rec._backward(self)
@@ -147,12 +183,17 @@ class GenericUnit(Unit):
             return
         cots = tuple(grads[k] for k in reached)
         call = dict(call, pos=[call["pos"][k] for k in reached], out=[call["out"][k] for k in reached])
-        for c in cots:
-            if c.dim() == 0 or c.shape[0] != B:
-                raise ValueError(
-                    f"module {self.name or '<model>'!r} ({type(m).__name__}) returned an output of shape "
-                    f"{tuple(c.shape)} that the loss depends on, without the batch (B = {B}) in dim 0; the "
-                    "generic path needs batch-first outputs (set batch_first=True where offered)")
+        call["out_dims"] = [call["out_dims"][k] for k in reached]
+        for c, d in zip(cots, call["out_dims"]):
+            if d == PACKED or (d is not None and c.dim() > d and c.shape[d] == B):
+                continue
+            where = "dim 0" if call["layout"] is None else f"its declared batch dim {d}"
+            raise ValueError(
+                f"module {self.name or '<model>'!r} ({type(m).__name__}) returned an output of shape "
+                f"{tuple(c.shape)} that the loss depends on, without the batch (B = {B}) in {where}; "
+                "the generic path needs every output the loss uses to carry the batch (batch-first "
+                "for modules that do not declare their batch dimension). Return batch-first "
+                "outputs from this module, or exclude its parameters with params=...")
         chunk = None
         if rec.memory_budget is not None:
             per = sum(p.numel() for p in sel.values()) * next(iter(sel.values())).element_size()
@@ -160,6 +201,14 @@ class GenericUnit(Unit):
         key = m.training
         res = None
         check = call["out"][0] is not None
+        packed = call["layout"] is not None and call["layout"].rows is not None
+        if packed:                      # variable lengths: no per-sample vmap
+            res = self._coupled(call, sel, cots, chunk, check=check)
+            self.set_path("generic-coupled", "packed sequence: masked batch VJP per sample "
+                                             "(B × the module's backward)")
+            by_name = dict(self.local)
+            rec._add_rows(self, [(by_name[n], J.reshape(B, -1)) for n, J in res.items()])
+            return
         if self.separable.get(key, True):
             try:
                 res = self._per_sample(call, sel, cots, chunk, check=check)
@@ -183,40 +232,73 @@ class GenericUnit(Unit):
         rec._add_rows(self, [(by_name[n], J.reshape(B, -1)) for n, J in res.items()])
 
     def _per_sample(self, call, sel, cots, chunk, check):
-        f, leaves = self._functional(call, batch_leaves_one=True)
+        f, leaves, in_dims = self._functional(call, batch_leaves_one=True)
+        out_dims = call["out_dims"]
 
         def one(*xs):
             inputs, cot = xs[:len(leaves)], xs[len(leaves):]
             out, fn = vjp(lambda p: f(p, *inputs), sel)
-            return fn(tuple(c.unsqueeze(0) for c in cot))[0], out
+            return fn(tuple(c.unsqueeze(d) for c, d in zip(cot, out_dims)))[0], out
 
         with torch.enable_grad():
-            res, outs = vmap(one, chunk_size=chunk)(*leaves, *cots)
+            res, outs = vmap(one, in_dims=(*in_dims, *out_dims), chunk_size=chunk)(*leaves, *cots)
         if check:
-            for o, ref in zip(outs, call["out"]):
-                if o.shape[0] != ref.shape[0] or not _close(o.reshape(ref.shape), ref):
+            for o, ref, d in zip(outs, call["out"], out_dims):
+                o = o.movedim(0, d)          # (…, B, 1, …): sample i's output in slot i of dim d
+                if o.numel() != ref.numel() or not _close(o.reshape(ref.shape), ref):
                     return None
         return res
 
     def _coupled(self, call, sel, cots, chunk, check):
-        f, leaves = self._functional(call, batch_leaves_one=False)
+        f, leaves, _ = self._functional(call, batch_leaves_one=False)
         B = self.rec._step.batch
+        rows = call["layout"].rows if call["layout"] is not None else None
+        masks = []
+        for c, d in zip(cots, call["out_dims"]):
+            shape = [1] * c.dim()
+            if d == PACKED:             # row r of the packed data belongs to sample rows[r]
+                shape[0] = -1
+                masks.append((rows.to(c.device), shape))
+            else:
+                shape[d] = B
+                masks.append((None, shape))
+
+        def masked(e):
+            return tuple(c * (e if r is None else e[r]).view(shape) for c, (r, shape) in zip(cots, masks))
+
+        eye = torch.eye(B, dtype=cots[0].dtype, device=cots[0].device)
+        if rows is not None:
+            # the packed-sequence RNN kernels do not run under torch.func transforms: plain
+            # autograd, one masked backward per sample
+            return self._coupled_autograd(call, f, leaves, sel, eye, masked, check)
         with torch.enable_grad(), _Replay(call["rng"]):
             out, fn = vjp(lambda p: f(p, *leaves), sel)
         if check:
-            for o, ref in zip(out, call["out"]):
-                if not _close(o, ref):
-                    raise RuntimeError(
-                        f"module {self.name or '<model>'!r} ({type(self.module).__name__}) did not "
-                        "reproduce its output when re-run with the same inputs, parameters and RNG "
-                        "state; its per-sample contributions cannot be formed exactly. Make its "
-                        "forward deterministic or exclude its parameters with params=...")
-        eye = torch.eye(B, dtype=cots[0].dtype, device=cots[0].device)
+            self._check_replay(out, call["out"])
+        return vmap(lambda e: fn(masked(e))[0], chunk_size=chunk)(eye)
 
-        def one(e):
-            return fn(tuple(c * e.view(B, *([1] * (c.dim() - 1))) for c in cots))[0]
+    def _coupled_autograd(self, call, f, leaves, sel, eye, masked, check):
+        params = {n: p.detach().requires_grad_() for n, p in sel.items()}
+        with torch.enable_grad(), _Replay(call["rng"]):
+            out = f(params, *leaves)
+        if check:
+            self._check_replay(out, call["out"])
+        names = list(params)
+        per = []
+        for e in eye:
+            g = torch.autograd.grad(out, [params[n] for n in names], grad_outputs=masked(e),
+                                    retain_graph=True, allow_unused=True)
+            per.append([torch.zeros_like(params[n]) if x is None else x for n, x in zip(names, g)])
+        return {n: torch.stack([r[k] for r in per]) for k, n in enumerate(names)}
 
-        return vmap(one, chunk_size=chunk)(eye)
+    def _check_replay(self, out, ref) -> None:
+        for o, r in zip(out, ref):
+            if not _close(o, r):
+                raise RuntimeError(
+                    f"module {self.name or '<model>'!r} ({type(self.module).__name__}) did not "
+                    "reproduce its output when re-run with the same inputs, parameters and RNG "
+                    "state; its per-sample contributions cannot be formed exactly. Make its "
+                    "forward deterministic or exclude its parameters with params=...")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

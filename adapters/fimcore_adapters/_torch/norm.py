@@ -52,7 +52,8 @@ class NormUnit(Unit):
             return self._install_hooks(rec)
 
         def forward(x):
-            rec._forward(self, x.shape[0], x.dtype)
+            lead = x.shape[:x.dim() - len(m.normalized_shape)] if self.family == "layer" else None
+            rec._forward(self, x.shape[0], x.dtype, lead=lead)
             try:
                 out, ctx = self._forward_with_stats(x)
             finally:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .cost import STRATEGIES
 from .select import select_parameters
-from .uses import UseTracker
+from .uses import GradientTotal, UseTracker
 from .report import Report
 from .units import build_units
 
@@ -31,6 +31,12 @@ class _Step:
         self.grad_dtype: torch.dtype | None = None
         self.stack: list = []          # units whose forward is running
         self.multi: set | None = None  # ids of units with a parameter used more than once
+        self.blocks: dict | None = None  # unit name -> (B, B) block, when blocks are kept
+        self.block_units: dict = {}      # unit name -> unit
+        self.total: GradientTotal | None = None  # autograd's ‖∇L‖², on steps that check uses
+        self.batch_src: tuple | None = None      # (unit, where it read B)
+        self.seq_first: list = []      # units that declared their batch in dim 1
+        self.ambiguous: list = []      # (unit, leading dims) with B in more than one of them
 
 
 class GramRecorder:
@@ -59,7 +65,14 @@ class GramRecorder:
     formed anyway write their sum as the batch gradient, so autograd does not compute it twice).
 
     Args:
-        model: the network (batch dimension first in every covered layer's input).
+        model: the network. The batch is dim 0 of every covered layer's input, except where a
+            module declares it: ``nn.RNN``/``nn.GRU``/``nn.LSTM``, ``nn.MultiheadAttention`` and
+            the ``nn.Transformer*`` modules with ``batch_first=False`` (batch in dim 1; hidden
+            states ``(layers, B, H)`` and key padding masks ``(B, S)`` in any case), and packed
+            sequences (rows mapped to samples by ``batch_sizes`` and ``sorted_indices``). A step in
+            which layers disagree on B, an unbatched call of such a module, or a dim-0 layer whose
+            leading dimensions hold B more than once beside a ``batch_first=False`` module is
+            refused with a ``ValueError`` naming the modules.
         loss_reduction: ``"mean"`` (the loss averages over the batch: G is scaled by B²) or
             ``"sum"``.
         params: None (all trainable parameters) or an iterable of parameter names, module names,
@@ -82,9 +95,17 @@ class GramRecorder:
             channel groups, others use ``"unfold"``).
         check_uses: ``"first"`` (default) watches, during the first measured step, every torch
             call for a selected parameter used with gradients outside the forward of the module
-            that covers it (tied weights applied through a function, a penalty term in the loss),
-            which would otherwise be missing from G, and raises; ``"always"`` repeats this on every
-            step (for models whose parameter use changes between steps; costs a few µs per op).
+            that covers it (tied weights applied through a function — passed positionally, by
+            keyword or inside a list/tuple/dict argument —, a penalty term in the loss), which
+            would otherwise be missing from G, and raises; on the same step it checks the
+            whole-batch identity ``1ᵀG1 = B²‖∇L‖²`` against autograd's own gradient, which catches
+            the routes no torch call shows (a custom ``autograd.Function`` taking the parameter, a
+            view of it made before the block, a gradient hook changing its gradient).
+            ``"always"`` repeats both on every step (for models whose parameter use changes
+            between steps; costs a few µs per op).
+        keep_blocks: also keep each covered module's own block :math:`J_l J_l^\top` of G
+            (:meth:`blocks`, :meth:`result`); G is then their sum, in module order, so the blocks
+            sum to G exactly. Costs one (B, B) buffer per covered module.
 
     Raises:
         ValueError: no trainable parameter selected, an unknown ``params`` entry, a bad option,
@@ -109,7 +130,7 @@ class GramRecorder:
 
     def __init__(self, model: nn.Module, *, loss_reduction: str = "mean", params=None,
                  strategy="auto", dtype: torch.dtype | None = None, memory_budget: int | None = None,
-                 conv_method: str = "auto", check_uses: str = "first"):
+                 conv_method: str = "auto", check_uses: str = "first", keep_blocks: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; received {type(model).__name__}")
         if loss_reduction not in _REDUCTIONS:
@@ -132,7 +153,10 @@ class GramRecorder:
             raise ValueError(f"check_uses must be 'first' or 'always'; received {check_uses!r}")
         if conv_method not in CONV_METHODS:
             raise ValueError(f"conv_method must be one of {CONV_METHODS}; received {conv_method!r}")
+        if not isinstance(keep_blocks, bool):
+            raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}")
         self.model = model
+        self.keep_blocks = keep_blocks
         self.loss_reduction = loss_reduction
         self.dtype = dtype
         self.memory_budget = memory_budget
@@ -142,6 +166,8 @@ class GramRecorder:
         self.strategy = strategy
         self.enabled = True
         selected = select_parameters(model, params)
+        by_id = {id(p): p for p in model.parameters()}
+        self._selected = [by_id[i] for i in selected]
         self._param_names = {}
         for n, p in model.named_parameters(remove_duplicate=False):
             self._param_names.setdefault(id(p), n)
@@ -175,6 +201,8 @@ class GramRecorder:
         if not self.enabled:
             return self
         self._step = _Step()
+        if self.keep_blocks:
+            self._step.blocks = {}
         self._active = True
         try:
             for u in self._units:
@@ -182,6 +210,8 @@ class GramRecorder:
                 u.bw_calls = 0
                 self._handles.extend(u.install(self))
             if self.check_uses == "always" or not self._uses_checked:
+                self._step.total = GradientTotal(self._selected)
+                self._handles.extend(self._step.total.install())
                 self._mode = UseTracker(self)
                 self._mode.__enter__()
         except BaseException:
@@ -214,14 +244,34 @@ class GramRecorder:
             self._flush_pending(step, entry)
         step.pending.clear()
         step.stack.clear()
+        if step.blocks:                     # unscaled sum first: the use check reads it
+            step.acc = self._sum_blocks(step)
         for u in self._units:
             u.record.calls = u.calls
             if u.calls == 0:
                 u.set_path("not run", "module not called in the last step")
         self._last = step
         self._measured = step.backward_started
+        if self._measured and step.total is not None and step.acc is not None:
+            try:
+                step.total.check(step.acc, step.grad_dtype)
+            except RuntimeError:
+                self._measured = False
+                raise
         if self._measured:
             self._uses_checked = True
+        if step.blocks:                     # G is the sum of the kept (scaled) blocks, in order
+            scale = self._scale(step)
+            for block in step.blocks.values():
+                block.mul_(scale)
+            step.acc = self._sum_blocks(step)
+
+    @staticmethod
+    def _sum_blocks(step: _Step) -> torch.Tensor:
+        total = None
+        for block in step.blocks.values():
+            total = block.clone() if total is None else total.add_(block)
+        return total
 
     # ------------------------------------------------------------------ results
     @property
@@ -261,23 +311,60 @@ class GramRecorder:
         # finite trace ⇔ every ‖J_i‖² finite ⇒ every |G_ij| ≤ sqrt(G_ii G_jj) finite (one scalar
         # read instead of a B×B isfinite pass)
         if not math.isfinite(float(torch.trace(step.acc))):
-            finite = torch.isfinite(torch.stack([t for _, t in step.marks])).tolist()
-            unit = step.marks[finite.index(False)][0]
+            if step.blocks:
+                unit = next(step.block_units[name] for name, b in step.blocks.items()
+                            if not math.isfinite(float(torch.trace(b))))
+            else:
+                finite = torch.isfinite(torch.stack([t for _, t in step.marks])).tolist()
+                unit = step.marks[finite.index(False)][0]
             raise FloatingPointError(
                 f"non-finite per-sample gradients in layer {unit.name or '<model>'!r} "
                 f"({type(unit.module).__name__}) at this step; the Gram matrix is undefined. Check the "
                 "loss and learning rate, or skip this step's measurement")
-        return step.acc * self._scale(step)
+        return step.acc if step.blocks else step.acc * self._scale(step)
 
     def _scale(self, step: _Step) -> float:
         return float(step.batch) ** 2 if self.loss_reduction == "mean" else 1.0
+
+    def blocks(self) -> dict[str, torch.Tensor]:
+        """``{module name: (B, B) block}`` of the last step, summing to :meth:`gram` exactly.
+
+        A parameter used by several modules (tied weights) has its block under the name of the
+        first module that covers it.
+
+        Raises:
+            RuntimeError: the recorder was built without ``keep_blocks=True``, or as
+                :meth:`gram`.
+        """
+        if not self.keep_blocks:
+            raise RuntimeError("per-layer blocks were not kept: build the recorder with "
+                               "GramRecorder(model, keep_blocks=True)")
+        self.gram()                       # the same checks (measured, finite, after the block)
+        return {(name or "<model>"): b for name, b in self._last.blocks.items()}
+
+    def result(self):
+        """The last step as a :class:`fimcore.GramResult` (Gram, gradient dtype, B, P, report,
+        and the per-layer blocks when ``keep_blocks=True``); ``MeasureTracker.update`` takes it.
+        """
+        from fimcore import GramResult
+
+        gram = self.gram()
+        selected = {id(p): p for u in self._units for _, p in u.params if id(p) in u.selected}
+        return GramResult(gram=gram, grad_dtype=self.grad_dtype, batch_size=self.batch_size,
+                          num_params=sum(p.numel() for p in selected.values()),
+                          blocks=self.blocks() if self.keep_blocks else None,
+                          report=self.report(), loss_reduction=self.loss_reduction)
 
     def report(self) -> Report:
         """Per-layer path taken in the last step and why (a list of :class:`LayerRecord`)."""
         rep = Report()
         step = self._last
         shares = {}
-        if step is not None and step.marks:
+        if step is not None and step.blocks:
+            traces = torch.stack([torch.trace(b) for b in step.blocks.values()]).double().cpu().tolist()
+            for name, t in zip(step.blocks, traces):     # blocks are scaled already
+                shares[id(step.block_units[name])] = t
+        elif step is not None and step.marks:
             vals = torch.stack([t for _, t in step.marks]).double().cpu().tolist()
             prev = 0.0
             for (u, _), v in zip(step.marks, vals):
@@ -289,8 +376,17 @@ class GramRecorder:
         return rep
 
     # ------------------------------------------------------------------ used by the units
-    def _forward(self, unit, batch: int, dtype: torch.dtype | None = None) -> None:
-        """A unit's forward begins: check the step's state and the batch size."""
+    def _forward(self, unit, batch: int, dtype: torch.dtype | None = None, *,
+                 source: str = "dim 0 of its input", seq_first: bool = False,
+                 lead: tuple | None = None) -> None:
+        """A unit's forward begins: check the step's state and the batch size.
+
+        Args:
+            source: where the unit read ``batch`` (for messages).
+            seq_first: the unit declared its batch outside dim 0 (``batch_first=False``).
+            lead: the input's leading dimensions when any of them could hold the batch (dim 0
+                is taken as the batch; checked against a sequence-first module at the backward).
+        """
         step = self._step
         if not self._active or step is None:
             return
@@ -300,12 +396,22 @@ class GramRecorder:
                 "`with recorder:` block; use one block per step (forward, loss, one backward)")
         if step.batch is None:
             step.batch = int(batch)
+            step.batch_src = (unit, source)
         elif int(batch) != step.batch:
-            first = next((u.name for u in self._units if u.calls), "?")
+            first, first_src = step.batch_src
             raise ValueError(
-                f"the batch dimension (dim 0) must be the same in every covered layer; layer "
-                f"{first!r} saw B = {step.batch} but {unit.name or '<model>'!r} saw {batch}. The "
-                "recorder needs batch-first inputs (set batch_first=True where a module offers it)")
+                f"the batch dimension (dim 0) must be the same in every covered layer; "
+                f"{_where(first)} read B = {step.batch} from {first_src}, but {_where(unit)} read "
+                f"{int(batch)} from {source}. Layers other than RNN/GRU/LSTM, MultiheadAttention and "
+                "Transformer modules (which declare it with batch_first) take the batch in dim 0: "
+                "make the model batch-first (batch_first=True on those modules and (B, …) tensors "
+                "everywhere), or permute to (B, …) before the layer"
+                + ("; a layer applied to a PackedSequence's data sees tokens, not samples, in dim 0: "
+                   "apply it to the padded (B, T, …) tensor" if "packed" in first_src + source else ""))
+        if seq_first:
+            step.seq_first.append(unit)
+        if lead is not None and sum(int(n) == step.batch for n in lead) > 1:
+            step.ambiguous.append((unit, tuple(int(n) for n in lead)))
         if dtype is not None and step.grad_dtype is None:
             step.grad_dtype = dtype
         if torch.is_grad_enabled():          # a forward under no_grad has no backward to record
@@ -324,6 +430,16 @@ class GramRecorder:
             raise RuntimeError(
                 f"a backward pass reached layer {unit.name or '<model>'!r} after its `with recorder:` "
                 "block had ended; call loss.backward() inside the block")
+        if not step.backward_started and step.seq_first and step.ambiguous:
+            u, lead = step.ambiguous[0]
+            s = step.seq_first[0]
+            raise ValueError(
+                f"{_where(u)} takes an input with leading dimensions {lead} in a step where "
+                f"{_where(s)} declares its batch in dim 1 (batch_first=False); with B = {step.batch} "
+                "in more than one of those dimensions the recorder cannot tell which one is the "
+                f"batch of {u.name or '<model>'!r}, which takes dim 0. Make the model batch-first: "
+                f"batch_first=True on {s.name or '<model>'!r} with (B, T, …) inputs, so that every "
+                "layer sees the batch in dim 0")
         unit.bw_calls += 1
         if unit.bw_calls > unit.calls:
             raise RuntimeError(
@@ -343,13 +459,24 @@ class GramRecorder:
                         step.multi.add(id(u))
         return id(unit) in step.multi
 
-    def _acc(self, like: torch.Tensor) -> torch.Tensor:
+    def _acc(self, like: torch.Tensor, unit=None) -> torch.Tensor:
+        """The buffer ``unit``'s contribution is added into: the step's G, or the unit's own
+        block when blocks are kept."""
         step = self._step
+        if step.grad_dtype is None:
+            step.grad_dtype = like.dtype
+        if step.blocks is not None:
+            if unit is None:
+                raise RuntimeError("internal: a contribution reached the Gram without its layer")
+            block = step.blocks.get(unit.name)
+            if block is None:
+                block = step.blocks[unit.name] = torch.zeros(
+                    step.batch, step.batch, dtype=self.dtype or like.dtype, device=like.device)
+                step.block_units[unit.name] = unit
+            return block
         if step.acc is None:
             dt = self.dtype or like.dtype
             step.acc = torch.zeros(step.batch, step.batch, dtype=dt, device=like.device)
-            if step.grad_dtype is None:
-                step.grad_dtype = like.dtype
         return step.acc
 
     def _add_rows(self, unit, blocks) -> None:
@@ -366,7 +493,7 @@ class GramRecorder:
             if multi and sum(u.calls for u in self._param_units[id(p)]) > 1:
                 self._pend(step, p, J)
                 continue
-            acc = self._acc(J)
+            acc = self._acc(J, unit)
             J = J.reshape(J.shape[0], -1)
             if J.dtype != acc.dtype:
                 J = J.to(acc.dtype)
@@ -375,13 +502,13 @@ class GramRecorder:
 
     def _add_gram(self, unit, K: torch.Tensor) -> None:
         """Add a ready (B, B) contribution."""
-        acc = self._acc(K)
+        acc = self._acc(K, unit)
         acc.add_(K.to(acc.dtype) if K.dtype != acc.dtype else K)
         self._mark(unit)
 
     def _mark(self, unit) -> None:
         step = self._step
-        if step.acc is not None:
+        if step.blocks is None and step.acc is not None:
             step.marks.append((unit, torch.trace(step.acc)))
 
     def _pend(self, step: _Step, p, J: torch.Tensor) -> None:
@@ -399,8 +526,12 @@ class GramRecorder:
 
     def _flush_pending(self, step: _Step, entry) -> None:
         J, _, _, p = entry
-        acc = self._acc(J)
+        owner = self._param_units[id(p)][0]
+        acc = self._acc(J, owner)
         J = J if J.dtype == acc.dtype else J.to(acc.dtype)
         acc.addmm_(J, J.T)
-        owner = self._param_units[id(p)][0]
         self._mark(owner)
+
+
+def _where(unit) -> str:
+    return f"layer {unit.name or '<model>'!r} ({type(unit.module).__name__})"

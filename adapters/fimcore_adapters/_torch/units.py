@@ -6,7 +6,9 @@ A *unit* is one module plus the trainable parameters whose per-sample gradients 
   own parameters;
 * any other module that owns trainable parameters is a *generic* unit covering its whole subtree
   (``torch.func`` VJP per sample); this is also how ``nn.MultiheadAttention``, RNNs and custom
-  leaf modules are handled;
+  leaf modules are handled, split along the batch dimension they declare (``batch_first``);
+* an ``nn.Transformer*`` module with ``batch_first=False`` is one generic unit over its subtree
+  (its Linear and LayerNorm children see sequence-first tensors);
 * a module that owns parameters *and* has parameterised children (a parent using an
   ``nn.Parameter`` directly in its forward beside its submodules) is refused: its own parameters
   cannot be split per sample without re-running the children.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layout import TRANSFORMER_TYPES, seq_first
 from .report import LayerRecord
 
 __all__ = ["Unit", "build_units", "GENERIC_SUBTREE_TYPES"]
@@ -145,6 +148,13 @@ def build_units(model: nn.Module, selected_ids: set, strategy: str,
         rule = _rule_for(m)
         qual = (lambda n: f"{name}.{n}" if name else n)
         chosen = (overrides or {}).get(name, strategy)
+        if isinstance(m, TRANSFORMER_TYPES) and seq_first(m):
+            # its Linear/LayerNorm children see (S, B, E): the whole module is one generic unit
+            # that splits along the declared batch dim 1
+            sub = [(qual(n), p) for n, p in trainable(m, recurse=True)]
+            if any(id(p) in selected_ids for _, p in sub):
+                units.append(GenericUnit(name, m, sub, selected_ids, chosen))
+            return
         if own_sel and rule is not None and chosen != "generic":
             units.append(rule(name, m, [(qual(n), p) for n, p in own], selected_ids, chosen))
         elif own_sel or (own and isinstance(m, GENERIC_SUBTREE_TYPES)):
