@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-torch = pytest.importorskip("torch")
-nn = pytest.importorskip("flax.linen")
+import flax.linen as nn
+import jax
+import torch
 import jax.numpy as jnp  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 

@@ -12,11 +12,12 @@ import math
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
 from fimcore_adapters.torch import diagonal_fisher  # noqa: E402
+from tests.conftest import import_backend  # noqa: E402
 
 F64 = torch.float64
 
@@ -154,7 +155,7 @@ def test_exact_and_labels_against_autograd(case, likelihood):
 @pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
 @pytest.mark.parametrize("case", ["mlp", "cnn"])
 def test_against_backpack(case, likelihood):
-    backpack = pytest.importorskip("backpack")
+    backpack = import_backend("backpack")
     from backpack.extensions import DiagGGNExact, DiagHessian
 
     # BackPACK's AvgPool2d second-order rule builds a float32 kernel: MaxPool2d here

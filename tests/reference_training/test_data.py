@@ -10,6 +10,7 @@ import scipy.io
 import torch
 
 from reference_training.data import augment, load_dataset, mnist5k_split, normalise
+from tests.conftest import import_backend
 
 
 def _write_cifar(root, hundred, rng):

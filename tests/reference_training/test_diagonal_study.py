@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from reference_training import diagonal_study as study  # noqa: E402
 from reference_training.data import ImageDataset  # noqa: E402
