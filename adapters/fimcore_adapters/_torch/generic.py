@@ -260,28 +260,58 @@ class GenericUnit(Unit):
         Row i of the module's share of J is ``(∂out_i/∂θ)ᵀ δ_i`` with the *batch* forward's
         Jacobian; the per-sample VJP uses the one-sample forward's. Equal outputs do not imply
         equal Jacobians (``h·s + a·mean_b(h)`` at ``a = 0``), so both are applied to one fixed
-        pseudo-random parameter tangent (forward mode) and compared. Where forward mode is not
-        available the module is treated as coupled (the masked batch VJP is exact either way).
+        pseudo-random parameter tangent t (forward mode: ``∂out_i/∂θ · t`` for every i) and
+        compared. Where an operation has no forward-mode rule (e.g. the CPU flash-attention
+        kernel) the check runs in reverse mode instead: with one pseudo-random output
+        cotangent v, ``Σ_i (∂out_i/∂θ)ᵀ v_i`` of the batch forward against the sum of the
+        per-sample VJPs; the difference is ``ΔJᵀ v`` for the stacked Jacobian difference ΔJ,
+        which vanishes for a random v only when ΔJ = 0. If neither mode runs, the module is
+        treated as coupled (the masked batch VJP is exact either way).
         """
         gen = torch.Generator().manual_seed(0x5EED)
-        tangent = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
-                   for n, p in sel.items()}
+
+        def noise(t):
+            return torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
+
         f_batch, batch_leaves, _ = self._functional(call, batch_leaves_one=False)
-
-        def one(*xs):
-            return jvp(lambda p: f(p, *xs), (sel,), (tangent,))[1]
-
         try:
+            tangent = {n: noise(p) for n, p in sel.items()}
+
+            def one(*xs):
+                return jvp(lambda p: f(p, *xs), (sel,), (tangent,))[1]
+
             with torch.enable_grad(), _Replay(call["rng"]):
                 _, batch = jvp(lambda p: f_batch(p, *batch_leaves), (sel,), (tangent,))
             per = vmap(one, in_dims=tuple(in_dims))(*leaves)
-        except (RuntimeError, NotImplementedError, ValueError):
+        except NotImplementedError:
+            return self._same_parameter_vjp(call, sel, f, leaves, in_dims, out_dims, noise)
+        except (RuntimeError, ValueError):
             return False
         for o, ref, d in zip(per, batch, out_dims):
             o = o.movedim(0, d)
             if o.numel() != ref.numel() or not _close(o.reshape(ref.shape), ref):
                 return False
         return True
+
+    def _same_parameter_vjp(self, call, sel, f, leaves, in_dims, out_dims, noise) -> bool:
+        """Reverse-mode form of :meth:`_same_parameter_jacobian` (one random cotangent)."""
+        f_batch, batch_leaves, _ = self._functional(call, batch_leaves_one=False)
+        try:
+            with torch.enable_grad(), _Replay(call["rng"]):
+                out, fn = vjp(lambda p: f_batch(p, *batch_leaves), sel)
+            cot = tuple(noise(o) for o in out)
+            batch = fn(cot)[0]
+
+            def one(*xs):
+                inputs, c = xs[:len(leaves)], xs[len(leaves):]
+                _, fn1 = vjp(lambda p: f(p, *inputs), sel)
+                return fn1(tuple(ci.unsqueeze(d) for ci, d in zip(c, out_dims)))[0]
+
+            with torch.enable_grad():
+                per = vmap(one, in_dims=(*in_dims, *out_dims))(*leaves, *cot)
+        except (RuntimeError, NotImplementedError, ValueError):
+            return False
+        return all(_close(per[n].sum(0), batch[n]) for n in batch)
 
     def _coupled(self, call, sel, cots, chunk, check):
         f, leaves, _ = self._functional(call, batch_leaves_one=False)
