@@ -158,7 +158,13 @@ def resolved(sym: Any, eigs: Any, *, eps_acc: float, eps_grad: float, xp: Any,
     if not project and bool(xp.all(nonzero)):
         d = xp.sqrt(diag)
         c_mat = sym / (d[:, None] * d[None, :])
-        if _positive_definite(c_mat, tau, xp=xp):
+        # λ_min(G) ≥ λ_min(C)·min G_ii (Ostrowski), so C − τI positive definite would put the
+        # computed λ_min(G) above τ·min G_ii less the solver's error; far below it, the
+        # Cholesky test cannot succeed and is skipped (the eigenvalue route below finds r = B
+        # by itself if it ever would have)
+        solver = SLACK * size * float(xp.finfo(eigs.dtype).eps) * lam_max
+        maybe_definite = bool(eigs[0] + solver >= tau * xp.min(diag))
+        if maybe_definite and _positive_definite(c_mat, tau, xp=xp):
             rank = xp.asarray(size, dtype=int_dtype, device=_device(sym))
             return _limit_and_finish(lam_max, eigs[0], rank, diag, nonzero, tau, xp=xp)
         separated = _separated_minimum(c_mat, eigs, diag, tau, xp=xp)
