@@ -67,7 +67,8 @@ def softmax_hessian(model, x):
 
 def sqrtm_psd(M):
     w, V = torch.linalg.eigh(M)
-    return (V * w.clamp_min(0).sqrt()) @ V.T
+    w = torch.where(w < 1e-13 * w.max(), torch.zeros_like(w), w)   # Λ1 = 0: an exact zero
+    return (V * w.sqrt()) @ V.T
 
 
 # ----------------------------------------------------------------------------- sampled Fisher

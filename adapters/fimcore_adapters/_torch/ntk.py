@@ -113,7 +113,10 @@ def output_jacobian_gram(model: nn.Module, x, *, weighted_by: str | None = None,
     p = torch.softmax(h.detach().to(torch.float64), dim=1)
     lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     w, V = torch.linalg.eigh(lam)
-    root = ((V * w.clamp_min(0).sqrt().unsqueeze(1)) @ V.transpose(1, 2)).to(dt)   # (B, C, C)
+    # Λ is singular (Λ1 = 0): eigenvalues at rounding level are zeros, not sqrt(eps)-sized roots
+    w = torch.where(w > C * torch.finfo(w.dtype).eps * w.amax(dim=-1, keepdim=True), w,
+                    torch.zeros((), dtype=w.dtype))
+    root = ((V * w.sqrt().unsqueeze(1)) @ V.transpose(1, 2)).to(dt)   # (B, C, C)
     g4 = gram.view(B, C, B, C)
     g4 = torch.einsum("iab,ibjc->iajc", root, g4)
     g4 = torch.einsum("iajc,jcd->iajd", g4, root)
