@@ -43,7 +43,8 @@ def flat(tree):
 
 
 def loop_rows(loss_one, params, x, labels):
-    return np.stack([flat(jax.grad(loss_one)(params, x[i], labels[i])) for i in range(x.shape[0])])
+    grad = jax.jit(jax.grad(loss_one))
+    return np.stack([flat(grad(params, x[i], labels[i])) for i in range(x.shape[0])])
 
 
 def ce_one(p, xi, yi):
@@ -52,10 +53,9 @@ def ce_one(p, xi, yi):
 
 def jacobian_loop(params, x):
     """(B, C, P): one reverse pass per example and output."""
-    out = []
-    for i in range(x.shape[0]):
-        out.append(np.stack([flat(jax.grad(lambda p: predict(p, x[i])[c])(params)) for c in range(C)]))
-    return np.stack(out)
+    grad = jax.jit(jax.grad(lambda p, xi, c: predict(p, xi)[c]))
+    return np.stack([np.stack([flat(grad(params, x[i], c)) for c in range(C)])
+                     for i in range(x.shape[0])])
 
 
 def softmax_root(params, x):
@@ -68,7 +68,7 @@ def softmax_root(params, x):
     return np.stack(roots)
 
 
-@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("K", [2])
 def test_sampled_cross_entropy_equals_loop_with_the_drawn_labels(K):
     params, (x, y) = init(), data()
     loss = output_loss(predict, "cross_entropy")
@@ -97,14 +97,14 @@ def test_sampled_mse_equals_loop_and_per_sample_gram():
 
 
 def test_sampled_expectation_matches_the_exact_fisher_gram():
-    """E[Ĝ_ii] = tr(Λ_i Θ_ii), E[Ĝ_ij] = 0, E[Ĝ_ij²] = ‖Λ_i^½ Θ_ij Λ_j^½‖_F² (i ≠ j): 400 keys,
+    """E[Ĝ_ii] = tr(Λ_i Θ_ii), E[Ĝ_ij] = 0, E[Ĝ_ij²] = ‖Λ_i^½ Θ_ij Λ_j^½‖_F² (i ≠ j): 300 keys,
     each mean within 5 standard errors (estimated from the draws) + 1e-12."""
     params, (x, y) = init(), data()
     Jo = jacobian_loop(params, x)
     R = softmax_root(params, x)
     W = np.einsum("iab,ibp,jcp,jcd->iajd", R, Jo, Jo, R)
     step = jax.jit(value_grad_and_gram(output_loss(predict, "cross_entropy"), fisher="sampled"))
-    S = 400
+    S = 300
     Gs = np.stack([np.asarray(step(params, x, y, key=k)[2]) for k in jax.random.split(jax.random.key(0), S)])
     off = ~np.eye(B, dtype=bool)
     for stat, want, mask in ((Gs, np.diag(np.einsum("iaia->i", W)), np.ones((B, B), bool)),

@@ -115,14 +115,14 @@ def test_sampled_mse_equals_loop_with_the_drawn_targets():
 
 
 def test_sampled_expectation_matches_the_exact_fisher_gram():
-    """E[Ĝ_ii] = tr(Λ_i Θ_ii), E[Ĝ_ij] = 0, E[Ĝ_ij²] = ‖Λ_i^½ Θ_ij Λ_j^½‖_F² (i ≠ j): 300 draws
+    """E[Ĝ_ii] = tr(Λ_i Θ_ii), E[Ĝ_ij] = 0, E[Ĝ_ij²] = ‖Λ_i^½ Θ_ij Λ_j^½‖_F² (i ≠ j): 120 draws
     from one generator, each mean within 5 standard errors (estimated from the draws) + 1e-12."""
     model, (x, y) = mlp(), data()
     Jo = jacobian_loop(model, x)
     R = softmax_root(model, x)
     W = np.einsum("iab,ibp,jcp,jcd->iajd", R, Jo, Jo, R)
     gen = tf.random.Generator.from_seed(0)
-    S = 300
+    S = 120
     Gs = np.stack([sampled_step(model, x, y, seed=gen)[2] for _ in range(S)])
     off = ~np.eye(B, dtype=bool)
     for stat, want, mask in ((Gs, np.diag(np.einsum("iaia->i", W)), np.ones((B, B), bool)),

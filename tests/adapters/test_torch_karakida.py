@@ -52,6 +52,16 @@ def he_mlp(M, C, seed, dtype):
     return model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Many tiny backward passes: with JAX or TensorFlow thread pools alive in the same process,
+    two torch threads spend more time synchronising than computing (measured 10× slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_mean_field_constants():
     k1, k2 = kappas()
     assert k1 == pytest.approx(1.5, abs=1e-12)

@@ -7,9 +7,10 @@ are B × those of the Fisher F = (1/B) Σ_i 𝒥_iᵀ Λ_i 𝒥_i (the generalis
 to the true Fisher for softmax cross-entropy and Gaussian regression). Λ^{1/2} is the symmetric
 square root; any factor L with LLᵀ = Λ gives the same spectrum.
 
-Exact and matrix-free in P: rows of 𝒥 come from vector–Jacobian products of the batch output
-(``torch.func.vjp`` + ``vmap``), ``chunk_size`` rows at a time; the off-diagonal chunk blocks
-recompute their partner chunk, so at most 2·chunk_size × P numbers are alive. The output is
+Exact: rows of 𝒥 come from one reverse pass per output entry through the batch forward's
+retained graph, ``chunk_size`` rows at a time; the off-diagonal chunk blocks recompute their
+partner chunk, so at most 2·chunk_size × P numbers are alive (B·C ≤ 100·B passes: meant for
+measuring, not for every training step). The output is
 differentiated as a whole batch, so layers that couple samples (BatchNorm in train mode) are
 exact too.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call, vjp, vmap
 
 from .._fisher import WEIGHTINGS
 
@@ -38,8 +38,8 @@ def output_jacobian_gram(model: nn.Module, x, *, weighted_by: str | None = None,
         weighted_by: None (Θ, the NTK Gram), ``"softmax"`` (Λ_i = diag(p_i) − p_i p_iᵀ,
             p_i = softmax(h_i): the Fisher of softmax cross-entropy on logits) or ``"mse"``
             (Λ = (2/C)·I, the Hessian of the per-sample batch-mean squared error (1/C)‖h − y‖²).
-        chunk_size: Jacobian rows formed at once (exact for every value; ``n = ⌈BC/chunk⌉`` chunks
-            cost n(n+1)/2 batched VJPs). None: all B·C rows in one chunk.
+        chunk_size: Jacobian rows held at once (exact for every value; ``n = ⌈BC/chunk⌉`` chunks
+            cost n(n+1)/2 chunk evaluations). None: all B·C rows in one chunk.
         max_outputs: refuse models with more than this many outputs per sample C.
         dtype: dtype of the Gram (rows are cast before the products); default the output's.
 
@@ -66,23 +66,19 @@ def output_jacobian_gram(model: nn.Module, x, *, weighted_by: str | None = None,
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None; received {chunk_size!r}")
     inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    buffers = {n: b.clone() for n, b in model.named_buffers()}     # the forward may update them
-
-    def f(ps):
-        out = functional_call(model, {**ps, **buffers}, inputs)
-        return out.reshape(out.shape[0], -1) if out.dim() > 1 else out
-
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = [(b, b.clone()) for b in model.buffers()]        # the forward may update them
     try:
-        h, pullback = vjp(f, params)
+        out = model(*inputs)
     finally:
         with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(buffers[n])
-    if h.dim() != 2:
-        raise ValueError(f"the model output must have a batch dimension, (B, C) or (B, …); received "
-                         f"shape {tuple(h.shape)}")
+            for b, saved in buffers:
+                b.copy_(saved)
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the model output must be one tensor with a batch dimension, (B, C) or "
+                         f"(B, …); received {shape}")
+    h = out.reshape(out.shape[0], -1)
     B, C = h.shape
     if C > max_outputs:
         raise ValueError(f"output_jacobian_gram forms a (B·C)² Gram and B·C Jacobian rows; C must be "
@@ -91,11 +87,16 @@ def output_jacobian_gram(model: nn.Module, x, *, weighted_by: str | None = None,
     dt = dtype or h.dtype
     n = B * C
     r = n if chunk_size is None else min(chunk_size, n)
-    eye = torch.eye(n, dtype=h.dtype, device=h.device).reshape(n, B, C)
+    flat = h.reshape(-1)
 
     def rows(a0, a1):
-        grads = vmap(pullback)(eye[a0:a1])[0]
-        return torch.cat([grads[k].reshape(a1 - a0, -1) for k in names], dim=1).to(dt)
+        """Rows a0..a1 of 𝒥 (one reverse pass each through the retained graph)."""
+        out_rows = torch.empty(a1 - a0, sum(p.numel() for p in params), dtype=dt, device=h.device)
+        for k in range(a0, a1):
+            grads = torch.autograd.grad(flat[k], params, retain_graph=True, allow_unused=True)
+            out_rows[k - a0] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                          for g, p in zip(grads, params)])
+        return out_rows
 
     gram = torch.empty(n, n, dtype=dt, device=h.device)
     bounds = [(a, min(a + r, n)) for a in range(0, n, r)]
