@@ -36,6 +36,7 @@ import argparse
 import datetime as dt
 import importlib.metadata
 import math
+import os
 import pathlib
 import platform
 import subprocess
@@ -173,7 +174,8 @@ def main(argv=None) -> int:
     lines = ["# Karakida check: Fisher spectrum of a He-initialised ReLU MLP against mean-field theory",
              "", f"Command: `python -m benchmarks.karakida_spectrum {' '.join(sys.argv[1:] if argv is None else argv)}`",
              "", f"Machine and versions: {versions()}", "",
-             f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+             f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC (shared machine, "
+             f"load average at start {os.getloadavg()[0]:.1f}; timings only indicative)", "",
              f"Setting: L = 3 layers, equal width M, no biases, σ_w² = 2, N(0,1) inputs; α = {alpha}; "
              f"theory κ_1 = {k1:.5f}, κ_2 = {k2:.5f}.", "",
              f"## Linear output (C = 1), T = {T}, {args.seeds} seeds (mean ± std over seeds)", "",
@@ -256,7 +258,7 @@ def plot(path, linear, T, k1, k2, sm, full, Ms, Ts, C) -> None:
         ax.axvline(v, color="tab:red", ls="--", lw=1, label="predicted outliers" if i == 0 else None)
     bulk_edge = np.sort(full)[-C]
     ax.axvline(bulk_edge, color="tab:blue", ls=":", label="predicted bulk edge")
-    ax.set_title(f"softmax, M = {Ms}, T = {Ts}, C = {C}: eig(Q^½ΘQ^½)/T")
+    ax.set_title(f"softmax, M = {Ms}, T = {Ts}, C = {C}: eig(Q$^{{1/2}}$ΘQ$^{{1/2}}$)/T")
     ax.set_xlabel("eigenvalue of F")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -168,3 +168,15 @@ def test_output_jacobian_gram_errors():
         output_jacobian_gram(model, x, weighted_by="hinge")
     with pytest.raises(ValueError, match="at most 2 outputs"):
         output_jacobian_gram(model, x, max_outputs=2)
+
+
+def test_sampled_through_the_generic_jacobian_path():
+    model, (x, y) = mlp(), data()
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with GramTape(model, mode="generic") as tape:
+        out = model(x)
+        loss = loss_fn(y, out)
+    _, gram = tape.gradient_and_gram(loss, fisher="sampled", outputs=out, loss_fn=loss_fn, seed=8)
+    labels = tape.sampled_labels.numpy()[0]
+    J = loop_rows(model, x, ce_sum, labels)
+    np.testing.assert_allclose(gram.numpy(), J @ J.T, rtol=1e-12, atol=1e-14)

@@ -250,3 +250,25 @@ def test_output_jacobian_gram_mse_weighting_and_errors():
         output_jacobian_gram(model, x, weighted_by="hinge")
     with pytest.raises(ValueError, match="at most"):
         output_jacobian_gram(nn.Linear(D, 101).double(), x)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "materialize", "generic"])
+def test_sampled_through_conv_and_every_layer_path(strategy):
+    """Convolution (materialised per-sample kernels), dense and the generic torch.func path all
+    record the sampled-label backward exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 16, C)).double()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, 2, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B,), generator=g)
+    rec = GramRecorder(model, fisher="sampled", loss="cross_entropy", mc_samples=2, seed=1,
+                       strategy=strategy)
+    with rec:
+        F.cross_entropy(model(x), y).backward()
+    labels = rec.sampled_labels()
+    ce_sum = lambda out, t: F.cross_entropy(out, t, reduction="sum")  # noqa: E731
+    want = sum(J @ J.T for J in (loop_rows(model, x, ce_sum, labels[k]) for k in range(2))) / 2
+    torch.testing.assert_close(rec.gram(), want, rtol=1e-11, atol=1e-13)
+    Je = loop_rows(model, x, ce_sum, y)
+    torch.testing.assert_close(rec.empirical_gram(), Je @ Je.T, rtol=1e-11, atol=1e-13)

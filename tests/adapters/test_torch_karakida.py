@@ -102,10 +102,11 @@ def test_linear_output_kappas_and_lambda_max_match_mean_field():
 def test_softmax_output_has_c_minus_one_outliers():
     r"""Softmax, M = 300, T = 16, C = 4 (float64): the weighted Gram Q^½ΘQ^½ has exactly
     T(C − 1) non-zero eigenvalues (each Q_t has the null vector 1), and C − 1 of them lie above the
-    middle of the gap the mean-field matrix predicts, each within 25 % of that matrix's
-    αM[(κ_1−κ_2) blockdiag(Q_t) + κ_2 RRᵀ] built from the measured p_t. 25 %: the benchmark
-    measures 6–12 % low at M = 500 (finite-width shift of κ̂_1, κ̂_2, as in the linear case) and the
-    deviation grows like 1/M."""
+    middle of the gap the mean-field matrix predicts, each within 15 % of that matrix's
+    αM[(κ_1−κ_2) blockdiag(Q_t) + κ_2 RRᵀ] built from the measured p_t. 15 %: at M = 300 the top
+    C − 1 eigenvalues deviate from it by up to 9 % over seeds 0–2 (finite width, like the 5–8 %
+    seed-to-seed spread of κ̂ at M ≤ 1000 in the linear case); at M = 2000 the benchmark measures
+    ≤ 2 %. The seed is fixed and its predicted gap is wide (smallest outlier / bulk edge ≈ 2.5)."""
     k1, k2 = kappas()
     M, T, C, alpha = 300, 16, 4, 2
     model = he_mlp(M, C, 0, torch.float64)
@@ -131,4 +132,4 @@ def test_softmax_output_has_c_minus_one_outliers():
     split = math.sqrt(mf[C - 2] * mf[C - 1])
     assert mf[C - 2] > 2 * mf[C - 1]                    # the theory predicts a clear gap here
     assert int(np.sum(eigs > split)) == C - 1
-    np.testing.assert_allclose(eigs[:C - 1], mf[:C - 1], rtol=0.25)
+    np.testing.assert_allclose(eigs[:C - 1], mf[:C - 1], rtol=0.15)

@@ -296,8 +296,9 @@ class GramRecorder:
         total = step.total
         params = [p for p in self._selected]
         for k in range(self.mc_samples):
-            torch.autograd.grad(out, params, grad_outputs=cots[k], retain_graph=True,
-                                allow_unused=True)
+            # through a scalar Σ h·v_k, so that h is an inner node: hooks on the model output
+            # itself (the last layer's) fire as in the user's backward
+            torch.autograd.grad((out * cots[k]).sum(), params, retain_graph=True, allow_unused=True)
             for entry in list(step.pending.values()):
                 self._flush_pending(step, entry)
             step.pending.clear()
