@@ -111,3 +111,31 @@ def test_callback_statistics_by_name_and_instance_and_errors():
     with pytest.raises(ValueError, match="keep_blocks=True"):
         model.fit(x, y, batch_size=B, epochs=1, verbose=0,
                   callbacks=[GramMeasureCallback(statistics="per_layer")])
+
+
+def test_gram_model_sampled_fisher_logs_the_sampled_gram_and_trains_on_data_labels():
+    from fimcore_adapters._tensorflow._sampled import output_cotangents
+
+    x, y = data()
+    inner = net()
+    with tf.GradientTape() as t:
+        logits = inner(x)
+    labels = output_cotangents(logits, "cross_entropy", 1, "mean", tf.random.Generator.from_seed(5))[1]
+    Gs, _ = loop_grams(inner, x, labels.numpy()[0])          # the same drawn labels
+    Ge, _ = loop_grams(inner, x, y)
+    plain = net()
+    plain.compile(optimizer=keras.optimizers.SGD(LR), loss=xent())
+    plain.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    model = GramModel(inner, every=1, fisher="sampled", seed=5)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss=xent())
+    cb = GramMeasureCallback()
+    model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    m = cb.tracker.history[0]
+    assert m.trace == pytest.approx(float(np.trace(Gs)), rel=1e-9)
+    assert m.trace != pytest.approx(float(np.trace(Ge)), rel=1e-3)
+    for v, w in zip(inner.trainable_variables, plain.trainable_variables):
+        np.testing.assert_allclose(np.asarray(v), np.asarray(w), rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="received 'sparse_categorical_crossentropy'"):
+        bad = GramModel(net(), every=1, fisher="sampled")
+        bad.compile(optimizer=keras.optimizers.SGD(LR), loss="sparse_categorical_crossentropy")
+        bad.fit(x, y, batch_size=B, epochs=1, verbose=0, callbacks=[GramMeasureCallback()])

@@ -36,15 +36,34 @@ class GramStepMixin:
     gram_dtype = None
     gram_mode = "registry"
     gram_keep_blocks = False
+    gram_fisher = "empirical"
 
     def set_gram_options(self, *, every: int = 1, layers=None, dtype=None, mode: str = "registry",
-                         keep_blocks: bool = False):
+                         keep_blocks: bool = False, fisher: str = "empirical",
+                         mc_samples: int = 1, seed: int | None = None, likelihood=None):
         """Measure every ``every`` steps over ``layers`` (see :class:`GramTape`); with
         ``keep_blocks`` the step also logs the per-layer Grams (``fimcore_blocks``, (n, B, B)),
-        which the ``per_layer`` statistic of :class:`GramMeasureCallback` reads."""
+        which the ``per_layer`` statistic of :class:`GramMeasureCallback` reads.
+
+        ``fisher="sampled"`` logs the sampled-label Gram instead (labels drawn from the model,
+        ``mc_samples`` draws from a ``tf.random.Generator`` seeded with ``seed``, one more
+        backward per draw; the optimizer still gets the data-label gradients). The likelihood is
+        read from the compiled loss (a Keras cross-entropy with ``from_logits=True`` or
+        ``MeanSquaredError``) unless ``likelihood`` (``"cross_entropy"``/``"mse"``) is given."""
+        from .._fisher import check_fisher_options
+
         if not isinstance(keep_blocks, bool):
             raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}")
+        check_fisher_options(fisher, mc_samples, seed)
         object.__setattr__(self, "gram_keep_blocks", keep_blocks)
+        object.__setattr__(self, "gram_fisher", fisher)
+        object.__setattr__(self, "gram_mc_samples", mc_samples)
+        object.__setattr__(self, "gram_likelihood", likelihood)
+        generator = None
+        if fisher == "sampled":
+            generator = (tf.random.Generator.from_seed(seed) if seed is not None else
+                         tf.random.Generator.from_non_deterministic_state())
+        object.__setattr__(self, "_fimcore_generator", generator)
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive int; received {every!r}. Use 1 to "
                              "measure every step, 50 for the paper's sampling.")
@@ -90,8 +109,13 @@ class GramStepMixin:
         lr = tf.cast(self.optimizer.learning_rate, tf.float64)
         if with_gram:
             reduction = self._gram_loss_reduction() if split else "mean"
+            sampled = {}
+            if self.gram_fisher == "sampled":
+                sampled = dict(fisher="sampled", outputs=y_pred, mc_samples=self.gram_mc_samples,
+                               loss_fn=self.gram_likelihood or getattr(self, "loss", None),
+                               seed=self._fimcore_generator)
             grads, gram = tape.gradient_and_gram(data_loss, variables, loss_reduction=reduction,
-                                                 extra_loss=extra)
+                                                 extra_loss=extra, **sampled)
             object.__setattr__(self, "_fimcore_grad_dtype", tape.grad_dtype.name)
             if self.gram_keep_blocks:            # names fixed at trace time; blocks scaled like G
                 scale = tf.cast(batch, tf.float64) ** 2 if reduction == "mean" else 1.0
@@ -143,6 +167,7 @@ class GramModel(GramStepMixin, keras.Model):
         model: the built model to train (its layers and variables are used as they are).
         every: measure the within-epoch steps n with n % every == 0.
         layers, dtype, mode: as for :class:`GramTape`.
+        keep_blocks, fisher, mc_samples, seed, likelihood: see :meth:`set_gram_options`.
 
     Example:
         >>> import numpy as np, keras
@@ -158,7 +183,8 @@ class GramModel(GramStepMixin, keras.Model):
     """
 
     def __init__(self, model, *, every: int = 1, layers=None, dtype=None, mode: str = "registry",
-                 keep_blocks: bool = False, **kwargs):
+                 keep_blocks: bool = False, fisher: str = "empirical", mc_samples: int = 1,
+                 seed: int | None = None, likelihood=None, **kwargs):
         super().__init__(**kwargs)
         if not getattr(model, "built", False):
             raise ValueError(
@@ -167,7 +193,8 @@ class GramModel(GramStepMixin, keras.Model):
             )
         self.inner = model
         self.set_gram_options(every=every, layers=layers, dtype=dtype, mode=mode,
-                              keep_blocks=keep_blocks)
+                              keep_blocks=keep_blocks, fisher=fisher, mc_samples=mc_samples,
+                              seed=seed, likelihood=likelihood)
         self.built = True
 
     def call(self, inputs, training=None):
