@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable
 import keras
 import tensorflow as tf
 
-from . import _linalg, _rules
+from .._fisher import check_fisher_options
+from . import _linalg, _rules, _sampled
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -147,6 +148,8 @@ class GramTape:
         self.report: list[tuple[str, str, str]] = []
         self.layer_grams: dict[str, Any] = {}
         self.grad_dtype = None
+        self.empirical_gram = None
+        self.sampled_labels = None
 
     # ----------------------------------------------------------------- recording
 
@@ -219,7 +222,9 @@ class GramTape:
 
     @tf.autograph.experimental.do_not_convert
     def gradient_and_gram(self, loss, variables: Iterable | None = None, *,
-                          loss_reduction: str = "mean", extra_loss=None, check: bool = False):
+                          loss_reduction: str = "mean", extra_loss=None, check: bool = False,
+                          fisher: str = "empirical", outputs=None, loss_fn=None,
+                          mc_samples: int = 1, seed=None):
         r"""Batch gradients of ``loss (+ extra_loss)`` and the (B, B) per-sample Gram of ``loss``.
 
         Args:
@@ -235,6 +240,22 @@ class GramTape:
             check: also run the ordinary backward and verify that the rows sum to it
                 (catches a variable read outside its layer's ``call``, e.g. tied weights);
                 costs one more backward, :func:`per_sample_gram` does it by default.
+            fisher: ``"empirical"`` (rows at the data labels) or ``"sampled"``: the returned Gram
+                has rows ``∇_θ ℓ(h_i, ŷ_i)`` at labels drawn from the model's predictive
+                distribution (the Monte-Carlo "true" Fisher's Gram), from one more backward of
+                ``outputs`` per draw on the same tape; the returned gradients stay the data-label
+                ones. The data-label Gram is kept as ``tape.empirical_gram`` and the labels as
+                ``tape.sampled_labels`` (K, B, …).
+            outputs: with ``fisher="sampled"``, the model output h recorded in the block (logits
+                with the class axis last, or the regression mean).
+            loss_fn: with ``fisher="sampled"``, the likelihood: a Keras
+                ``SparseCategoricalCrossentropy``/``CategoricalCrossentropy`` with
+                ``from_logits=True``, ``MeanSquaredError``, or ``"cross_entropy"`` / ``"mse"``.
+                Others are refused, named.
+            mc_samples: K draws; the Gram is the mean of the K (B, B) Grams (trace unbiased;
+                off-diagonal entries average to 0, so use K = 1 for Fisher spectra).
+            seed: an int (the same draws on every call), a ``tf.random.Generator`` (fresh draws
+                each call; pass one for training loops) or None (TensorFlow's global generator).
 
         Returns:
             ``(grads, gram)``: a list aligned with ``variables`` and a (B, B) tensor.
@@ -246,6 +267,13 @@ class GramTape:
                 that a rule covers this is detected with ``check=True``, eagerly).
             TypeError: on a non-floating loss.
         """
+        check_fisher_options(fisher, mc_samples,
+                             None if isinstance(seed, tf.random.Generator) else seed)
+        if fisher == "sampled" and outputs is None:
+            raise ValueError("fisher='sampled' draws labels from the model output; received "
+                             "outputs=None. Pass outputs=y_pred, the model(x) computed in the block")
+        if fisher == "sampled":
+            _sampled.resolve_likelihood(loss_fn)     # refuse before any work
         target = loss_target(loss, loss_reduction)
         if target is None:  # per-sample losses: differentiate their sum (recorded on the tape)
             with self._tape:
@@ -285,25 +313,22 @@ class GramTape:
             )
         self.grad_dtype = deltas[0].dtype if deltas else None
         batch = tf.shape(watched[0])[0]
-        position = 0
-        grads_by_id: dict[int, Any] = {}
-        gram = None
-        self.report, self.layer_grams = [], {}
-        for calls in by_layer.values():
-            layer, rule = calls[0][0], calls[0][1]
-            per_call = []
-            for _, _, capture in calls:
-                n = len(capture["watch"])
-                per_call.append((self._cast(capture), [self._cast_t(d) for d in deltas[position:position + n]]))
-                position += n
-            with tf.name_scope(f"fimcore_{rule.name}"):
-                contribution, grads, path = self._layer(layer, rule, calls, per_call)
-            self.report.append((layer.name, type(layer).__name__, path))
-            self.layer_grams[layer.name] = contribution
-            gram = contribution if gram is None else gram + contribution
-            owned = rule.variables(layer)
-            for v, g in zip(owned, grads):
-                grads_by_id[id(v)] = tf.cast(g, v.dtype)
+        gram, grads_by_id, self.report, self.layer_grams = self._contributions(by_layer, deltas)
+        if fisher == "sampled":
+            self.empirical_gram = gram * (tf.cast(batch, gram.dtype) ** 2
+                                          if loss_reduction == "mean" else 1)
+            cots, self.sampled_labels = _sampled.output_cotangents(
+                outputs, _sampled.resolve_likelihood(loss_fn), mc_samples, loss_reduction, seed)
+            total, per_layer = None, {}
+            for k in range(mc_samples):
+                found_k = self._tape.gradient(outputs, watched,
+                                              output_gradients=tf.cast(cots[k], outputs.dtype))
+                deltas_k = [tf.zeros_like(t) if d is None else d for t, d in zip(watched, found_k)]
+                g_k, _, _, lg_k = self._contributions(by_layer, deltas_k)
+                total = g_k if total is None else total + g_k
+                per_layer = {n: b + per_layer.get(n, 0) for n, b in lg_k.items()}
+            gram = total / mc_samples
+            self.layer_grams = {n: b / mc_samples for n, b in per_layer.items()}
         if loss_reduction == "mean":
             gram = gram * tf.cast(batch, gram.dtype) ** 2
         if check:
@@ -315,6 +340,29 @@ class GramTape:
             result = [e if g is None else (g if e is None else g + tf.cast(e, g.dtype))
                       for g, e in zip(result, extra)]
         return result, gram
+
+    def _contributions(self, by_layer, deltas):
+        """Per layer: its Gram contribution and batch gradients, from the output cotangents."""
+        position = 0
+        grads_by_id: dict[int, Any] = {}
+        gram = None
+        report, layer_grams = [], {}
+        for calls in by_layer.values():
+            layer, rule = calls[0][0], calls[0][1]
+            per_call = []
+            for _, _, capture in calls:
+                n = len(capture["watch"])
+                per_call.append((self._cast(capture), [self._cast_t(d) for d in deltas[position:position + n]]))
+                position += n
+            with tf.name_scope(f"fimcore_{rule.name}"):
+                contribution, grads, path = self._layer(layer, rule, calls, per_call)
+            report.append((layer.name, type(layer).__name__, path))
+            layer_grams[layer.name] = contribution
+            gram = contribution if gram is None else gram + contribution
+            owned = rule.variables(layer)
+            for v, g in zip(owned, grads):
+                grads_by_id[id(v)] = tf.cast(g, v.dtype)
+        return gram, grads_by_id, report, layer_grams
 
     def _check_rows(self, target, claimed, grads_by_id):
         variables = list(claimed.values())
