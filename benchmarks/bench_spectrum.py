@@ -8,8 +8,9 @@ B ∈ {32, 128, 512, 2048}, NumPy and PyTorch, float32 and float64 Grams, it tim
 * ``spectrum``: :func:`fimcore.spectrum` (validation: finite, symmetric, diagonal; cast
   to float64, symmetrise, eigvalsh, sort, clamp);
 * ``cond``: :func:`fimcore.truncated_condition_number` with its default rule (the rank read
-  off the diagonally scaled Gram, a Cholesky test of full rank, the projection onto the
-  resolved subspace when that test fails);
+  off the diagonally scaled Gram C: a Cholesky test of full rank when λ_min(G) allows it,
+  else the eigenvalues of C with the Weyl-separation shortcut, and the projection onto the
+  resolved subspace only when neither decides);
 * ``legacy``: the same call with the previous default tolerance, ``rtol = B·eps`` relative to
   λ_max (one ``eigvalsh`` and a comparison).
 
@@ -242,11 +243,13 @@ def render(rows: list[dict[str, Any]], load: tuple[float, float, float], command
         "`eigvalsh` is the library's own solver on the Gram cast to float64 (the",
         "floor); `spectrum` adds fimcore's validation (finite, symmetric, diagonal), the",
         "float64 cast, symmetrisation, sort and clamp; `cond` is `truncated_condition_number`",
-        "with its default rule (rank on the diagonally scaled Gram, a Cholesky test of full",
-        "rank, projection onto the resolved subspace when it fails); `legacy` is the same",
-        "call with the previous default tolerance `rtol = B·eps` relative to λ_max.",
-        "Gram `full`: J Jᵀ of a Gaussian J of shape (B, 2B); `deficient`: (B, B/2), rank B/2",
-        "(the projection route). Stored in the dtype shown; eigenvalues always in float64.",
+        "with its default rule (rank on the diagonally scaled Gram C: a Cholesky test of full",
+        "rank when λ_min(G) allows it, else the eigenvalues of C with the Weyl-separation",
+        "shortcut, the projection onto the resolved subspace only when neither decides);",
+        "`legacy` is the same call with the previous default tolerance `rtol = B·eps` relative",
+        "to λ_max. Gram `full`: J Jᵀ of a Gaussian J of shape (B, 2B); `deficient`: (B, B/2),",
+        "rank B/2 (the eigenvalues of C; the rank gap is far wider than the separation needs).",
+        "Stored in the dtype shown; eigenvalues always in float64.",
         "",
         f"- Machine: {cpu_model()}, {os.cpu_count()} logical cores (shared; load average at "
         f"start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f})",
