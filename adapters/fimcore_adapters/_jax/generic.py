@@ -14,14 +14,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from fimcore.layers import LayerRecord
 
 from ._checks import (
     accumulation_dtype,
     batch_size,
     check_finite_if_concrete,
     check_params,
+    gradient_dtype,
 )
+from .result import StepInfo, leaf_groups
 
 __all__ = ["per_sample_gram", "value_grad_and_gram"]
 
@@ -35,6 +40,15 @@ def _leaf_gram(a, b, dtype):
         block = fa @ fb.T
         total = block if total is None else total + block
     return total
+
+
+def _grouped_gram(groups, a, b, dtype):
+    """``{layer: Σ_{leaves l of layer} A_l B_lᵀ}`` (the per-layer blocks of :func:`_leaf_gram`)."""
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    out = {}
+    for name, index in groups:
+        out[name] = _leaf_gram([la[i] for i in index], [lb[i] for i in index], dtype)
+    return out
 
 
 def _check_loss_shape(per_example, params, batch, has_aux):
@@ -55,7 +69,8 @@ def _check_loss_shape(per_example, params, batch, has_aux):
         )
 
 
-def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, check_finite=True):
+def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, check_finite=True,
+                        keep_blocks=False):
     """Transform a per-example loss into ``(params, *batch) -> (mean loss, mean gradient, Gram)``.
 
     ``loss_fn(params, *example)`` is the loss ℓ_i of ONE example (the
@@ -70,6 +85,14 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
     ``(mean_loss, aux)`` with ``aux`` stacked over the batch. The function is pure and
     jit-able, and it composes with ``jax.vmap`` (e.g. over an ensemble of parameters).
 
+    With ``keep_blocks=True`` a fourth output holds the per-layer blocks
+    ``{layer: J_l J_lᵀ}`` (a layer is the container of parameter leaves, e.g. ``"Dense_0"``
+    for ``params["Dense_0"]["kernel"]``; top-level leaves are their own layer), and the Gram
+    is their sum, so they add up to it exactly. The returned function also has
+    ``report()`` (the layers of the last trace, each on the ``"generic"`` path) and
+    ``result(gram, blocks=None)``, the :class:`fimcore.GramResult` of a step's outputs for
+    ``fimcore.MeasureTracker.update`` (call it on the host, outside ``jit``).
+
     Args:
         loss_fn: per-example loss ``loss_fn(params, *example) -> scalar``.
         has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
@@ -78,9 +101,10 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
         dtype: Gram dtype. ``None``: float64 if ``jax_enable_x64`` is on, otherwise the
             gradients' dtype (float32). Per-sample gradients are cast to it before the products.
         check_finite: outside ``jit``, raise if a parameter is NaN/Inf (one host sync).
+        keep_blocks: also return ``{layer: (B, B) block}`` summing to the Gram.
 
     Returns:
-        The transformed function.
+        The transformed function (with ``report()`` and ``result()`` attached).
 
     Raises:
         TypeError: integer (non-float) parameter leaves; ``has_aux`` mismatch; non-float dtype.
@@ -104,7 +128,10 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             f"chunk_size must be a positive int or None; received {chunk_size!r}. "
             "Pass e.g. chunk_size=32 to bound memory, or None for one chunk."
         )
+    if not isinstance(keep_blocks, bool):
+        raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}.")
     per_example = jax.value_and_grad(loss_fn, has_aux=has_aux)
+    info = StepInfo()
 
     @functools.wraps(loss_fn)
     def step(params, *batch):
@@ -114,21 +141,41 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
         size = batch_size(batch)
         _check_loss_shape(loss_fn, params, batch, has_aux)
         acc = accumulation_dtype(dtype, params)
+        groups = leaf_groups(params)
+        leaves = jax.tree_util.tree_leaves(params)
+        info.records = [LayerRecord(name, "pytree", "generic", "vmap(grad) per-sample gradients",
+                                    sum(int(np.size(leaves[i])) for i in index), 1)
+                        for name, index in groups]
+        info.grad_dtype, info.batch_size = gradient_dtype(params), size
+        info.num_params = sum(int(np.size(x)) for x in leaves)
+        form = (lambda a, b: _grouped_gram(groups, a, b, acc)) if keep_blocks else (
+            lambda a, b: _leaf_gram(a, b, acc))
         if chunk_size is None or chunk_size >= size:
             out, grads = jax.vmap(per_example, in_axes=(None,) + (0,) * len(batch))(params, *batch)
-            gram = _leaf_gram(grads, grads, acc)
+            gram = form(grads, grads)
             mean_grad = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
         else:
-            out, mean_grad, gram = _chunked(per_example, params, batch, size, chunk_size, acc)
+            out, mean_grad, gram = _chunked(per_example, params, batch, size, chunk_size, acc, form)
+        extra = ()
+        if keep_blocks:
+            blocks = gram
+            gram = None
+            for b in blocks.values():
+                gram = b if gram is None else gram + b
+            extra = (blocks,)
+            concrete = not any(isinstance(b, jax.core.Tracer) for b in blocks.values())
+            info.blocks = blocks if concrete else None
         if has_aux:
             losses, aux = out
-            return (jnp.mean(losses), aux), mean_grad, gram
-        return jnp.mean(out), mean_grad, gram
+            return ((jnp.mean(losses), aux), mean_grad, gram) + extra
+        return (jnp.mean(out), mean_grad, gram) + extra
 
+    step.report = info.report
+    step.result = lambda gram, blocks=None: info.result(gram, blocks, what="the step")
     return step
 
 
-def _chunked(per_example, params, batch, size, chunk, acc):
+def _chunked(per_example, params, batch, size, chunk, acc, form):
     n = -(-size // chunk)
     padded = n * chunk
     index = jnp.minimum(jnp.arange(padded), size - 1)  # pad with copies of the last sample
@@ -152,23 +199,28 @@ def _chunked(per_example, params, batch, size, chunk, acc):
     def outer(carry, a):
         gram, grad_sum = carry
         out, ja = chunk_grads(a)
-        gram = lax.dynamic_update_slice(gram, _leaf_gram(ja, ja, acc), (a * chunk, a * chunk))
+        put = lambda g, block, at: jax.tree_util.tree_map(  # noqa: E731
+            lambda x, y: lax.dynamic_update_slice(x, y, at), g, block)
+        gram = put(gram, form(ja, ja), (a * chunk, a * chunk))
 
         def inner(b, g):
             _, jb = chunk_grads(b)
-            block = _leaf_gram(ja, jb, acc)
-            g = lax.dynamic_update_slice(g, block, (a * chunk, b * chunk))
-            return lax.dynamic_update_slice(g, block.T, (b * chunk, a * chunk))
+            block = form(ja, jb)
+            g = put(g, block, (a * chunk, b * chunk))
+            return put(g, jax.tree_util.tree_map(lambda x: x.T, block), (b * chunk, a * chunk))
 
         gram = lax.fori_loop(0, a, inner, gram)
         grad_sum = jax.tree_util.tree_map(lambda s, g: s + jnp.sum(g, axis=0), grad_sum, ja)
         return (gram, grad_sum), out
 
-    init = (jnp.zeros((padded, padded), acc), zero_grad)
+    shape = jax.eval_shape(lambda p: form(p, p), jax.tree_util.tree_map(
+        lambda p: jax.ShapeDtypeStruct((chunk,) + jnp.shape(p), jnp.result_type(p)), params))
+    zeros = jax.tree_util.tree_map(lambda _: jnp.zeros((padded, padded), acc), shape)
+    init = (zeros, zero_grad)
     (gram, grad_sum), outs = lax.scan(outer, init, jnp.arange(n))
     outs = jax.tree_util.tree_map(lambda o: o.reshape((padded,) + o.shape[2:])[:size], outs)
     mean_grad = jax.tree_util.tree_map(lambda s: s / size, grad_sum)
-    return outs, mean_grad, gram[:size, :size]
+    return outs, mean_grad, jax.tree_util.tree_map(lambda g: g[:size, :size], gram)
 
 
 def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dtype=None):
