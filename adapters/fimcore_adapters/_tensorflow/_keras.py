@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from ._functional import _KERAS_REDUCTIONS
-from ._tape import GramTape
+from ._tape import GramTape, resolve_options
 
 GRAM_KEYS = ("fimcore_gram", "fimcore_measured", "fimcore_lr")
 
@@ -32,19 +32,22 @@ class GramStepMixin:
     """
 
     gram_every = 1
-    gram_layers = None
+    gram_params = None
     gram_dtype = None
-    gram_mode = "registry"
+    gram_strategy = "auto"
 
-    def set_gram_options(self, *, every: int = 1, layers=None, dtype=None, mode: str = "registry"):
-        """Measure every ``every`` steps over ``layers`` (see :class:`GramTape`)."""
+    def set_gram_options(self, *, every: int = 1, params=None, strategy="auto", dtype=None,
+                         layers=None, mode: str | None = None):
+        """Measure every ``every`` steps over ``params`` with ``strategy`` (see :class:`GramTape`;
+        ``layers`` and ``mode`` are their deprecated spellings)."""
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive int; received {every!r}. Use 1 to "
                              "measure every step, 50 for the paper's sampling.")
+        params, strategy = resolve_options(params, strategy, layers, mode, where="set_gram_options")
         object.__setattr__(self, "gram_every", every)
-        object.__setattr__(self, "gram_layers", layers)
+        object.__setattr__(self, "gram_params", params)
         object.__setattr__(self, "gram_dtype", dtype)
-        object.__setattr__(self, "gram_mode", mode)
+        object.__setattr__(self, "gram_strategy", strategy)
         return self
 
     def compile(self, *args, **kwargs):
@@ -64,7 +67,7 @@ class GramStepMixin:
     def _one_step(self, x, y, sample_weight, with_gram: bool):
         variables = self.trainable_variables
         split = type(self).compute_loss is keras.Model.compute_loss and self._compile_loss is not None
-        context = (GramTape(self, layers=self.gram_layers, dtype=self.gram_dtype, mode=self.gram_mode)
+        context = (GramTape(self, params=self.gram_params, dtype=self.gram_dtype, strategy=self.gram_strategy)
                    if with_gram else tf.GradientTape())
         with context as tape:
             y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
@@ -123,7 +126,8 @@ class GramModel(GramStepMixin, keras.Model):
     Args:
         model: the built model to train (its layers and variables are used as they are).
         every: measure the within-epoch steps n with n % every == 0.
-        layers, dtype, mode: as for :class:`GramTape`.
+        params, strategy, dtype: as for :class:`GramTape` (``layers``, ``mode``: their
+            deprecated spellings).
 
     Example:
         >>> import numpy as np, keras
@@ -138,8 +142,8 @@ class GramModel(GramStepMixin, keras.Model):
         ['C_bar', 'I_k', 'L', 'c_k']
     """
 
-    def __init__(self, model, *, every: int = 1, layers=None, dtype=None, mode: str = "registry",
-                 **kwargs):
+    def __init__(self, model, *, every: int = 1, params=None, strategy="auto", dtype=None,
+                 layers=None, mode: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if not getattr(model, "built", False):
             raise ValueError(
@@ -147,7 +151,8 @@ class GramModel(GramStepMixin, keras.Model):
                 "received an unbuilt model. Give it an Input or call model.build(input_shape)."
             )
         self.inner = model
-        self.set_gram_options(every=every, layers=layers, dtype=dtype, mode=mode)
+        self.set_gram_options(every=every, params=params, strategy=strategy, dtype=dtype,
+                              layers=layers, mode=mode)
         self.built = True
 
     def call(self, inputs, training=None):

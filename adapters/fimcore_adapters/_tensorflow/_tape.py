@@ -13,11 +13,38 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from fimcore.layers import LayerRecord, Report, check_strategy
+
+from .._compat import LegacyReportList, deprecated
 from . import _linalg, _rules
+from ._norms import _AffineNormRule
 
 REDUCTIONS = ("mean", "sum", "none")
+_PATHS = {"factored": "factored", "materialised": "materialize", "generic": "generic"}
+
+
+def resolve_options(params, strategy, layers, mode, *, where: str):
+    """``(params, strategy)`` from the common spellings and the deprecated ``layers``/``mode``."""
+    if layers is not None:
+        deprecated(f"{where}(layers=...)", f"{where}(params=...)", stacklevel=4)
+        if params is not None:
+            raise ValueError(f"pass params or its old spelling layers, not both; received both "
+                             f"to {where}.")
+        params = layers
+    if mode is not None:
+        deprecated(f"{where}(mode=...)", f"{where}(strategy=...) with 'auto' for 'registry'",
+                   stacklevel=4)
+        if mode not in ("registry", "generic"):
+            raise ValueError(f"mode must be 'registry' or 'generic'; received {mode!r}.")
+        if strategy != "auto":
+            raise ValueError(f"pass strategy or its old spelling mode, not both; received "
+                             f"strategy={strategy!r} and mode={mode!r}.")
+        strategy = "auto" if mode == "registry" else "generic"
+    check_strategy(strategy)
+    return params, strategy
 
 
 class _Generic(_rules.LayerRule):
@@ -110,13 +137,24 @@ class GramTape:
 
     Args:
         model: a built Keras model (or layer) whose layers are called inside the block.
-        layers: which layers' variables enter G: None (all trainable), a list of layers or
-            layer names, or a predicate ``layer -> bool``. Other variables still get their
-            ordinary gradient.
+        params: which layers' variables enter G (the columns of J): None (all trainable), a
+            list of layers or layer names, or a predicate ``layer -> bool``. Other variables
+            still get their ordinary gradient.
+        strategy: ``"auto"`` (registered rules, each choosing its cheaper exact form by its
+            cost model; the generic path for layers without a rule), ``"factored"`` or
+            ``"materialize"`` (forced on every layer whose rule has both forms),
+            ``"generic"`` (every layer through the generic ``GradientTape.jacobian`` path; a
+            reference), or a dict ``{layer name: strategy}`` with ``"auto"`` elsewhere.
+        keep_blocks: also keep each layer's own block :math:`J_l J_l^\top` of G
+            (:meth:`blocks`, :meth:`result`); G is then their sum, so they add up to it exactly.
         dtype: dtype of the Gram (factors are cast before the products); default the
             per-sample gradients' dtype.
-        mode: ``"registry"`` (registered rules, generic path for the rest) or ``"generic"``
-            (every layer through the generic ``GradientTape.jacobian`` path; a reference).
+        layers: deprecated spelling of ``params``.
+        mode: deprecated spelling of ``strategy`` (``"registry"`` is ``"auto"``).
+
+    After :meth:`gradient_and_gram`, :meth:`report` lists the path each layer took
+    (a :class:`fimcore.layers.Report`), and :meth:`result` gives the step as a
+    :class:`fimcore.GramResult` (eagerly; NumPy arrays) for ``fimcore.MeasureTracker.update``.
 
     Example:
         >>> import numpy as np, keras, tensorflow as tf
@@ -128,25 +166,95 @@ class GramTape:
         >>> grads, gram = tape.gradient_and_gram(loss, model.trainable_variables)
         >>> tuple(gram.shape), [tuple(g.shape) for g in grads]
         ((4, 4), [(3, 2), (2,)])
-        >>> tape.report[0][1:]
-        ('Dense', 'factored')
+        >>> [(r.module, r.path) for r in tape.report()]
+        [('Dense', 'factored')]
     """
 
-    def __init__(self, model, *, layers=None, dtype=None, mode: str = "registry") -> None:
+    def __init__(self, model, *, params=None, strategy="auto", keep_blocks: bool = False,
+                 dtype=None, layers=None, mode: str | None = None) -> None:
         check_built(model)
-        if mode not in ("registry", "generic"):
-            raise ValueError(f"mode must be 'registry' or 'generic'; received {mode!r}.")
+        params, strategy = resolve_options(params, strategy, layers, mode, where="GramTape")
+        if not isinstance(keep_blocks, bool):
+            raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}.")
         self.model = model
-        self.mode = mode
+        self.strategy = strategy
+        self._default, self._strategies = check_strategy(strategy)
+        self.keep_blocks = keep_blocks
         self.dtype = tf.as_dtype(dtype) if dtype is not None else None
-        self._select = _layer_selector(layers)
+        self._select = _layer_selector(params)
         self._tape: tf.GradientTape | None = None
         self._records: list[tuple[Any, _rules.LayerRule, dict]] = []
         self._patched: list[Any] = []
         self._recording = False
-        self.report: list[tuple[str, str, str]] = []
+        self._rows: list[tuple[str, str, str]] = []
+        self._layer_records: list[LayerRecord] = []
+        self._last: dict | None = None
         self.layer_grams: dict[str, Any] = {}
         self.grad_dtype = None
+
+    @property
+    def mode(self) -> str:
+        """Deprecated: ``"generic"`` when ``strategy == "generic"``, else ``"registry"``."""
+        return "generic" if self.strategy == "generic" else "registry"
+
+    def _strategy(self, name: str) -> str:
+        return self._strategies.get(name, self._default)
+
+    @property
+    def report(self):
+        """``report()``: per layer, the path its share of G took in the last step (a
+        :class:`fimcore.layers.Report`; eagerly with each layer's share of ``Tr G``).
+
+        (Reading ``report`` without calling it gives the old list of ``(layer name, layer
+        type, path)`` tuples, with a ``DeprecationWarning``.)
+        """
+        traces = {}
+        blocks = (self._last or {}).get("blocks")
+        if blocks and tf.executing_eagerly() and all(hasattr(b, "numpy") for b in blocks.values()):
+            traces = {k: float(tf.linalg.trace(b)) for k, b in blocks.items()}
+        rep = Report(LayerRecord(r.name, r.module, r.path, r.reason, r.params, r.calls,
+                                 traces.get(r.name)) for r in self._layer_records)
+        return LegacyReportList(self._rows, rep, "GramTape")
+
+    def blocks(self) -> dict:
+        """``{layer name: (B, B) block}`` of the last step, summing to its Gram exactly
+        (tensors; symbolic inside ``tf.function``).
+
+        Raises:
+            RuntimeError: the tape was built without ``keep_blocks=True``, or no
+                :meth:`gradient_and_gram` ran yet.
+        """
+        if not self.keep_blocks:
+            raise RuntimeError("per-layer blocks were not kept: build the tape with "
+                               "GramTape(model, keep_blocks=True)")
+        if self._last is None:
+            raise RuntimeError("no Gram matrix was recorded: call gradient_and_gram(loss) after "
+                               "the `with GramTape(...)` block first.")
+        return dict(self._last["blocks"])
+
+    def result(self):
+        """The last step as a :class:`fimcore.GramResult`: the Gram (and, with
+        ``keep_blocks=True``, the blocks) as NumPy, the gradients' dtype, B, P and the report.
+
+        Raises:
+            RuntimeError: no :meth:`gradient_and_gram` ran yet, or it ran inside a
+                ``tf.function`` (return the Gram from the function and build the result
+                from it with ``fimcore.GramResult`` instead).
+        """
+        from fimcore.results import GramResult
+
+        last = self._last
+        if last is None:
+            raise RuntimeError("no Gram matrix was recorded: call gradient_and_gram(loss) after "
+                               "the `with GramTape(...)` block first.")
+        if not hasattr(last["gram"], "numpy"):
+            raise RuntimeError("result() needs the step's values, but the last gradient_and_gram "
+                               "ran inside a tf.function; return the Gram (and tape.blocks()) "
+                               "from the function and build fimcore.GramResult from them.")
+        blocks = None if last["blocks"] is None else {k: v.numpy() for k, v in last["blocks"].items()}
+        return GramResult(gram=last["gram"].numpy(), grad_dtype=np.dtype(self.grad_dtype.as_numpy_dtype),
+                          batch_size=int(last["gram"].shape[0]), num_params=last["num_params"],
+                          blocks=blocks, report=self.report(), loss_reduction=last["reduction"])
 
     # ----------------------------------------------------------------- recording
 
@@ -159,8 +267,12 @@ class GramTape:
             if not self._select(layer):
                 excluded.update(id(v) for v in own)
                 continue
-            rule = _rules.rule_for(layer) if self.mode == "registry" else None
+            rule = _rules.rule_for(layer) if self._strategy(layer.name) != "generic" else None
             plan.append((layer, rule or GENERIC))
+        unknown = set(self._strategies) - {layer.name for layer, _ in plan}
+        if unknown:
+            raise ValueError(f"strategy names layers that hold no selected trainable variable: "
+                             f"{sorted(unknown)}; covered layers are {[l.name for l, _ in plan]}.")
         return plan, excluded
 
     def _wrap(self, layer, rule):
@@ -288,7 +400,10 @@ class GramTape:
         position = 0
         grads_by_id: dict[int, Any] = {}
         gram = None
-        self.report, self.layer_grams = [], {}
+        self.layer_grams, rows, records, blocks = {}, [], [], {}
+        scale = None
+        if loss_reduction == "mean" and self.keep_blocks:
+            scale = tf.cast(batch, deltas[0].dtype if self.dtype is None else self.dtype) ** 2
         for calls in by_layer.values():
             layer, rule = calls[0][0], calls[0][1]
             per_call = []
@@ -298,14 +413,29 @@ class GramTape:
                 position += n
             with tf.name_scope(f"fimcore_{rule.name}"):
                 contribution, grads, path = self._layer(layer, rule, calls, per_call)
-            self.report.append((layer.name, type(layer).__name__, path))
-            self.layer_grams[layer.name] = contribution
-            gram = contribution if gram is None else gram + contribution
+            rows.append((layer.name, type(layer).__name__, path))
             owned = rule.variables(layer)
+            common = ("norm" if isinstance(rule, _AffineNormRule) and path == "materialised"
+                      else _PATHS.get(path, path))
+            records.append(LayerRecord(layer.name, type(layer).__name__, common,
+                                       f"{rule.name} rule: {path}" if rule is not GENERIC else
+                                       "GradientTape.jacobian of the layer's own outputs",
+                                       sum(int(np.prod(v.shape)) for v in owned), len(calls)))
+            self.layer_grams[layer.name] = contribution
+            if self.keep_blocks:
+                block = contribution if scale is None else contribution * tf.cast(scale, contribution.dtype)
+                blocks[layer.name] = block
+                gram = block if gram is None else gram + block
+            else:
+                gram = contribution if gram is None else gram + contribution
             for v, g in zip(owned, grads):
                 grads_by_id[id(v)] = tf.cast(g, v.dtype)
-        if loss_reduction == "mean":
+        if loss_reduction == "mean" and not self.keep_blocks:
             gram = gram * tf.cast(batch, gram.dtype) ** 2
+        self._rows, self._layer_records = rows, records
+        self._last = {"gram": gram, "blocks": blocks if self.keep_blocks else None,
+                      "num_params": sum(int(np.prod(v.shape)) for v in claimed.values()),
+                      "reduction": "mean" if loss_reduction == "mean" else "sum"}
         if check:
             self._check_rows(target, claimed, grads_by_id)
         grads_by_id.update({id(v): g for v, g in zip(unclaimed, free)})
@@ -348,6 +478,13 @@ class GramTape:
         if rule is GENERIC:
             return self._generic(layer, calls, per_call)
         if len(per_call) == 1:
+            strategy = self._strategy(layer.name)
+            if strategy == "materialize":
+                return _rules.LayerRule.gram_and_grads(rule, layer, *per_call[0])
+            if strategy == "factored":
+                out = rule.factored(layer, *per_call[0])
+                if out is not None:
+                    return out
             return rule.gram_and_grads(layer, *per_call[0])
         blocks = None
         for capture, ds in per_call:  # a layer called several times: sum per-sample blocks
