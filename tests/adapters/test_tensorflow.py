@@ -501,3 +501,29 @@ def test_gram_on_gpu_equals_cpu(models):
         _, gram = tape.gradient_and_gram(loss)
     assert "GPU" in gram.device
     assert_close(gram.numpy(), expected, 1e-8)
+
+
+class _Twice(keras.Model):
+    """``a`` applied, then ``b``, then ``a`` again on ``b``'s output (same shapes), and a
+    layer without a rule (``s``) applied twice in sequence."""
+
+    def __init__(self):
+        super().__init__()
+        L = keras.layers
+        self.a, self.b = L.Dense(4, activation="tanh"), L.Dense(4, activation="tanh")
+        self.s, self.head = L.PReLU(alpha_initializer=keras.initializers.Constant(0.3)), L.Dense(3)
+
+    def call(self, x, training=None):
+        return self.head(self.s(self.s(self.a(self.b(self.a(x))) - 0.2)))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "generic"])
+def test_layers_called_twice_match_the_loop(strategy):
+    """Each call gets its own output gradient (calls of one layer apart from each other), and the
+    generic path does not count the route through its own earlier call twice."""
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(5, 4)), rng.integers(0, 3, 5)
+    model = _Twice()
+    model(x[:1])
+    assert_close(per_sample_gram(model, xent(), x, y, strategy=strategy), loop_gram(model, x, y))

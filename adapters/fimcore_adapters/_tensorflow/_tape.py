@@ -59,9 +59,17 @@ class _Generic(_rules.LayerRule):
 
     def forward(self, layer, call, args, kwargs):
         out = call(*args, **kwargs)
-        watch = [t for t in tf.nest.flatten(out)
-                 if isinstance(t, tf.Tensor) and t.dtype.is_floating]
-        return out, {"watch": watch}
+        return out, generic_capture(out, call, args, kwargs)
+
+
+def _float_tensors(out):
+    return [t for t in tf.nest.flatten(out) if isinstance(t, tf.Tensor) and t.dtype.is_floating]
+
+
+def generic_capture(out, call, args, kwargs):
+    """What the generic path keeps of one call: its floating outputs, and the call itself with
+    its arguments (re-run with inputs held fixed when the layer is called more than once)."""
+    return {"watch": _float_tensors(out), "rerun": (call, args, kwargs)}
 
 
 GENERIC = _Generic()
@@ -284,8 +292,7 @@ class GramTape:
             out, capture = rule.forward(layer, original, args, kwargs)
             used = rule
             if capture is None:
-                used, capture = GENERIC, {"watch": [t for t in tf.nest.flatten(out)
-                                                    if isinstance(t, tf.Tensor) and t.dtype.is_floating]}
+                used, capture = GENERIC, generic_capture(out, original, args, kwargs)
             for t in capture["watch"]:
                 self._tape.watch(t)
             self._records.append((layer, used, capture))
@@ -373,8 +380,12 @@ class GramTape:
             )
         variables = list(self.model.trainable_variables if variables is None else variables)
         by_layer: dict[int, list] = {}
+        starts: dict[int, list] = {}   # where each call's watched outputs begin, in call order
+        position = 0
         for layer, rule, capture in self._records:
             by_layer.setdefault(id(layer), []).append((layer, rule, capture))
+            starts.setdefault(id(layer), []).append(position)
+            position += len(capture["watch"])
         claimed = {}
         for calls in by_layer.values():
             layer, rule = calls[0][0], calls[0][1]
@@ -393,11 +404,10 @@ class GramTape:
                 "every variable that enters the Gram must be used inside the call of the layer "
                 f"that owns it; received variables used elsewhere: {missed}. Register a rule for "
                 "the layer using them (register_layer_rule), or leave them out of G with "
-                "GramTape(..., layers=...)."
+                "GramTape(..., params=...)."
             )
         self.grad_dtype = deltas[0].dtype if deltas else None
         batch = tf.shape(watched[0])[0]
-        position = 0
         grads_by_id: dict[int, Any] = {}
         gram = None
         self.layer_grams, rows, records, blocks = {}, [], [], {}
@@ -407,10 +417,9 @@ class GramTape:
         for calls in by_layer.values():
             layer, rule = calls[0][0], calls[0][1]
             per_call = []
-            for _, _, capture in calls:
+            for (_, _, capture), start in zip(calls, starts[id(layer)]):
                 n = len(capture["watch"])
-                per_call.append((self._cast(capture), [self._cast_t(d) for d in deltas[position:position + n]]))
-                position += n
+                per_call.append((self._cast(capture), [self._cast_t(d) for d in deltas[start:start + n]]))
             with tf.name_scope(f"fimcore_{rule.name}"):
                 contribution, grads, path = self._layer(layer, rule, calls, per_call)
             rows.append((layer.name, type(layer).__name__, path))
@@ -463,7 +472,7 @@ class GramTape:
                 "the per-sample rows of a layer must sum to its batch gradient; received "
                 f"variables read outside the call of the layer that owns them: {bad} (tied "
                 "weights?). Register a rule for the layer that reads them "
-                "(register_layer_rule), or leave them out of G with GramTape(..., layers=...)."
+                "(register_layer_rule), or leave them out of G with GramTape(..., params=...)."
             )
 
     def _cast_t(self, t):
@@ -498,7 +507,15 @@ class GramTape:
         with self._tape:  # re-enter the persistent tape: s_i = Σ_t y_it·δ_it
             s = None
             for (_, _, capture), (_, ds) in zip(calls, per_call):
-                for y, d in zip(capture["watch"], ds):
+                outputs = capture["watch"]
+                if len(calls) > 1:
+                    # a later call's input may depend on an earlier call's output, hence on θ:
+                    # δ already carries that path, so differentiate each call with its inputs fixed
+                    call, args, kwargs = capture["rerun"]
+                    fixed = tf.nest.map_structure(
+                        lambda t: tf.stop_gradient(t) if isinstance(t, tf.Tensor) else t, (args, kwargs))
+                    outputs = _float_tensors(call(*fixed[0], **fixed[1]))
+                for y, d in zip(outputs, ds):
                     term = y * tf.stop_gradient(tf.cast(d, y.dtype))
                     term = tf.reduce_sum(tf.reshape(term, tf.stack([tf.shape(term)[0], -1])), axis=1)
                     s = term if s is None else s + term
