@@ -278,3 +278,18 @@ def test_keep_blocks_per_container_sum_to_the_loop_gram(problem, reference, chun
 def test_keep_blocks_must_be_a_bool():
     with pytest.raises(ValueError, match="keep_blocks must be True or False"):
         value_grad_and_gram(mlp_loss, keep_blocks="yes")
+
+
+def test_memory_budget_sets_the_chunk_size(problem, reference):
+    """A budget of two samples' gradients is chunk_size=1: the loop's Gram, chunk by chunk."""
+    params, x, y = problem
+    per_sample = sum(np.size(v) * 8 for v in jax.tree_util.tree_leaves(params))
+    step = value_grad_and_gram(mlp_loss, memory_budget=2 * per_sample + 7)
+    gram = jax.jit(step)(params, x, y)[2]
+    np.testing.assert_allclose(np.asarray(gram), reference[2], rtol=1e-12, atol=1e-12)
+    chunked = jax.jit(value_grad_and_gram(mlp_loss, chunk_size=1))(params, x, y)[2]
+    np.testing.assert_array_equal(np.asarray(gram), np.asarray(chunked))
+    with pytest.raises(ValueError, match="not both"):
+        value_grad_and_gram(mlp_loss, memory_budget=100, chunk_size=2)
+    with pytest.raises(ValueError, match="memory_budget must be None or a positive"):
+        value_grad_and_gram(mlp_loss, memory_budget=0)

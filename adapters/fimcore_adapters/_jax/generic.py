@@ -70,7 +70,7 @@ def _check_loss_shape(per_example, params, batch, has_aux):
 
 
 def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, check_finite=True,
-                        keep_blocks=False):
+                        keep_blocks=False, memory_budget=None):
     """Transform a per-example loss into ``(params, *batch) -> (mean loss, mean gradient, Gram)``.
 
     ``loss_fn(params, *example)`` is the loss ℓ_i of ONE example (the
@@ -102,6 +102,9 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             gradients' dtype (float32). Per-sample gradients are cast to it before the products.
         check_finite: outside ``jit``, raise if a parameter is NaN/Inf (one host sync).
         keep_blocks: also return ``{layer: (B, B) block}`` summing to the Gram.
+        memory_budget: None or bytes for the per-sample gradients alive at once: sets
+            ``chunk_size = max(1, memory_budget // (2·P·itemsize))`` (two chunks of P-sized
+            gradients are alive for an off-diagonal block); exclusive with ``chunk_size``.
 
     Returns:
         The transformed function (with ``report()`` and ``result()`` attached).
@@ -109,7 +112,7 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
     Raises:
         TypeError: integer (non-float) parameter leaves; ``has_aux`` mismatch; non-float dtype.
         ValueError: non-scalar per-example loss, batch leaves with different leading sizes,
-            non-positive ``chunk_size``, float64 requested with x64 off, non-finite parameters
+            non-positive ``chunk_size`` or ``memory_budget``, both given, float64 requested with x64 off, non-finite parameters
             (outside ``jit``).
 
     Example:
@@ -130,6 +133,13 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
         )
     if not isinstance(keep_blocks, bool):
         raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}.")
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+            raise ValueError(f"memory_budget must be None or a positive number of bytes; received "
+                             f"{memory_budget!r}.")
+        if chunk_size is not None:
+            raise ValueError(f"pass chunk_size or memory_budget, not both; received chunk_size="
+                             f"{chunk_size!r} and memory_budget={memory_budget!r}.")
     per_example = jax.value_and_grad(loss_fn, has_aux=has_aux)
     info = StepInfo()
 
@@ -150,12 +160,16 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
         info.num_params = sum(int(np.size(x)) for x in leaves)
         form = (lambda a, b: _grouped_gram(groups, a, b, acc)) if keep_blocks else (
             lambda a, b: _leaf_gram(a, b, acc))
-        if chunk_size is None or chunk_size >= size:
+        chunk = chunk_size
+        if memory_budget is not None:
+            per_sample = sum(int(np.size(x)) * jnp.dtype(jnp.result_type(x)).itemsize for x in leaves)
+            chunk = max(1, memory_budget // (2 * per_sample))
+        if chunk is None or chunk >= size:
             out, grads = jax.vmap(per_example, in_axes=(None,) + (0,) * len(batch))(params, *batch)
             gram = form(grads, grads)
             mean_grad = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
         else:
-            out, mean_grad, gram = _chunked(per_example, params, batch, size, chunk_size, acc, form)
+            out, mean_grad, gram = _chunked(per_example, params, batch, size, chunk, acc, form)
         extra = ()
         if keep_blocks:
             blocks = gram
@@ -223,7 +237,8 @@ def _chunked(per_example, params, batch, size, chunk, acc, form):
     return outs, mean_grad, jax.tree_util.tree_map(lambda g: g[:size, :size], gram)
 
 
-def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dtype=None):
+def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dtype=None,
+                    memory_budget=None):
     """Gram ``G = J Jᵀ`` (B×B) of the per-sample gradients ``J_i = ∇_θ loss_fn(params, *example_i)``.
 
     One-off form of :func:`value_grad_and_gram` (same arguments and errors); returns only
@@ -236,6 +251,7 @@ def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dty
         >>> per_sample_gram(loss, jnp.ones(2), jnp.array([[1.0, 2.0], [3.0, 4.0]])).tolist()
         [[5.0, 11.0], [11.0, 25.0]]
     """
-    return value_grad_and_gram(loss_fn, has_aux=has_aux, chunk_size=chunk_size, dtype=dtype)(
+    return value_grad_and_gram(loss_fn, has_aux=has_aux, chunk_size=chunk_size, dtype=dtype,
+                               memory_budget=memory_budget)(
         params, *batch
     )[2]
