@@ -151,3 +151,29 @@ def test_keep_blocks_and_result_feed_the_tracker():
         model(x)
     with pytest.raises(RuntimeError, match="keep_blocks=True"):
         plain.blocks()
+
+
+def test_report_traces_without_kept_blocks_and_inside_tf_function():
+    """Eagerly the report's traces add up to Tr G with or without kept blocks; inside a
+    tf.function there are no values, so no traces, and result() says what to do."""
+    x, y, _ = data()
+    model = net()
+    with GramTape(model) as tape:
+        loss = xent()(y, model(x, training=True))
+    _, gram = tape.gradient_and_gram(loss)
+    assert sum(r.trace for r in tape.report()) == pytest.approx(float(np.trace(gram.numpy())), rel=1e-12)
+
+    graph_tape = GramTape(model, keep_blocks=True)
+
+    @tf.function
+    def step():
+        with graph_tape:
+            loss = xent()(y, model(x, training=True))
+        return graph_tape.gradient_and_gram(loss)[1], graph_tape.blocks()
+
+    g, blocks = step()
+    np.testing.assert_allclose(g.numpy(), gram.numpy(), rtol=1e-12, atol=1e-14 * np.abs(gram.numpy()).max())
+    np.testing.assert_array_equal(sum(b.numpy() for b in blocks.values()), g.numpy())
+    assert [r.trace for r in graph_tape.report()] == [None, None]
+    with pytest.raises(RuntimeError, match="inside a tf.function"):
+        graph_tape.result()

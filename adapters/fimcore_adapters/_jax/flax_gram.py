@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fimcore.layers import LayerRecord, check_strategy
+from fimcore.layers import LayerRecord, PerLayerSink, check_strategy
 
 from .._compat import LegacyReportDict, deprecated
 from . import flax_layers as layers
@@ -224,13 +224,14 @@ class FlaxGram:
         grads = jax.tree_util.tree_map(jnp.zeros_like, nn.meta.unbox(params))
         grads = _to_dict(grads)
         gram = jnp.zeros((size, size), acc)
-        how, records, blocks = {}, [], {}
+        how, records = {}, []
+        sink = PerLayerSink() if self.keep_blocks else None   # the core's per-layer sink
         scale = jnp.asarray(size * size, acc)
         for path, items in groups.items():
             label = "/".join(path) or "<root>"
             block, layer_grads, how[label] = self._group(items, size, acc, self._strategy(label))
             if self.keep_blocks:
-                blocks[label] = block * scale
+                sink.add_block(label, block * scale)
             else:
                 gram = gram + block
             node = grads
@@ -246,10 +247,7 @@ class FlaxGram:
                                        len(items)))
         self._how, self._info.records = how, records
         if self.keep_blocks:
-            gram = None
-            for b in blocks.values():
-                gram = b if gram is None else gram + b
-            return grads, gram, blocks
+            return grads, sink.gram(), sink.blocks()
         return grads, gram * scale, None
 
     def _group(self, items, size, acc, strategy="auto"):

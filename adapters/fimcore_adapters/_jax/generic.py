@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fimcore.layers import LayerRecord
+from fimcore.layers import LayerRecord, PerLayerSink
 
 from ._checks import (
     accumulation_dtype,
@@ -172,10 +172,10 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             out, mean_grad, gram = _chunked(per_example, params, batch, size, chunk, acc, form)
         extra = ()
         if keep_blocks:
-            blocks = gram
-            gram = None
-            for b in blocks.values():
-                gram = b if gram is None else gram + b
+            sink = PerLayerSink()                       # the core's per-layer sink
+            for name, block in gram.items():
+                sink.add_block(name, block)
+            gram, blocks = sink.gram(), sink.blocks()
             extra = (blocks,)
             concrete = not any(isinstance(b, jax.core.Tracer) for b in blocks.values())
             info.blocks = blocks if concrete else None

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fimcore.layers import LayerRecord, Report, check_strategy
+from fimcore.layers import LayerRecord, PerLayerSink, Report, check_strategy
 
 from .._compat import LegacyReportList, deprecated
 from . import _linalg, _rules
@@ -217,9 +217,14 @@ class GramTape:
         type, path)`` tuples, with a ``DeprecationWarning``.)
         """
         traces = {}
-        blocks = (self._last or {}).get("blocks")
-        if blocks and tf.executing_eagerly() and all(hasattr(b, "numpy") for b in blocks.values()):
-            traces = {k: float(tf.linalg.trace(b)) for k, b in blocks.items()}
+        last = self._last or {}
+        blocks, scale = last.get("blocks"), 1.0
+        if blocks is None:             # unscaled per-layer contributions, kept in any case
+            blocks, scale = self.layer_grams, last.get("scale", 1.0)
+        values = list(blocks.values()) + ([scale] if isinstance(scale, tf.Tensor) else [])
+        if blocks and not any(tf.is_symbolic_tensor(v) for v in values):   # eager values only
+            scale = float(scale) ** 2 if isinstance(scale, tf.Tensor) else scale
+            traces = {k: float(tf.linalg.trace(b)) * scale for k, b in blocks.items()}
         rep = Report(LayerRecord(r.name, r.module, r.path, r.reason, r.params, r.calls,
                                  traces.get(r.name)) for r in self._layer_records)
         return LegacyReportList(self._rows, rep, "GramTape")
@@ -255,7 +260,7 @@ class GramTape:
         if last is None:
             raise RuntimeError("no Gram matrix was recorded: call gradient_and_gram(loss) after "
                                "the `with GramTape(...)` block first.")
-        if not hasattr(last["gram"], "numpy"):
+        if tf.is_symbolic_tensor(last["gram"]):
             raise RuntimeError("result() needs the step's values, but the last gradient_and_gram "
                                "ran inside a tf.function; return the Gram (and tape.blocks()) "
                                "from the function and build fimcore.GramResult from them.")
@@ -410,7 +415,8 @@ class GramTape:
         batch = tf.shape(watched[0])[0]
         grads_by_id: dict[int, Any] = {}
         gram = None
-        self.layer_grams, rows, records, blocks = {}, [], [], {}
+        self.layer_grams, rows, records = {}, [], []
+        sink = PerLayerSink() if self.keep_blocks else None   # the core's per-layer sink
         scale = None
         if loss_reduction == "mean" and self.keep_blocks:
             scale = tf.cast(batch, deltas[0].dtype if self.dtype is None else self.dtype) ** 2
@@ -432,17 +438,19 @@ class GramTape:
                                        sum(int(np.prod(v.shape)) for v in owned), len(calls)))
             self.layer_grams[layer.name] = contribution
             if self.keep_blocks:
-                block = contribution if scale is None else contribution * tf.cast(scale, contribution.dtype)
-                blocks[layer.name] = block
-                gram = block if gram is None else gram + block
+                sink.add_block(layer.name, contribution if scale is None
+                               else contribution * tf.cast(scale, contribution.dtype))
             else:
                 gram = contribution if gram is None else gram + contribution
             for v, g in zip(owned, grads):
                 grads_by_id[id(v)] = tf.cast(g, v.dtype)
-        if loss_reduction == "mean" and not self.keep_blocks:
+        if self.keep_blocks:
+            gram = sink.gram()
+        elif loss_reduction == "mean":
             gram = gram * tf.cast(batch, gram.dtype) ** 2
         self._rows, self._layer_records = rows, records
-        self._last = {"gram": gram, "blocks": blocks if self.keep_blocks else None,
+        self._last = {"gram": gram, "blocks": sink.blocks() if self.keep_blocks else None,
+                      "scale": 1.0 if loss_reduction != "mean" else batch,
                       "num_params": sum(int(np.prod(v.shape)) for v in claimed.values()),
                       "reduction": "mean" if loss_reduction == "mean" else "sum"}
         if check:
