@@ -432,3 +432,27 @@ def test_keep_blocks_jitted_result_feeds_the_tracker(token_problem):
     assert sum(r.trace for r in result.report) == pytest.approx(float(jnp.trace(gram)), rel=1e-12)
     m = fimcore.MeasureTracker().update(result, lr=0.1)
     assert m.c_k == pytest.approx(fimcore.MeasureTracker().update(np.asarray(gram), lr=0.1).c_k, rel=1e-9)
+
+
+def test_params_selects_the_columns_of_J(token_problem):
+    """Only the named modules' columns enter G (the loop's J restricted to them); every
+    parameter still gets its batch gradient."""
+    model, variables, ids, y = token_problem
+    _, ref_grad, _ = loop_reference(model, variables, ids, y)
+    rows = []
+    for i in range(ids.shape[0]):
+        g = jax.grad(lambda p: cross_entropy(model.apply({"params": p}, ids[i:i + 1]), y[i:i + 1])[0])(
+            variables["params"])
+        rows.append(np.concatenate([np.asarray(v).ravel() for v in jax.tree_util.tree_leaves(
+            {k: g[k] for k in ("Dense_0", "Embed_0")})]))
+    J = np.stack(rows)
+    step = FlaxGram(model, cross_entropy, params=["Dense_0", "Embed_0"], keep_blocks=True)
+    _, grad, gram, blocks = step(variables, ids, y)
+    np.testing.assert_allclose(np.asarray(gram), J @ J.T, rtol=1e-10, atol=1e-12 * np.abs(J @ J.T).max())
+    np.testing.assert_allclose(flat(grad), ref_grad, rtol=1e-10, atol=1e-13)
+    assert sorted(blocks) == ["Dense_0", "Embed_0"] == sorted(step.report().paths())
+    assert step.result(gram, blocks).num_params == J.shape[1]
+    with pytest.raises(ValueError, match=r"params names no parameterised module.*\['nope'\]"):
+        FlaxGram(model, cross_entropy, params=["nope"])(variables, ids, y)
+    with pytest.raises(TypeError, match="params must be None or module paths"):
+        FlaxGram(model, cross_entropy, params=[3])

@@ -77,6 +77,9 @@ class FlaxGram:
             parameterised module through the exact re-run of the fallback; slow, for
             checking), or a dict ``{module path: strategy}`` with ``"auto"`` elsewhere.
         keep_blocks: also return the per-layer blocks (see above).
+        params: None (every parameterised module) or module paths (``"Dense_0"``; a path
+            also selects the modules under it) whose parameters are the columns of J; the
+            others still get their batch gradient.
         dense_form: deprecated spelling of ``strategy`` (``"materialised"`` is
             ``"materialize"``).
         fallback: for unrecognised parameterised modules, ``"vmap"`` (exact rows from a re-run
@@ -110,8 +113,8 @@ class FlaxGram:
     """
 
     def __init__(self, model, loss_fn, *, mutable=False, apply_kwargs=None, dtype=None,
-                 strategy="auto", keep_blocks=False, fallback="vmap", check_finite=True,
-                 dense_form=None):
+                 strategy="auto", keep_blocks=False, params=None, fallback="vmap",
+                 check_finite=True, dense_form=None):
         if dense_form is not None:
             deprecated("FlaxGram(dense_form=...)", "FlaxGram(strategy=...) with 'auto', "
                        "'factored' or 'materialize'")
@@ -126,6 +129,13 @@ class FlaxGram:
         self._default, self._strategies = check_strategy(strategy)
         if not isinstance(keep_blocks, bool):
             raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}.")
+        if params is not None:
+            params = (params,) if isinstance(params, str) else tuple(params)
+            bad = [p for p in params if not isinstance(p, str)]
+            if bad or not params:
+                raise TypeError(f"params must be None or module paths (strings such as 'Dense_0' or "
+                                f"'block/Conv_0'); received {bad or params!r}.")
+        self.params = params
         if fallback not in ("vmap", "error"):
             raise ValueError(f"fallback must be 'vmap' or 'error'; received {fallback!r}.")
         if not isinstance(model, nn.Module):
@@ -144,6 +154,9 @@ class FlaxGram:
 
     def _strategy(self, name: str) -> str:
         return self._strategies.get(name, self._default)
+
+    def _selected(self, name: str) -> bool:
+        return self.params is None or any(name == p or name.startswith(p + "/") for p in self.params)
 
     @property
     def dense_form(self) -> str:
@@ -198,6 +211,13 @@ class FlaxGram:
                 f"parameterised modules are {sorted({'/'.join(c.path) or '<root>' for c in discover.calls})}."
             )
 
+        labels = {"/".join(c.path) or "<root>" for c in discover.calls}
+        if self.params is not None:
+            missing = [p for p in self.params if not any(n == p or n.startswith(p + "/") for n in labels)]
+            if missing:
+                raise ValueError(f"params names no parameterised module used in the step: {missing}; "
+                                 f"parameterised modules are {sorted(labels)}.")
+
         rec = Recorder(size, None, self.fallback, generic)
 
         def batch_loss(perturbations):
@@ -209,7 +229,8 @@ class FlaxGram:
         mean_grad, gram, blocks = self._assemble(rec.calls, arrays, deltas, params, size, acc)
         info = self._info
         info.grad_dtype, info.batch_size = gradient_dtype(params), size
-        info.num_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+        info.num_params = (sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+                           if self.params is None else sum(r.params for r in info.records))
         concrete = blocks is not None and not any(isinstance(b, jax.core.Tracer) for b in blocks.values())
         info.blocks = blocks if concrete else None
         out = (mean_loss, mean_grad, gram) + ((state,) if self.mutable else ())
@@ -229,16 +250,21 @@ class FlaxGram:
         scale = jnp.asarray(size * size, acc)
         for path, items in groups.items():
             label = "/".join(path) or "<root>"
-            block, layer_grads, how[label] = self._group(items, size, acc, self._strategy(label))
-            if self.keep_blocks:
+            block, layer_grads, reason = self._group(items, size, acc, self._strategy(label))
+            selected = self._selected(label)
+            if selected:
+                how[label] = reason
+            if selected and self.keep_blocks:
                 sink.add_block(label, block * scale)
-            else:
+            elif selected:
                 gram = gram + block
             node = grads
             for name in path:
                 node = node[name]
             for name, value in layer_grads.items():
                 node[name] = value.astype(node[name].dtype).reshape(node[name].shape)
+            if not selected:
+                continue
             call = items[0][0]
             own = {k: v for k, v in call.module.variables.get("params", {}).items()
                    if not hasattr(v, "items")}
