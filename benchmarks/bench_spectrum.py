@@ -16,6 +16,11 @@ B ∈ {32, 128, 512, 2048}, NumPy and PyTorch, float32 and float64 Grams, it tim
 Two Grams per size: ``full``, J Jᵀ of a Gaussian J of shape (B, 2B) (the common, full-rank
 case), and ``deficient``, of shape (B, B/2) (rank B/2: the projection route).
 
+``--stats`` times instead every function of :mod:`fimcore.stats` on one B = ``--stats-size``
+(default 128) float64 Gram (NumPy), beside the float64 ``eigvalsh`` of the same Gram, and a
+``MeasureTracker.update`` with every statistic against one with the default two; written to
+``benchmarks/results/spectrum_stats.md``. Each statistic must stay below the eigen-solve.
+
 Each figure is the median wall time of ``--repeats`` calls after one warm-up call, the
 three functions interleaved per repetition. Nothing is asserted: the table is printed and
 written to ``benchmarks/results/spectrum.md`` with the machine and the versions
@@ -120,6 +125,67 @@ def measure(sizes: tuple[int, ...], base_repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def stats_calls(gram: np.ndarray) -> dict[str, Callable[[], Any]]:
+    """name -> call of one fimcore.stats function (and tracker updates) on ``gram``."""
+    from fimcore import stats as S
+
+    P = 10 * gram.shape[0] ** 2
+    every = fimcore.MeasureTracker(statistics=(*S.DEFAULT, *S.statistics_from_names("all")))
+    default = fimcore.MeasureTracker()
+    return {
+        "eigvalsh (float64)": lambda: np.linalg.eigvalsh(gram),
+        "noise_scale": lambda: S.noise_scale(gram),
+        "norm_test": lambda: S.norm_test(gram),
+        "inner_product_test": lambda: S.inner_product_test(gram),
+        "orthogonality_test": lambda: S.orthogonality_test(gram),
+        "effective_rank": lambda: S.effective_rank(gram),
+        "stable_rank": lambda: S.stable_rank(gram),
+        "fisher_spectrum_stats": lambda: S.fisher_spectrum_stats(gram, P),
+        "tracker.update, default statistics": lambda: default.update(gram, lr=0.1),
+        "tracker.update, every statistic": lambda: every.update(gram, lr=0.1, num_params=P),
+    }
+
+
+def measure_stats(size: int, repeats: int) -> list[tuple[str, float, float]]:
+    """(name, median CPU s, median wall s) per call, interleaved, after one warm-up."""
+    calls = stats_calls(make_gram(size, "float64"))
+    for fn in calls.values():
+        fn()
+    wall: dict[str, list[float]] = {k: [] for k in calls}
+    cpu: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            w, c = time_call(fn)
+            wall[key].append(w)
+            cpu[key].append(c)
+    return [(k, statistics.median(cpu[k]), statistics.median(wall[k])) for k in calls]
+
+
+def render_stats(rows, size: int, repeats: int, load, command) -> str:
+    base = rows[0][1]
+    lines = [
+        f"# Cost of the fimcore.stats functions on a B = {size} Gram",
+        "",
+        "Median CPU (wall) time per call in ms, after one warm-up, calls interleaved per "
+        f"repetition ({repeats} repetitions); NumPy float64 Gram J Jᵀ of a Gaussian J (B, 2B). "
+        "`ratio` is CPU time over the float64 `eigvalsh` of the same Gram (each function validates "
+        "the Gram and takes its own eigen-solve where it needs one).",
+        "",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} logical cores (shared; load average at "
+        f"start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f})",
+        f"- Versions: {versions()}",
+        f"- Threads: {threads()}",
+        f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Command: `{' '.join(['python -m benchmarks.bench_spectrum', *command])}`",
+        "",
+        "| call | CPU (wall) ms | ratio to eigvalsh |",
+        "|---|---:|---:|",
+    ]
+    for name, c, w in rows:
+        lines.append(f"| {name} | {c * 1e3:.3f} ({w * 1e3:.3f}) | {c / base if base > 0 else float('nan'):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def cpu_model() -> str:
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -211,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS,
                         help="Markdown file to write ('-' to only print)")
     parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    parser.add_argument("--stats", action="store_true",
+                        help="time the fimcore.stats functions on one Gram instead (spectrum_stats.md)")
+    parser.add_argument("--stats-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None,
                         help="pin BLAS/OpenMP pools and torch to this many threads")
     raw_argv = sys.argv[1:] if argv is None else argv
@@ -225,6 +294,16 @@ def main(argv: list[str] | None = None) -> None:
             pass
     load = os.getloadavg()
     command = [a for a in raw_argv]
+    if args.stats:
+        out = args.out if args.out != RESULTS else RESULTS.with_name("spectrum_stats.md")
+        table = render_stats(measure_stats(args.stats_size, args.repeats), args.stats_size,
+                             args.repeats, load, command)
+        print(table)
+        if str(out) != "-":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(table)
+            print(f"written to {out}", file=sys.stderr)
+        return
     table = render(measure(tuple(args.sizes), args.repeats), load, command)
     print(table)
     if str(args.out) != "-":

@@ -158,7 +158,12 @@ def resolved(sym: Any, eigs: Any, *, eps_acc: float, eps_grad: float, xp: Any,
     if not project and bool(xp.all(nonzero)):
         d = xp.sqrt(diag)
         c_mat = sym / (d[:, None] * d[None, :])
-        if _positive_definite(c_mat, tau, xp=xp):
+        # λ_min(G) ≥ λ_min(C)·min G_ii (Ostrowski): C − τI positive definite puts λ_min(G)
+        # above τ·min G_ii. When the computed λ_min(G) lies below that, the Cholesky test is
+        # skipped. It is a fast path only: the eigenvalue route below finds r = B by itself
+        # whenever the rank is full, so skipping it never changes the result's meaning.
+        maybe_definite = bool(eigs[0] >= tau * xp.min(diag))
+        if maybe_definite and _positive_definite(c_mat, tau, xp=xp):
             rank = xp.asarray(size, dtype=int_dtype, device=_device(sym))
             return _limit_and_finish(lam_max, eigs[0], rank, diag, nonzero, tau, xp=xp)
         separated = _separated_minimum(c_mat, eigs, diag, tau, xp=xp)

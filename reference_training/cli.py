@@ -46,9 +46,11 @@ def _add_common(p: argparse.ArgumentParser, *, grid: bool) -> None:
                    help="per-sample conv gradients; 'auto' times candidates per process, so a "
                         "resumed run may then differ in the last bits")
     p.add_argument("--stats", default=None,
-                   help="extra statistics per measured step, comma list of noise_scale, "
-                        "norm_test (with inner_product_test, orthogonality_test), "
-                        "effective_rank/stable_rank, fisher_spectrum")
+                   help="extra statistics per measured step in metrics.jsonl: a comma list of "
+                        "fimcore.stats names or record fields (noise_scale/B_simple, "
+                        "batch_tests/norm_test/inner_product_test/orthogonality_test, "
+                        "spectrum_shape/effective_rank/stable_rank, fisher_spectrum/m_lambda/"
+                        "s_lambda/lambda_max_F/outliers, per_layer), or 'all'")
     p.add_argument("--policy-options", default=None,
                    help="for --batch-schedule auto:<rule>: key=value,... (min, max, multiple_of, "
                         "patience, max_growth, allow_shrink, lr_coupling, and the rule's options)")

@@ -11,11 +11,18 @@ from .schedules import parse_batch_schedule
 
 __all__ = ["RunConfig", "STATS", "statistic_names"]
 
-#: names accepted by ``--stats`` → the statistic recording them
-STATS = {"noise_scale": "noise_scale", "batch_tests": "batch_tests", "norm_test": "batch_tests",
-         "inner_product_test": "batch_tests", "orthogonality_test": "batch_tests",
-         "spectrum_shape": "spectrum_shape", "effective_rank": "spectrum_shape",
-         "stable_rank": "spectrum_shape", "fisher_spectrum": "fisher_spectrum"}
+def _catalogue() -> dict[str, str]:
+    """Every name ``--stats`` accepts → the statistic recording it (all of ``fimcore.stats``)."""
+    from fimcore import stats as S
+    from fimcore.stats.base import ALWAYS, registered_fields
+
+    fields = {f: s for f, s in registered_fields().items() if s not in ALWAYS}
+    return {**{s: s for s in fields.values()}, **fields}
+
+
+#: names accepted by ``--stats`` → the statistic recording them: every statistic of
+#: ``fimcore.stats`` by its name or by one of its record fields (plus ``all``)
+STATS = _catalogue()
 
 
 def statistic_names(stats: str | None) -> list[str]:
@@ -27,14 +34,16 @@ def statistic_names(stats: str | None) -> list[str]:
     Example:
         >>> statistic_names("norm_test,noise_scale,stable_rank")
         ['noise_scale', 'batch_tests', 'spectrum_shape']
+        >>> statistic_names("all")
+        ['noise_scale', 'batch_tests', 'spectrum_shape', 'fisher_spectrum', 'per_layer']
     """
+    from fimcore.stats import statistics_from_names
+
     names = [n.strip() for n in (stats or "").split(",") if n.strip()]
-    unknown = [n for n in names if n not in STATS]
+    unknown = [n for n in names if n not in STATS and n != "all"]
     if unknown:
-        raise ValueError(f"--stats takes names from {sorted(STATS)}; received unknown {unknown}.")
-    wanted = {STATS[n] for n in names}
-    order = ("noise_scale", "batch_tests", "spectrum_shape", "fisher_spectrum")
-    return [n for n in order if n in wanted]
+        raise ValueError(f"--stats takes names from {sorted(STATS) + ['all']}; received unknown {unknown}.")
+    return [s.name for s in statistics_from_names(names)]
 
 
 @dataclass
@@ -99,11 +108,9 @@ class RunConfig:
 
     def statistics(self) -> tuple:
         """The extra statistics ``stats`` names (instances, in a fixed order)."""
-        from fimcore import stats as S
+        from fimcore.stats import statistics_from_names
 
-        make = {"noise_scale": S.NoiseScale, "batch_tests": S.BatchTests,
-                "spectrum_shape": S.SpectrumShape, "fisher_spectrum": S.FisherSpectrum}
-        return tuple(make[name]() for name in statistic_names(self.stats))
+        return statistics_from_names(statistic_names(self.stats))
 
     @property
     def schedule_spec(self) -> str:

@@ -79,6 +79,22 @@ def _p(p):
     return "–" if p is None or (isinstance(p, float) and math.isnan(p)) else f"{p:.2g}"
 
 
+def _without_short_last_batches(measures: list[dict]) -> list[dict]:
+    """The measures without each epoch's final, shorter remainder batch (N mod B samples).
+
+    The batch size a schedule or policy *chose* is what the figure shows; the remainder batch
+    is smaller by the data's size, not by a decision.
+    """
+    kept = []
+    for i, m in enumerate(measures):
+        last_of_epoch = i + 1 == len(measures) or measures[i + 1]["epoch"] != m["epoch"]
+        if last_of_epoch and i > 0 and measures[i - 1]["epoch"] == m["epoch"] \
+                and m["batch_size"] < measures[i - 1]["batch_size"]:
+            continue
+        kept.append(m)
+    return kept
+
+
 def _batch_figure(runs: list[Run], path: Path) -> None:
     import matplotlib
 
@@ -90,14 +106,16 @@ def _batch_figure(runs: list[Run], path: Path) -> None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, label in enumerate(labels):
         for j, r in enumerate(x for x in runs if x.label == label and x.measures):
-            it = np.array([m["iteration"] for m in r.measures])
-            b = np.array([m["batch_size"] for m in r.measures])
+            kept = _without_short_last_batches(r.measures)
+            it = np.array([m["iteration"] for m in kept])
+            b = np.array([m["batch_size"] for m in kept])
             ax.step(it, b, where="post", color=colours[i % len(colours)], alpha=0.8,
                     label=label if j == 0 else None, lw=1.2)
     ax.set_xlabel("iteration")
     ax.set_ylabel("batch size")
     ax.set_yscale("log", base=2)
-    ax.set_title("Batch size over training (every seed)")
+    ax.set_title("Batch size over training (every seed; short last batch of each epoch not drawn)",
+                 fontsize=10)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import fimcore
 from fimcore_adapters.torch import GramRecorder
 
-from .config import RunConfig
+from .config import RunConfig, statistic_names
 from .data import ImageDataset, augment, load_dataset, normalise
 from .models import build_model, count_parameters
 from .schedules import lr_at, make_schedule, parse_batch_schedule, run_label
@@ -142,8 +142,10 @@ def _set_rng_state(state: dict[str, Any], data_gen: torch.Generator) -> None:
 
 
 def _make_recorder(model: torch.nn.Module, config: RunConfig) -> GramRecorder:
+    # per-layer statistics read each module's block of G: keep them only when asked for
+    keep = "per_layer" in statistic_names(config.stats)
     return GramRecorder(model, loss_reduction="mean", strategy=config.gram_strategy,
-                        conv_method=config.conv_method)
+                        conv_method=config.conv_method, keep_blocks=keep)
 
 
 # --------------------------------------------------------------------------- the run
@@ -275,8 +277,10 @@ def _measure(run: _Run, metrics, *, epoch: int, n: int, n_iters: int, batch: int
         run.log(f"diverged at epoch {epoch}, iteration {run.iteration}: non-finite Gram")
         return False
     weight = min(run.config.measure_every, n_iters - n)
+    blocks = run.recorder.blocks() if run.recorder.keep_blocks else None
     m = run.tracker.update(gram, lr=lr, weight=weight, batch_size=batch,
-                           grad_dtype=run.recorder.grad_dtype, num_params=run.num_params)
+                           grad_dtype=run.recorder.grad_dtype, num_params=run.num_params,
+                           blocks=blocks)
     line = {
         "type": "measure", "k": m.k, "iteration": run.iteration, "epoch": epoch,
         "lr": lr, "batch_size": batch, "weight": weight,

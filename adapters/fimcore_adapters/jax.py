@@ -21,6 +21,11 @@ Two roles:
 
 2. **One-off functions**: :func:`per_sample_gram` and :func:`flax_per_sample_gram`.
 
+Sampled-label ("true") Fisher: build the loss as :func:`output_loss` ``(predict, "cross_entropy")``
+(or ``"mse"``) and pass ``fisher="sampled"`` (``mc_samples``, ``seed``, ``key=`` per step) to
+:func:`value_grad_and_gram`; :func:`output_jacobian_gram` gives the (B·C, B·C) NTK Gram and its
+loss-Hessian-weighted form.
+
 Everything runs inside the traced computation (no host round-trips), on whatever device JAX
 places it. Dtype: with ``jax_enable_x64`` on, the Gram is accumulated in float64 by default
 (per-sample gradients are cast before the products); with x64 off it is float32 (JAX cannot hold
@@ -52,13 +57,18 @@ from ._jax._checks import gradient_dtype
 from ._jax.diagonal import diagonal_fisher
 from ._jax.flax_gram import FlaxGram, flax_per_sample_gram, flax_value_grad_and_gram
 from ._jax.generic import per_sample_gram, value_grad_and_gram
+from ._jax.sampled import OutputLoss, output_jacobian_gram, output_loss, sample_labels
 
 __all__ = [
     "FlaxGram",
+    "OutputLoss",
     "diagonal_fisher",
     "flax_per_sample_gram",
     "flax_value_grad_and_gram",
     "gradient_dtype",
+    "output_jacobian_gram",
+    "output_loss",
     "per_sample_gram",
+    "sample_labels",
     "value_grad_and_gram",
 ]

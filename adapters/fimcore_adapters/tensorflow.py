@@ -13,6 +13,10 @@ run on its TensorFlow backend. Two roles, as in every fimcore adapter:
 * functional: :func:`per_sample_gram` for one model, loss and batch (returns NumPy:
   TensorFlow has no array-API namespace yet).
 
+``fisher="sampled"`` (in :meth:`GramTape.gradient_and_gram` and :func:`per_sample_gram`) gives the
+Gram at labels drawn from the model (the Monte-Carlo "true" Fisher); :func:`output_jacobian_gram`
+the (B·C, B·C) NTK Gram and its loss-Hessian-weighted form.
+
 Per layer the Gram contribution is exact: factored ``(A Aᵀ) ⊙ (Gₒ Gₒᵀ)`` for dense layers,
 materialised per-layer per-sample gradients for convolutions, affine rows for norm layers,
 and an exact ``GradientTape.jacobian`` path for layers without a rule (:class:`LayerRule`,
@@ -41,6 +45,7 @@ from ._tensorflow._keras import (  # noqa: E402
     fit_policy,
     fit_staged,
 )
+from ._tensorflow._ntk import output_jacobian_gram  # noqa: E402
 from ._tensorflow._rules import (  # noqa: E402
     LayerRule,
     register_layer_rule,
@@ -58,6 +63,7 @@ __all__ = [
     "StagedBatchSize",
     "fit_policy",
     "fit_staged",
+    "output_jacobian_gram",
     "per_sample_gram",
     "register_layer_rule",
     "rule_for",

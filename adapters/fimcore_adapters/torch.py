@@ -24,12 +24,13 @@ from torch import nn
 
 from ._torch.cost import STRATEGIES
 from ._torch.diagonal import diagonal_fisher
+from ._torch.ntk import output_jacobian_gram
 from ._torch.policy import PolicyBatchSampler
 from ._torch.recorder import GramRecorder
 from ._torch.report import LayerRecord, Report
 
 __all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "PolicyBatchSampler", "Report",
-           "STRATEGIES", "diagonal_fisher"]
+           "STRATEGIES", "diagonal_fisher", "output_jacobian_gram"]
 
 
 def per_sample_gram(model: nn.Module, loss_fn, inputs, targets, *, loss_reduction: str = "mean",
@@ -46,7 +47,8 @@ def per_sample_gram(model: nn.Module, loss_fn, inputs, targets, *, loss_reductio
         targets: whatever ``loss_fn`` takes.
         loss_reduction: ``"mean"`` or ``"sum"``.
         **recorder_options: passed to :class:`GramRecorder` (``params``, ``strategy``, ``dtype``,
-            ``memory_budget``, ``conv_method``).
+            ``memory_budget``, ``conv_method``, ``fisher``, ``mc_samples``, ``seed``; with
+            ``fisher="sampled"`` the likelihood is read from ``loss_fn`` unless ``loss=`` is given).
 
     Returns:
         The (B, B) Gram matrix on the model's device.
@@ -65,6 +67,8 @@ def per_sample_gram(model: nn.Module, loss_fn, inputs, targets, *, loss_reductio
         >>> bool(torch.allclose(G, (r @ r.T) * (a @ a.T)))
         True
     """
+    if recorder_options.get("fisher") == "sampled":
+        recorder_options.setdefault("loss", loss_fn)
     recorder = GramRecorder(model, loss_reduction=loss_reduction, **recorder_options)
     with recorder:
         out = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)

@@ -11,7 +11,7 @@ to write one.
 """
 
 from .base import (Statistic, StepInputs, make_state, register_statistic, statistic_from_config,
-                   to_host)
+                   statistics_from_names, to_host)
 from .batch import (BatchTests, NoiseScale, NoiseScaleResult, TestsResult, inner_product_test,
                     noise_scale, norm_test, orthogonality_test)
 from .condition import Condition, ConditionState
@@ -25,7 +25,7 @@ __all__ = ["BatchTests", "Condition", "ConditionState", "DEFAULT", "Energy", "En
            "PerLayer", "SpectrumShape", "MEASURES", "per_layer", "Statistic", "StepInputs", "TestsResult", "effective_rank",
            "fisher_spectrum_stats", "inner_product_test", "make_state", "noise_scale",
            "norm_test", "orthogonality_test", "register_statistic", "stable_rank",
-           "statistic_from_config", "to_host"]
+           "statistic_from_config", "statistics_from_names", "to_host"]
 
 #: the statistics a tracker keeps unless told otherwise
 DEFAULT = (Condition(), Energy())

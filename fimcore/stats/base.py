@@ -165,3 +165,38 @@ def finite_or_none(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+#: statistics every tracker keeps (not selectable by name: they are always recorded)
+ALWAYS = ("condition", "energy")
+
+
+def statistics_from_names(names: Any) -> tuple:
+    """The registered statistics a comma list (or iterable) of names selects, in registration order.
+
+    A name is a statistic's ``name`` (``noise_scale``, ``batch_tests``, ``spectrum_shape``,
+    ``fisher_spectrum``, ``per_layer``, …), one of its record fields (``norm_test`` selects
+    ``batch_tests``, ``stable_rank`` selects ``spectrum_shape``), or ``all``. Each statistic is built
+    with its defaults and appears once; ``condition`` and ``energy`` are always recorded and are
+    not returned. This is what the reference CLI's ``--stats`` and the Keras callback's
+    ``statistics=`` take.
+
+    Raises:
+        ValueError: an unknown name (the known ones are listed).
+
+    Example:
+        >>> [s.name for s in statistics_from_names("stable_rank,norm_test,noise_scale")]
+        ['noise_scale', 'batch_tests', 'spectrum_shape']
+    """
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",")]
+    names = [n for n in names if n]
+    by_field = registered_fields()
+    selectable = {s for s in _REGISTRY if s not in ALWAYS}
+    known = selectable | {f for f, s in by_field.items() if s in selectable}
+    unknown = [n for n in names if n != "all" and n not in known]
+    if unknown:
+        raise ValueError(f"statistics must be named from {sorted(known | {'all'})}; received unknown "
+                         f"{unknown}.")
+    wanted = selectable if "all" in names else {n if n in _REGISTRY else by_field[n] for n in names}
+    return tuple(cls() for name, cls in _REGISTRY.items() if name in wanted)

@@ -28,3 +28,16 @@ def test_study_runs_every_schedule_and_writes_its_report(tiny_mnist_dir, tmp_pat
     assert (out / "batch_sizes.png").stat().st_size > 0 and (out / "plane.png").stat().st_size > 0
     # resumable: a second call finds everything finished
     assert run_grid(runs, log=lambda *_: None)["skipped"] == len(SCHEDULES)
+
+
+def test_the_batch_figure_drops_only_each_epochs_short_remainder_batch():
+    from reference_training.policy_study import _without_short_last_batches
+
+    def m(epoch, b):
+        return {"epoch": epoch, "batch_size": b}
+
+    # epoch 0: 16, 32, then a remainder of 8 (dropped); epoch 1: one batch (kept: nothing
+    # before it in the epoch); epoch 2: no smaller final batch (kept)
+    measures = [m(0, 16), m(0, 32), m(0, 8), m(1, 32), m(2, 32), m(2, 64), m(2, 64)]
+    assert _without_short_last_batches(measures) == [m(0, 16), m(0, 32), m(1, 32), m(2, 32),
+                                                     m(2, 64), m(2, 64)]

@@ -19,6 +19,8 @@ from jax import lax
 
 from fimcore.layers import LayerRecord, PerLayerSink
 
+from .._fisher import check_fisher_options
+from .sampled import OutputLoss, sampled_grads
 from ._checks import (
     accumulation_dtype,
     batch_size,
@@ -70,7 +72,8 @@ def _check_loss_shape(per_example, params, batch, has_aux):
 
 
 def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, check_finite=True,
-                        keep_blocks=False, memory_budget=None):
+                        keep_blocks=False, memory_budget=None, fisher="empirical", mc_samples=1,
+                        seed=0):
     """Transform a per-example loss into ``(params, *batch) -> (mean loss, mean gradient, Gram)``.
 
     ``loss_fn(params, *example)`` is the loss ℓ_i of ONE example (the
@@ -105,6 +108,17 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
         memory_budget: None or bytes for the per-sample gradients alive at once: sets
             ``chunk_size = max(1, memory_budget // (2·P·itemsize))`` (two chunks of P-sized
             gradients are alive for an off-diagonal block); exclusive with ``chunk_size``.
+        fisher: ``"empirical"`` (rows at the data labels) or ``"sampled"``: the Gram's rows are
+            ``∇_θ ℓ(h_i, ŷ_i)`` at labels drawn from the model (ŷ ~ softmax(h) or the Gaussian of
+            the MSE), the Monte-Carlo ("true") Fisher's Gram; loss, gradient stay the data-label
+            ones. Needs ``loss_fn`` built by :func:`output_loss` (so the model output and the
+            likelihood are known); per example one forward (``jax.vjp``) and 1 + K pullbacks.
+        mc_samples: K draws per example; the Gram is the mean of the K (B, B) Grams (unbiased
+            trace; off-diagonal entries average to 0, so for Fisher spectra use K = 1; see
+            :mod:`fimcore_adapters._fisher`).
+        seed: with ``fisher="sampled"``, the step takes a keyword ``key=`` (a ``jax.random`` key;
+            pass a fresh one every step); without it ``jax.random.key(seed)`` is used.
+            :func:`sample_labels` gives the labels a key draws.
 
     Returns:
         The transformed function (with ``report()`` and ``result()`` attached).
@@ -140,6 +154,12 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
         if chunk_size is not None:
             raise ValueError(f"pass chunk_size or memory_budget, not both; received chunk_size="
                              f"{chunk_size!r} and memory_budget={memory_budget!r}.")
+    check_fisher_options(fisher, mc_samples, seed)
+    if fisher == "sampled":
+        if keep_blocks or memory_budget is not None:
+            raise ValueError("fisher='sampled' takes neither keep_blocks nor memory_budget; received "
+                             f"keep_blocks={keep_blocks!r}, memory_budget={memory_budget!r}. Drop them")
+        return _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, mc_samples, seed)
     per_example = jax.value_and_grad(loss_fn, has_aux=has_aux)
     info = StepInfo()
 
@@ -186,6 +206,36 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
 
     step.report = info.report
     step.result = lambda gram, blocks=None: info.result(gram, blocks, what="the step")
+    return step
+
+
+def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed):
+    if not isinstance(loss_fn, OutputLoss):
+        raise TypeError(
+            "fisher='sampled' needs the model output and the likelihood to draw labels from; "
+            f"received loss_fn {getattr(loss_fn, '__name__', type(loss_fn).__name__)!r}, an opaque "
+            "per-example loss. Build it as output_loss(predict, 'cross_entropy') or "
+            "output_loss(predict, 'mse') (predict(params, x) -> logits or mean of one example), "
+            "or use fisher='empirical'")
+    if has_aux or chunk_size is not None:
+        raise ValueError("fisher='sampled' takes neither has_aux nor chunk_size; received "
+                         f"has_aux={has_aux!r}, chunk_size={chunk_size!r}. Drop them")
+
+    def step(params, x, y, *, key=None):
+        check_params(params)
+        if check_finite:
+            check_finite_if_concrete(params)
+        size = batch_size((x, y))
+        acc = accumulation_dtype(dtype, params)
+        keys = jax.random.split(jax.random.key(seed) if key is None else key, size)
+        values, grads, sampled = jax.vmap(
+            lambda xi, yi, ki: sampled_grads(loss_fn, params, xi, yi, ki, K))(x, y, keys)
+        # sampled leaves are (B, K, …): Gram of draw k, averaged over k
+        per_draw = jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 1, 0), sampled)
+        gram = jax.vmap(lambda g: _leaf_gram(g, g, acc))(per_draw).mean(axis=0)
+        mean_grad = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
+        return jnp.mean(values), mean_grad, gram
+
     return step
 
 
@@ -238,11 +288,11 @@ def _chunked(per_example, params, batch, size, chunk, acc, form):
 
 
 def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dtype=None,
-                    memory_budget=None):
+                    memory_budget=None, fisher="empirical", mc_samples=1, seed=0, key=None):
     """Gram ``G = J Jᵀ`` (B×B) of the per-sample gradients ``J_i = ∇_θ loss_fn(params, *example_i)``.
 
-    One-off form of :func:`value_grad_and_gram` (same arguments and errors); returns only
-    the Gram. Wrap it in ``jax.jit`` (with ``loss_fn`` static) for repeated use.
+    One-off form of :func:`value_grad_and_gram` (same arguments and errors; ``key`` goes to
+    the step with ``fisher="sampled"``); returns only the Gram. Wrap it in ``jax.jit`` (with ``loss_fn`` static) for repeated use.
 
     Example:
         >>> import jax.numpy as jnp
@@ -251,7 +301,9 @@ def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dty
         >>> per_sample_gram(loss, jnp.ones(2), jnp.array([[1.0, 2.0], [3.0, 4.0]])).tolist()
         [[5.0, 11.0], [11.0, 25.0]]
     """
-    return value_grad_and_gram(loss_fn, has_aux=has_aux, chunk_size=chunk_size, dtype=dtype,
-                               memory_budget=memory_budget)(
-        params, *batch
-    )[2]
+    step = value_grad_and_gram(loss_fn, has_aux=has_aux, chunk_size=chunk_size, dtype=dtype,
+                               memory_budget=memory_budget, fisher=fisher, mc_samples=mc_samples,
+                               seed=seed)
+    if fisher == "sampled":
+        return step(params, *batch, key=key)[2]
+    return step(params, *batch)[2]

@@ -70,7 +70,8 @@ def check_loss_reduction(loss_fn, loss_reduction: str) -> None:
 
 def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", training: bool = True,
                     params=None, strategy="auto", dtype=None, layers=None,
-                    mode: str | None = None) -> np.ndarray:
+                    mode: str | None = None, fisher: str = "empirical", mc_samples: int = 1,
+                    seed=None) -> np.ndarray:
     r"""The (B, B) Gram ``G = J Jᵀ`` of one batch's per-sample gradients, as a NumPy array.
 
     TensorFlow has no array-API namespace yet, so the Gram is handed over as NumPy (the B×B
@@ -95,6 +96,8 @@ def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", train
         dtype: dtype in which the Gram is formed; default the gradients' dtype (its dtype is
             then the ``grad_dtype`` to give :class:`fimcore.MeasureTracker`).
         layers, mode: deprecated spellings of ``params`` and ``strategy``.
+        fisher, mc_samples, seed: ``fisher="sampled"`` gives the Gram at labels drawn from the
+            model (likelihood read from ``loss_fn``; see :meth:`GramTape.gradient_and_gram`).
 
     Returns:
         ``np.ndarray`` of shape (B, B).
@@ -134,7 +137,9 @@ def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", train
         with GramTape(model, params=params, strategy=strategy, dtype=dtype) as tape:
             y_pred = model(x, training=training)
             loss = loss_fn(y, y_pred)
-        _, gram = tape.gradient_and_gram(loss, loss_reduction=loss_reduction, check=True)
+        _, gram = tape.gradient_and_gram(loss, loss_reduction=loss_reduction, check=True,
+                                         fisher=fisher, outputs=y_pred, loss_fn=loss_fn,
+                                         mc_samples=mc_samples, seed=seed)
     finally:
         for v, value in state:
             v.assign(value)

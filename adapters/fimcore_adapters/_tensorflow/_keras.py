@@ -16,7 +16,7 @@ import tensorflow as tf
 from ._functional import _KERAS_REDUCTIONS
 from ._tape import GramTape, resolve_options
 
-GRAM_KEYS = ("fimcore_gram", "fimcore_measured", "fimcore_lr")
+GRAM_KEYS = ("fimcore_gram", "fimcore_measured", "fimcore_lr", "fimcore_blocks")
 
 
 class GramStepMixin:
@@ -35,11 +35,37 @@ class GramStepMixin:
     gram_params = None
     gram_dtype = None
     gram_strategy = "auto"
+    gram_keep_blocks = False
+    gram_fisher = "empirical"
 
     def set_gram_options(self, *, every: int = 1, params=None, strategy="auto", dtype=None,
-                         layers=None, mode: str | None = None):
+                         layers=None, mode: str | None = None, keep_blocks: bool = False,
+                         fisher: str = "empirical", mc_samples: int = 1, seed: int | None = None,
+                         likelihood=None):
         """Measure every ``every`` steps over ``params`` with ``strategy`` (see :class:`GramTape`;
-        ``layers`` and ``mode`` are their deprecated spellings)."""
+        ``layers`` and ``mode`` are their deprecated spellings); with
+        ``keep_blocks`` the step also logs the per-layer Grams (``fimcore_blocks``, (n, B, B)),
+        which the ``per_layer`` statistic of :class:`GramMeasureCallback` reads.
+
+        ``fisher="sampled"`` logs the sampled-label Gram instead (labels drawn from the model,
+        ``mc_samples`` draws from a ``tf.random.Generator`` seeded with ``seed``, one more
+        backward per draw; the optimizer still gets the data-label gradients). The likelihood is
+        read from the compiled loss (a Keras cross-entropy with ``from_logits=True`` or
+        ``MeanSquaredError``) unless ``likelihood`` (``"cross_entropy"``/``"mse"``) is given."""
+        from .._fisher import check_fisher_options
+
+        if not isinstance(keep_blocks, bool):
+            raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}")
+        check_fisher_options(fisher, mc_samples, seed)
+        object.__setattr__(self, "gram_keep_blocks", keep_blocks)
+        object.__setattr__(self, "gram_fisher", fisher)
+        object.__setattr__(self, "gram_mc_samples", mc_samples)
+        object.__setattr__(self, "gram_likelihood", likelihood)
+        generator = None
+        if fisher == "sampled":
+            generator = (tf.random.Generator.from_seed(seed) if seed is not None else
+                         tf.random.Generator.from_non_deterministic_state())
+        object.__setattr__(self, "_fimcore_generator", generator)
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive int; received {every!r}. Use 1 to "
                              "measure every step, 50 for the paper's sampling.")
@@ -86,9 +112,19 @@ class GramStepMixin:
         lr = tf.cast(self.optimizer.learning_rate, tf.float64)
         if with_gram:
             reduction = self._gram_loss_reduction() if split else "mean"
+            sampled = {}
+            if self.gram_fisher == "sampled":
+                sampled = dict(fisher="sampled", outputs=y_pred, mc_samples=self.gram_mc_samples,
+                               loss_fn=self.gram_likelihood or getattr(self, "loss", None),
+                               seed=self._fimcore_generator)
             grads, gram = tape.gradient_and_gram(data_loss, variables, loss_reduction=reduction,
-                                                 extra_loss=extra)
+                                                 extra_loss=extra, **sampled)
             object.__setattr__(self, "_fimcore_grad_dtype", tape.grad_dtype.name)
+            if self.gram_keep_blocks:            # names fixed at trace time; blocks scaled like G
+                scale = tf.cast(batch, tf.float64) ** 2 if reduction == "mean" else 1.0
+                object.__setattr__(self, "_fimcore_block_names", list(tape.layer_grams))
+                object.__setattr__(self, "_fimcore_blocks", tf.stack(
+                    [tf.cast(b, tf.float64) * scale for b in tape.layer_grams.values()]))
         else:
             grads = tape.gradient(total, variables)
             gram = None
@@ -107,13 +143,20 @@ class GramStepMixin:
 
         def with_gram():
             logs, gram, lr, _ = self._one_step(x, y, sample_weight, True)
-            return {**logs, "fimcore_gram": tf.cast(gram, tf.float64),
-                    "fimcore_measured": tf.constant(1.0, tf.float64), "fimcore_lr": lr}
+            out = {**logs, "fimcore_gram": tf.cast(gram, tf.float64),
+                   "fimcore_measured": tf.constant(1.0, tf.float64), "fimcore_lr": lr}
+            if self.gram_keep_blocks:
+                out["fimcore_blocks"] = self._fimcore_blocks
+            return out
 
         def plain():
             logs, _, lr, batch = self._one_step(x, y, sample_weight, False)
-            return {**logs, "fimcore_gram": tf.zeros(tf.stack([batch, batch]), tf.float64),
-                    "fimcore_measured": tf.constant(0.0, tf.float64), "fimcore_lr": lr}
+            out = {**logs, "fimcore_gram": tf.zeros(tf.stack([batch, batch]), tf.float64),
+                   "fimcore_measured": tf.constant(0.0, tf.float64), "fimcore_lr": lr}
+            if self.gram_keep_blocks:           # the measured branch is traced first
+                n = len(self._fimcore_block_names)
+                out["fimcore_blocks"] = tf.zeros(tf.stack([n, batch, batch]), tf.float64)
+            return out
 
         if self.gram_every == 1:
             return with_gram()
@@ -128,6 +171,7 @@ class GramModel(GramStepMixin, keras.Model):
         every: measure the within-epoch steps n with n % every == 0.
         params, strategy, dtype: as for :class:`GramTape` (``layers``, ``mode``: their
             deprecated spellings).
+        keep_blocks, fisher, mc_samples, seed, likelihood: see :meth:`set_gram_options`.
 
     Example:
         >>> import numpy as np, keras
@@ -143,7 +187,9 @@ class GramModel(GramStepMixin, keras.Model):
     """
 
     def __init__(self, model, *, every: int = 1, params=None, strategy="auto", dtype=None,
-                 layers=None, mode: str | None = None, **kwargs):
+                 layers=None, mode: str | None = None, keep_blocks: bool = False,
+                 fisher: str = "empirical", mc_samples: int = 1, seed: int | None = None,
+                 likelihood=None, **kwargs):
         super().__init__(**kwargs)
         if not getattr(model, "built", False):
             raise ValueError(
@@ -152,7 +198,8 @@ class GramModel(GramStepMixin, keras.Model):
             )
         self.inner = model
         self.set_gram_options(every=every, params=params, strategy=strategy, dtype=dtype,
-                              layers=layers, mode=mode)
+                              layers=layers, mode=mode, keep_blocks=keep_blocks, fisher=fisher,
+                              mc_samples=mc_samples, seed=seed, likelihood=likelihood)
         self.built = True
 
     def call(self, inputs, training=None):
@@ -170,8 +217,15 @@ class GramMeasureCallback(keras.callbacks.Callback):
     when undefined). Put it before other callbacks that read the logs.
 
     Args:
-        tracker: a :class:`fimcore.MeasureTracker` (default: a new one with ``rtol`` and
-            ``on_nonfinite``); it persists across ``fit`` calls.
+        tracker: a :class:`fimcore.MeasureTracker` (default: a new one with ``rtol``,
+            ``on_nonfinite`` and ``statistics``); it persists across ``fit`` calls.
+        statistics: extra statistics of :mod:`fimcore.stats` for a new tracker: a comma list or
+            iterable of names or record fields (``"noise_scale,norm_test,stable_rank"``,
+            ``"all"``; see :func:`fimcore.stats.statistics_from_names`) or Statistic instances.
+            Every scalar field they record is added to the logs under its field name (NaN when
+            undefined), for every statistic the tracker holds; ``per_layer`` adds
+            ``per_layer/<layer>/<measure>`` from the per-layer Grams of the step. P for the
+            Fisher-spectrum fields is the model's trainable parameter count.
 
     Raises:
         TypeError: when the model does not use :class:`GramStepMixin`.
@@ -179,12 +233,29 @@ class GramMeasureCallback(keras.callbacks.Callback):
             the host).
     """
 
-    def __init__(self, tracker=None, *, rtol=None, on_nonfinite: str = "raise") -> None:
+    def __init__(self, tracker=None, *, rtol=None, on_nonfinite: str = "raise",
+                 statistics=None) -> None:
         super().__init__()
-        if tracker is None:
-            import fimcore
+        import fimcore
 
-            tracker = fimcore.MeasureTracker(rtol=rtol, on_nonfinite=on_nonfinite)
+        if tracker is not None and statistics is not None:
+            raise ValueError("statistics= configures a new tracker; received both tracker= and "
+                             "statistics=. Build the tracker with MeasureTracker(statistics=...) or "
+                             "drop tracker=")
+        if tracker is None:
+            extra = ()
+            if statistics is not None:
+                given = [statistics] if isinstance(statistics, fimcore.stats.Statistic) else statistics
+                if isinstance(given, str) or all(isinstance(g, str) for g in given):
+                    extra = fimcore.stats.statistics_from_names(given)
+                else:
+                    extra = tuple(given)
+            if extra:
+                base = (fimcore.stats.DEFAULT if rtol is None else
+                        (fimcore.stats.Condition(rtol=rtol), fimcore.stats.Energy()))
+                tracker = fimcore.MeasureTracker(on_nonfinite=on_nonfinite, statistics=(*base, *extra))
+            else:
+                tracker = fimcore.MeasureTracker(rtol=rtol, on_nonfinite=on_nonfinite)
         self.tracker = tracker
         self.last = None
         self._pending = None
@@ -196,6 +267,12 @@ class GramMeasureCallback(keras.callbacks.Callback):
                 f"{type(self.model).__name__}. Wrap it: GramModel(model, every=...), or mix "
                 "GramStepMixin into its class."
             )
+        if (any(s.name == "per_layer" for s in self.tracker.statistics)
+                and not self.model.gram_keep_blocks):
+            raise ValueError("the per_layer statistic needs the per-layer Grams of each measured step; "
+                             "received a model that does not log them. Build it with "
+                             "GramModel(model, keep_blocks=True) or call "
+                             "set_gram_options(keep_blocks=True)")
         spe = getattr(self.model, "steps_per_execution", 1)
         if int(spe) != 1:
             raise ValueError(
@@ -208,10 +285,12 @@ class GramMeasureCallback(keras.callbacks.Callback):
         self._pending, self._last_batch = None, -1
         self._epoch_last = None
 
-    def _update(self, gram, lr, weight):
+    def _update(self, gram, lr, weight, blocks=None):
         grad_dtype = getattr(self.model, "_fimcore_grad_dtype", None)
+        num_params = int(sum(np.prod(v.shape) for v in self.model.trainable_variables))
         self.last = self.tracker.update(gram, lr=lr, weight=weight, batch_size=gram.shape[0],
-                                        grad_dtype=np.dtype(grad_dtype) if grad_dtype else None)
+                                        grad_dtype=np.dtype(grad_dtype) if grad_dtype else None,
+                                        num_params=num_params, blocks=blocks)
         self._epoch_last = self.last
 
     def _measures(self):
@@ -219,33 +298,48 @@ class GramMeasureCallback(keras.callbacks.Callback):
         nan = float("nan")
         if m is None:
             return {}
-        return {"c_k": nan if m.c_k is None else m.c_k, "I_k": nan if m.I_k is None else m.I_k,
-                "C_bar": nan if m.C_bar is None else m.C_bar, "L": m.L,
-                "C_bar_jacobian": nan if m.C_bar_jacobian is None else m.C_bar_jacobian}
+        out = {"c_k": nan if m.c_k is None else m.c_k, "I_k": nan if m.I_k is None else m.I_k,
+               "C_bar": nan if m.C_bar is None else m.C_bar, "L": m.L,
+               "C_bar_jacobian": nan if m.C_bar_jacobian is None else m.C_bar_jacobian}
+        for name, fields in m.values.items():
+            if name in ("condition", "energy"):
+                continue
+            for field, value in fields.items():
+                if isinstance(value, dict):          # per_layer: {layer: {measure: value}}
+                    for layer, measures in value.items():
+                        for measure, v in measures.items():
+                            out[f"{field}/{layer}/{measure}"] = nan if v is None else float(v)
+                else:
+                    out[field] = nan if value is None else float(value)
+        return out
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs if logs is not None else {}
         gram = logs.pop("fimcore_gram", None)
         measured = logs.pop("fimcore_measured", 0.0)
         lr = logs.pop("fimcore_lr", None)
+        stacked = logs.pop("fimcore_blocks", None)
         self._last_batch = batch
         if not measured or gram is None:
             return
         gram = np.asarray(gram)
+        blocks = None
+        if stacked is not None:
+            blocks = dict(zip(self.model._fimcore_block_names, np.asarray(stacked)))
         steps = (self.params or {}).get("steps")
         every = self.model.gram_every
         if steps:
-            self._update(gram, float(lr), min(every, steps - batch))
+            self._update(gram, float(lr), min(every, steps - batch), blocks)
         else:  # unknown epoch length: weight known at the next measurement or epoch end
             self._flush(batch)
-            self._pending = (gram, float(lr), batch)
+            self._pending = (gram, float(lr), batch, blocks)
         logs.update(self._measures())
 
     def _flush(self, end):
         if self._pending is not None:
-            gram, lr, start = self._pending
+            gram, lr, start, blocks = self._pending
             self._pending = None
-            self._update(gram, lr, max(end - start, 1))
+            self._update(gram, lr, max(end - start, 1), blocks)
 
     def on_epoch_end(self, epoch, logs=None):
         self._flush(self._last_batch + 1)

@@ -19,7 +19,8 @@ import tensorflow as tf
 from fimcore.layers import LayerRecord, PerLayerSink, Report, check_strategy
 
 from .._compat import LegacyReportList, deprecated
-from . import _linalg, _rules
+from .._fisher import check_fisher_options
+from . import _linalg, _rules, _sampled
 from ._norms import _AffineNormRule
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -199,6 +200,8 @@ class GramTape:
         self._last: dict | None = None
         self.layer_grams: dict[str, Any] = {}
         self.grad_dtype = None
+        self.empirical_gram = None
+        self.sampled_labels = None
 
     @property
     def mode(self) -> str:
@@ -343,7 +346,9 @@ class GramTape:
 
     @tf.autograph.experimental.do_not_convert
     def gradient_and_gram(self, loss, variables: Iterable | None = None, *,
-                          loss_reduction: str = "mean", extra_loss=None, check: bool = False):
+                          loss_reduction: str = "mean", extra_loss=None, check: bool = False,
+                          fisher: str = "empirical", outputs=None, loss_fn=None,
+                          mc_samples: int = 1, seed=None):
         r"""Batch gradients of ``loss (+ extra_loss)`` and the (B, B) per-sample Gram of ``loss``.
 
         Args:
@@ -359,6 +364,22 @@ class GramTape:
             check: also run the ordinary backward and verify that the rows sum to it
                 (catches a variable read outside its layer's ``call``, e.g. tied weights);
                 costs one more backward, :func:`per_sample_gram` does it by default.
+            fisher: ``"empirical"`` (rows at the data labels) or ``"sampled"``: the returned Gram
+                has rows ``∇_θ ℓ(h_i, ŷ_i)`` at labels drawn from the model's predictive
+                distribution (the Monte-Carlo "true" Fisher's Gram), from one more backward of
+                ``outputs`` per draw on the same tape; the returned gradients stay the data-label
+                ones. The data-label Gram is kept as ``tape.empirical_gram`` and the labels as
+                ``tape.sampled_labels`` (K, B, …).
+            outputs: with ``fisher="sampled"``, the model output h recorded in the block (logits
+                with the class axis last, or the regression mean).
+            loss_fn: with ``fisher="sampled"``, the likelihood: a Keras
+                ``SparseCategoricalCrossentropy``/``CategoricalCrossentropy`` with
+                ``from_logits=True``, ``MeanSquaredError``, or ``"cross_entropy"`` / ``"mse"``.
+                Others are refused, named.
+            mc_samples: K draws; the Gram is the mean of the K (B, B) Grams (trace unbiased;
+                off-diagonal entries average to 0, so use K = 1 for Fisher spectra).
+            seed: an int (the same draws on every call), a ``tf.random.Generator`` (fresh draws
+                each call; pass one for training loops) or None (TensorFlow's global generator).
 
         Returns:
             ``(grads, gram)``: a list aligned with ``variables`` and a (B, B) tensor.
@@ -370,6 +391,13 @@ class GramTape:
                 that a rule covers this is detected with ``check=True``, eagerly).
             TypeError: on a non-floating loss.
         """
+        check_fisher_options(fisher, mc_samples,
+                             None if isinstance(seed, tf.random.Generator) else seed)
+        if fisher == "sampled" and outputs is None:
+            raise ValueError("fisher='sampled' draws labels from the model output; received "
+                             "outputs=None. Pass outputs=y_pred, the model(x) computed in the block")
+        if fisher == "sampled":
+            _sampled.resolve_likelihood(loss_fn)     # refuse before any work
         target = loss_target(loss, loss_reduction)
         if target is None:  # per-sample losses: differentiate their sum (recorded on the tape)
             with self._tape:
@@ -413,13 +441,52 @@ class GramTape:
             )
         self.grad_dtype = deltas[0].dtype if deltas else None
         batch = tf.shape(watched[0])[0]
+        gram, grads_by_id, rows, self.layer_grams, records = self._contributions(by_layer, starts, deltas)
+        if fisher == "sampled":
+            self.empirical_gram = gram * (tf.cast(batch, gram.dtype) ** 2
+                                          if loss_reduction == "mean" else 1)
+            cots, self.sampled_labels = _sampled.output_cotangents(
+                outputs, _sampled.resolve_likelihood(loss_fn), mc_samples, loss_reduction, seed)
+            total, per_layer = None, {}
+            for k in range(mc_samples):
+                found_k = self._tape.gradient(outputs, watched,
+                                              output_gradients=tf.cast(cots[k], outputs.dtype))
+                deltas_k = [tf.zeros_like(t) if d is None else d for t, d in zip(watched, found_k)]
+                g_k, _, _, lg_k, _ = self._contributions(by_layer, starts, deltas_k)
+                total = g_k if total is None else total + g_k
+                per_layer = {n: b + per_layer.get(n, 0) for n, b in lg_k.items()}
+            gram = total / mc_samples
+            self.layer_grams = {n: b / mc_samples for n, b in per_layer.items()}
+        sink = None
+        if self.keep_blocks:   # G is the sum of the scaled blocks, through the core's per-layer sink
+            sink = PerLayerSink()
+            for name, block in self.layer_grams.items():
+                sink.add_block(name, block * tf.cast(batch, block.dtype) ** 2
+                               if loss_reduction == "mean" else block)
+            gram = sink.gram()
+        elif loss_reduction == "mean":
+            gram = gram * tf.cast(batch, gram.dtype) ** 2
+        self._rows, self._layer_records = rows, records
+        self._last = {"gram": gram, "blocks": sink.blocks() if sink is not None else None,
+                      "scale": 1.0 if loss_reduction != "mean" else batch,
+                      "num_params": sum(int(np.prod(v.shape)) for v in claimed.values()),
+                      "reduction": "mean" if loss_reduction == "mean" else "sum"}
+        if check:
+            self._check_rows(target, claimed, grads_by_id)
+        grads_by_id.update({id(v): g for v, g in zip(unclaimed, free)})
+        result = [grads_by_id.get(id(v)) for v in variables]
+        if extra_loss is not None:
+            extra = self._tape.gradient(extra_loss, variables)
+            result = [e if g is None else (g if e is None else g + tf.cast(e, g.dtype))
+                      for g, e in zip(result, extra)]
+        return result, gram
+
+    def _contributions(self, by_layer, starts, deltas):
+        """Per layer: its Gram contribution and batch gradients, from the output cotangents
+        (``starts``: where each call's watched outputs begin in ``deltas``, in call order)."""
         grads_by_id: dict[int, Any] = {}
         gram = None
-        self.layer_grams, rows, records = {}, [], []
-        sink = PerLayerSink() if self.keep_blocks else None   # the core's per-layer sink
-        scale = None
-        if loss_reduction == "mean" and self.keep_blocks:
-            scale = tf.cast(batch, deltas[0].dtype if self.dtype is None else self.dtype) ** 2
+        rows, layer_grams, records = [], {}, []
         for calls in by_layer.values():
             layer, rule = calls[0][0], calls[0][1]
             per_call = []
@@ -436,32 +503,11 @@ class GramTape:
                                        f"{rule.name} rule: {path}" if rule is not GENERIC else
                                        "GradientTape.jacobian of the layer's own outputs",
                                        sum(int(np.prod(v.shape)) for v in owned), len(calls)))
-            self.layer_grams[layer.name] = contribution
-            if self.keep_blocks:
-                sink.add_block(layer.name, contribution if scale is None
-                               else contribution * tf.cast(scale, contribution.dtype))
-            else:
-                gram = contribution if gram is None else gram + contribution
+            layer_grams[layer.name] = contribution
+            gram = contribution if gram is None else gram + contribution
             for v, g in zip(owned, grads):
                 grads_by_id[id(v)] = tf.cast(g, v.dtype)
-        if self.keep_blocks:
-            gram = sink.gram()
-        elif loss_reduction == "mean":
-            gram = gram * tf.cast(batch, gram.dtype) ** 2
-        self._rows, self._layer_records = rows, records
-        self._last = {"gram": gram, "blocks": sink.blocks() if self.keep_blocks else None,
-                      "scale": 1.0 if loss_reduction != "mean" else batch,
-                      "num_params": sum(int(np.prod(v.shape)) for v in claimed.values()),
-                      "reduction": "mean" if loss_reduction == "mean" else "sum"}
-        if check:
-            self._check_rows(target, claimed, grads_by_id)
-        grads_by_id.update({id(v): g for v, g in zip(unclaimed, free)})
-        result = [grads_by_id.get(id(v)) for v in variables]
-        if extra_loss is not None:
-            extra = self._tape.gradient(extra_loss, variables)
-            result = [e if g is None else (g if e is None else g + tf.cast(e, g.dtype))
-                      for g, e in zip(result, extra)]
-        return result, gram
+        return gram, grads_by_id, rows, layer_grams, records
 
     def _check_rows(self, target, claimed, grads_by_id):
         variables = list(claimed.values())

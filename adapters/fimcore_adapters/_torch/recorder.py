@@ -7,7 +7,9 @@ import math
 import torch
 from torch import nn
 
+from .._fisher import check_fisher_options
 from .cost import STRATEGIES
+from .sampled import make_generator, output_cotangents, resolve_likelihood
 from .select import select_parameters
 from .uses import GradientTotal, UseTracker
 from .report import Report
@@ -36,6 +38,10 @@ class _Step:
         self.total: GradientTotal | None = None  # autograd's ‖∇L‖², on steps that check uses
         self.batch_src: tuple | None = None      # (unit, where it read B)
         self.seq_first: list = []      # units that declared their batch in dim 1
+        self.sampled: torch.Tensor | None = None   # sum of the sampled-label draws' Grams
+        self.sampled_blocks: dict | None = None    # and of their blocks, when blocks are kept
+        self.labels: torch.Tensor | None = None    # the drawn labels (K, B, …)
+        self.empirical: torch.Tensor | None = None  # the data-label Gram, fisher="sampled"
         self.ambiguous: list = []      # (unit, leading dims) with B in more than one of them
 
 
@@ -106,6 +112,26 @@ class GramRecorder:
         keep_blocks: also keep each covered module's own block :math:`J_l J_l^\top` of G
             (:meth:`blocks`, :meth:`result`); G is then their sum, in module order, so the blocks
             sum to G exactly. Costs one (B, B) buffer per covered module.
+        fisher: ``"empirical"`` (default: rows are loss gradients at the data labels) or
+            ``"sampled"``: rows are loss gradients at labels ŷ_i drawn from the model's
+            predictive distribution, the Monte-Carlo ("true") Fisher's Gram with
+            E[Ĝ_ii] = tr(Λ_i 𝒥_i𝒥_iᵀ), E[Ĝ_ij] = 0 (i ≠ j), Λ_i = ∇²_h ℓ. The model's forward
+            (the outermost call of ``model``, whose output h must be one tensor: logits with the
+            class axis 1, or the regression mean) is followed by one extra backward of h per draw,
+            recorded by the same layer rules and not written to ``.grad``; your own
+            ``loss.backward()`` then gives the data-label gradient as usual (its Gram is
+            :meth:`empirical_gram`). One forward of ``model`` per block.
+        loss: with ``fisher="sampled"``, the likelihood: ``nn.CrossEntropyLoss()``/``F.cross_entropy``/
+            ``"cross_entropy"`` (ŷ ~ Categorical(softmax(h)), Λ = diag(p) − ppᵀ) or
+            ``nn.MSELoss()``/``F.mse_loss``/``"mse"`` (ŷ = h + σε with σ² = D/2 for a batch-mean
+            MSE over D output elements per sample, 1/2 for a summed one; Λ = (2/D)·I or 2·I).
+            Anything else is refused with a ``ValueError`` naming it.
+        mc_samples: K draws per sample; :meth:`gram` is then the mean of the K (B, B) Grams (one
+            backward each). The mean keeps the B×B shape and its trace is unbiased, but its
+            off-diagonal entries average towards 0, so for Fisher spectra use K = 1 (the
+            non-zero eigenvalues of Ĝ/B are those of the B-row estimate F̂ = ĴᵀĴ/B).
+        seed: seeds the label draws (a CPU ``torch.Generator``, advanced every step, so a seed
+            fixes the whole sequence); None seeds it from torch's global RNG.
 
     Raises:
         ValueError: no trainable parameter selected, an unknown ``params`` entry, a bad option,
@@ -130,7 +156,8 @@ class GramRecorder:
 
     def __init__(self, model: nn.Module, *, loss_reduction: str = "mean", params=None,
                  strategy="auto", dtype: torch.dtype | None = None, memory_budget: int | None = None,
-                 conv_method: str = "auto", check_uses: str = "first", keep_blocks: bool = False):
+                 conv_method: str = "auto", check_uses: str = "first", keep_blocks: bool = False,
+                 fisher: str = "empirical", loss=None, mc_samples: int = 1, seed: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; received {type(model).__name__}")
         if loss_reduction not in _REDUCTIONS:
@@ -155,6 +182,11 @@ class GramRecorder:
             raise ValueError(f"conv_method must be one of {CONV_METHODS}; received {conv_method!r}")
         if not isinstance(keep_blocks, bool):
             raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}")
+        check_fisher_options(fisher, mc_samples, seed)
+        self.fisher = fisher
+        self.mc_samples = mc_samples
+        self.likelihood = resolve_likelihood(loss) if fisher == "sampled" else None
+        self._generator = make_generator(seed) if fisher == "sampled" else None
         self.model = model
         self.keep_blocks = keep_blocks
         self.loss_reduction = loss_reduction
@@ -209,6 +241,8 @@ class GramRecorder:
                 u.calls = 0
                 u.bw_calls = 0
                 self._handles.extend(u.install(self))
+            if self.fisher == "sampled":
+                self._handles.append(self.model.register_forward_hook(self._sampled_hook))
             if self.check_uses == "always" or not self._uses_checked:
                 self._step.total = GradientTotal(self._selected)
                 self._handles.extend(self._step.total.install())
@@ -239,7 +273,66 @@ class GramRecorder:
                 h.remove()
             self._active = False
 
+    # ------------------------------------------------------------------ sampled-label Fisher
+    def _sampled_hook(self, module, args, out) -> None:
+        """After the model's forward: one backward of its output per draw of sampled labels."""
+        step = self._step
+        if not self._active or step is None or not torch.is_grad_enabled():
+            return
+        if step.labels is not None:
+            raise RuntimeError(
+                "fisher='sampled' draws labels at the end of the model's forward, once per `with "
+                "recorder:` block; received a second forward of the model in one block. Run one "
+                "forward per block")
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            what = type(out).__name__ if not isinstance(out, torch.Tensor) else "a tensor without grad"
+            raise TypeError(
+                f"fisher='sampled' needs the model's output to be one differentiable tensor "
+                f"(logits or the regression mean); received {what}. Return the output tensor from "
+                "the model's forward (wrap the model so it does), or use fisher='empirical'")
+        cots, labels = output_cotangents(out, self.likelihood, self.mc_samples,
+                                         self.loss_reduction, self._generator)
+        step.labels = labels
+        total = step.total
+        params = [p for p in self._selected]
+        for k in range(self.mc_samples):
+            # through a scalar Σ h·v_k, so that h is an inner node: hooks on the model output
+            # itself (the last layer's) fire as in the user's backward
+            torch.autograd.grad((out * cots[k]).sum(), params, retain_graph=True, allow_unused=True)
+            for entry in list(step.pending.values()):
+                self._flush_pending(step, entry)
+            step.pending.clear()
+            acc = self._sum_blocks(step) if step.blocks else step.acc
+            if acc is None:
+                raise RuntimeError("the sampled-label backward reached no selected parameter: the "
+                                   "model's output does not depend on the parameters the recorder covers")
+            if total is not None:
+                total.check(acc, step.grad_dtype)   # 1ᵀĜ_k1 = B²‖∇L̂_k‖²: every route recorded
+                total.parts = []
+            step.sampled = acc.clone() if step.sampled is None else step.sampled.add_(acc)
+            if step.blocks:
+                if step.sampled_blocks is None:
+                    step.sampled_blocks = {n: b.clone() for n, b in step.blocks.items()}
+                else:
+                    for n, b in step.blocks.items():
+                        step.sampled_blocks[n].add_(b)
+                step.blocks = {}
+            step.acc = None
+            step.marks = []
+            step.backward_started = False
+            for u in self._units:
+                u.bw_calls = 0
+        step.sampled.div_(self.mc_samples)
+        if step.sampled_blocks:
+            for b in step.sampled_blocks.values():
+                b.div_(self.mc_samples)
+
     def _finish(self, step: _Step) -> None:
+        if self.fisher == "sampled" and step.labels is None and step.backward_started:
+            raise RuntimeError(
+                "fisher='sampled' draws labels after the forward of the model the recorder was "
+                f"built on ({type(self.model).__name__}); no forward of it ran inside the block. "
+                "Call the model itself inside `with recorder:`")
         for entry in list(step.pending.values()):
             self._flush_pending(step, entry)
         step.pending.clear()
@@ -260,6 +353,14 @@ class GramRecorder:
                 raise
         if self._measured:
             self._uses_checked = True
+        if step.sampled is not None:        # gram() is the sampled one; keep the data-label one
+            if step.blocks:
+                step.empirical = self._sum_blocks(step).mul_(self._scale(step))
+            elif step.acc is not None:
+                step.empirical = step.acc * self._scale(step)
+            step.acc = step.sampled
+            if step.sampled_blocks is not None:
+                step.blocks = step.sampled_blocks
         if step.blocks:                     # G is the sum of the kept (scaled) blocks, in order
             scale = self._scale(step)
             for block in step.blocks.values():
@@ -322,6 +423,33 @@ class GramRecorder:
                 f"({type(unit.module).__name__}) at this step; the Gram matrix is undefined. Check the "
                 "loss and learning rate, or skip this step's measurement")
         return step.acc if step.blocks else step.acc * self._scale(step)
+
+    def empirical_gram(self) -> torch.Tensor:
+        """With ``fisher="sampled"``: the data-label Gram of the same step (from your backward).
+
+        Raises:
+            RuntimeError: the recorder uses ``fisher="empirical"`` (then :meth:`gram` is it), or
+                as :meth:`gram`.
+        """
+        if self.fisher != "sampled":
+            raise RuntimeError("empirical_gram() is the data-label Gram kept beside the sampled one; "
+                               "this recorder has fisher='empirical', so gram() is already it")
+        self.gram()
+        if self._last.empirical is None:
+            raise RuntimeError("no data-label backward (loss.backward()) ran inside the last block")
+        return self._last.empirical
+
+    def sampled_labels(self) -> torch.Tensor:
+        """With ``fisher="sampled"``: the labels drawn in the last step, shape (K, B, …): class
+        indices for cross-entropy, regression targets for MSE.
+
+        Raises:
+            RuntimeError: no labels were drawn (``fisher="empirical"``, or no forward ran).
+        """
+        if self._last is None or self._last.labels is None:
+            raise RuntimeError("no labels were drawn: build the recorder with fisher='sampled' and "
+                               "run the model's forward inside `with recorder:`")
+        return self._last.labels
 
     def _scale(self, step: _Step) -> float:
         return float(step.batch) ** 2 if self.loss_reduction == "mean" else 1.0
