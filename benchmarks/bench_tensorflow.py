@@ -13,7 +13,7 @@ pool, dense head, 32×32×3 inputs, channels last). The plain step is Keras' own
 * ``registry`` — :class:`fimcore_adapters.tensorflow.GramModel` (``every=1``): the same step under
   a ``GramTape`` (factored dense layers, materialised per-layer conv gradients), one backward;
 * ``registry-noeig`` — the same without the eigenvalue call: the cost of G alone;
-* ``generic`` — the same with ``mode="generic"``: every layer through the exact per-layer
+* ``generic`` — the same with ``strategy="generic"``: every layer through the exact per-layer
   ``GradientTape.jacobian`` (pfor) fallback;
 * ``vectorized_map`` — what users can do today: ``tf.vectorized_map`` of the single-sample
   gradient, ``J Jᵀ`` over the concatenated per-sample gradients, SGD from their mean.
@@ -35,7 +35,7 @@ from benchmarks import _harness as H
 MODELS = {"mlp": "MLP 784-512-256-10", "cnn": "small CNN (3 conv + dense, 32×32×3)"}
 METHODS = {"registry": "fimcore `GramModel` (layer registry)",
            "registry-noeig": "fimcore `GramModel`, G without its eigenvalues",
-           "generic": "fimcore `GramModel(mode='generic')` (per-layer jacobian)",
+           "generic": "fimcore `GramModel(strategy='generic')` (per-layer jacobian)",
            "vectorized_map": "`tf.vectorized_map` per-sample grads + JJᵀ"}
 TARGET = 1.5  # step-with-Gram / plain step at B = 128 (issue 6)
 
@@ -87,7 +87,8 @@ def _steps(name, batch_size, method):
         float(logs["loss"])
 
     if method in ("registry", "registry-noeig", "generic"):
-        model = GramModel(build(name), every=1, mode=method.partition("-")[0])
+        strategy = "generic" if method == "generic" else "auto"
+        model = GramModel(build(name), every=1, strategy=strategy)
         model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss(), jit_compile=False)
         step = tf.function(model.train_step)
 

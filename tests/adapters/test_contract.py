@@ -28,14 +28,9 @@ TOL = 1e-10
 
 
 def _provider(framework: str):
+    """The framework's cases module; a missing one is an error (every adapter provides it)."""
     import_backend(FRAMEWORKS[framework])
-    try:
-        return importlib.import_module(f"tests.adapters.contract.{framework}_cases")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"tests.adapters.contract.{framework}_cases":
-            # TODO(adapter restructuring): fail once all three providers exist
-            pytest.skip(f"the {framework} adapter provides no contract cases module yet")
-        raise
+    return importlib.import_module(f"tests.adapters.contract.{framework}_cases")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -246,3 +246,50 @@ def test_x64_off_gives_float32_gram_and_rejects_float64_request():
     assert out[2:4] == ["ValueError", "True"]
     assert out[4] == "float32"  # the Flax path follows the same rule
     assert float(out[5]) < 1e-5
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_keep_blocks_per_container_sum_to_the_loop_gram(problem, reference, chunk_size):
+    """Blocks per parameter container ("l1" holds w and b; "l2" a tuple), each the Gram of
+    that container's columns of the loop's J, summing to G exactly; result() feeds the tracker."""
+    import fimcore
+
+    params, x, y = problem
+    step = value_grad_and_gram(mlp_loss, chunk_size=chunk_size, keep_blocks=True)
+    _, _, gram, blocks = jax.jit(step)(params, x, y)
+    assert sorted(blocks) == ["l1", "l2"]
+    rows = []
+    for i in range(B):
+        g = jax.grad(mlp_loss)(params, x[i], y[i])
+        rows.append([np.concatenate([np.asarray(v).ravel() for v in jax.tree_util.tree_leaves(g[k])])
+                     for k in ("l1", "l2")])
+    for k, name in enumerate(("l1", "l2")):
+        Jk = np.stack([r[k] for r in rows])
+        np.testing.assert_allclose(np.asarray(blocks[name]), Jk @ Jk.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.asarray(blocks["l1"] + blocks["l2"]), np.asarray(gram))
+    np.testing.assert_allclose(np.asarray(gram), reference[2], rtol=1e-12, atol=1e-12)
+    result = step.result(gram, blocks)
+    assert (result.batch_size, result.num_params) == (B, 4 * 5 + 5 + 5 * 3 + 3)
+    assert result.report.paths() == {"l1": "generic", "l2": "generic"}
+    assert fimcore.MeasureTracker().update(result, lr=0.1).c_k == pytest.approx(
+        fimcore.MeasureTracker().update(reference[2], lr=0.1).c_k, rel=1e-9)
+
+
+def test_keep_blocks_must_be_a_bool():
+    with pytest.raises(ValueError, match="keep_blocks must be True or False"):
+        value_grad_and_gram(mlp_loss, keep_blocks="yes")
+
+
+def test_memory_budget_sets_the_chunk_size(problem, reference):
+    """A budget of two samples' gradients is chunk_size=1: the loop's Gram, chunk by chunk."""
+    params, x, y = problem
+    per_sample = sum(np.size(v) * 8 for v in jax.tree_util.tree_leaves(params))
+    step = value_grad_and_gram(mlp_loss, memory_budget=2 * per_sample + 7)
+    gram = jax.jit(step)(params, x, y)[2]
+    np.testing.assert_allclose(np.asarray(gram), reference[2], rtol=1e-12, atol=1e-12)
+    chunked = jax.jit(value_grad_and_gram(mlp_loss, chunk_size=1))(params, x, y)[2]
+    np.testing.assert_array_equal(np.asarray(gram), np.asarray(chunked))
+    with pytest.raises(ValueError, match="not both"):
+        value_grad_and_gram(mlp_loss, memory_budget=100, chunk_size=2)
+    with pytest.raises(ValueError, match="memory_budget must be None or a positive"):
+        value_grad_and_gram(mlp_loss, memory_budget=0)

@@ -23,6 +23,11 @@ from fimcore_adapters.jax import (  # noqa: E402
 
 F64 = dict(param_dtype=jnp.float64)
 
+def reasons(step):
+    """``{module path: how its rows were formed}`` from ``step.report()``."""
+    return {r.name: r.reason for r in step.report()}
+
+
 
 def cross_entropy(logits, labels):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
@@ -138,7 +143,7 @@ def test_conv_net_matches_loop_and_reports_paths(conv_problem):
     np.testing.assert_allclose(flat(grad), ref_grad, rtol=1e-10, atol=1e-13)
     assert float(loss) == pytest.approx(ref_loss, rel=1e-12)
     assert jax.tree_util.tree_structure(grad) == jax.tree_util.tree_structure(variables["params"])
-    assert step.report == {
+    assert reasons(step) == {
         "Conv_0": "conv: materialised per-sample kernel gradients by patches (lax.map)",
         "GroupNorm_0": "norm: per-sample affine",
         "Conv_1": "conv: materialised per-sample kernel gradients by patches (lax.map)",
@@ -148,18 +153,19 @@ def test_conv_net_matches_loop_and_reports_paths(conv_problem):
     }
 
 
-@pytest.mark.parametrize("dense_form", ["auto", "factored", "materialised"])
-def test_tokens_shared_weights_fallback_match_loop(token_problem, dense_form):
+@pytest.mark.parametrize("strategy", ["auto", "factored", "materialize"])
+def test_tokens_shared_weights_fallback_match_loop(token_problem, strategy):
     model, variables, ids, y = token_problem
-    step = FlaxGram(model, cross_entropy, dense_form=dense_form)
+    step = FlaxGram(model, cross_entropy, strategy=strategy)
+    dense_form = {"materialize": "materialised"}.get(strategy, strategy)
     loss, grad, gram = jax.jit(step)(variables, ids, y)
     ref_loss, ref_grad, ref_gram = loop_reference(model, variables, ids, y)
     np.testing.assert_allclose(np.asarray(gram), ref_gram, rtol=1e-10, atol=1e-12 * np.abs(ref_gram).max())
     np.testing.assert_allclose(flat(grad), ref_grad, rtol=1e-10, atol=1e-13)
-    assert step.report["Scale_0"].startswith("fallback")
-    if dense_form != "auto":
-        assert step.report["Dense_0"] == f"dense: {dense_form} (T=6)"
-        assert step.report["Embed_0"] == f"embed: {dense_form} (T=3)"
+    assert reasons(step)["Scale_0"].startswith("fallback")
+    if strategy != "auto":
+        assert reasons(step)["Dense_0"] == f"dense: {dense_form} (T=6)"
+        assert reasons(step)["Embed_0"] == f"embed: {dense_form} (T=3)"
 
 
 CONV_OPTIONS = [
@@ -196,7 +202,7 @@ def test_every_conv_option_matches_the_loop(options):
     np.testing.assert_allclose(np.asarray(gram), ref_gram, rtol=1e-10, atol=1e-12 * np.abs(ref_gram).max())
     np.testing.assert_allclose(flat(grad), ref_grad, rtol=1e-10, atol=1e-13)
     fallback = "input_dilation" in options or options["padding"] == ((-1, 1), (1, 1))
-    assert step.report["Conv_0"].endswith("vmap of the convolution VJP" if fallback else "patches (lax.map)")
+    assert reasons(step)["Conv_0"].endswith("vmap of the convolution VJP" if fallback else "patches (lax.map)")
 
 
 @pytest.mark.parametrize("over_samples", ["map", "vmap"])
@@ -339,11 +345,30 @@ class Tied(nn.Module):
         return emb.attend(emb(ids).mean(1))
 
 
-def test_tied_embedding_raises():
+def test_tied_embedding_refused_with_fallback_error():
     ids = jnp.array([[0, 1], [2, 3]])
     variables = numpy_init(Tied(), ids)
-    with pytest.raises(NotImplementedError, match="called through 'attend'"):
-        FlaxGram(Tied(), cross_entropy)(variables, ids, jnp.array([0, 1]))
+    with pytest.raises(NotImplementedError, match="called through 'attend'.*fallback='error'"):
+        FlaxGram(Tied(), cross_entropy, fallback="error")(variables, ids, jnp.array([0, 1]))
+
+
+def test_tied_embedding_matches_per_sample_loop():
+    """The embedding used by __call__ and attend: per-sample gradients summed over both calls."""
+    ids = jnp.array([[0, 1], [2, 3], [4, 4], [1, 0]])
+    y = jnp.array([0, 1, 4, 2])
+    variables = numpy_init(Tied(), ids)
+    rows = []
+    for i in range(4):
+        g = jax.grad(lambda p: cross_entropy(Tied().apply({"params": p}, ids[i:i + 1]), y[i:i + 1])[0])(
+            variables["params"])
+        rows.append(np.concatenate([np.asarray(v).ravel() for v in jax.tree_util.tree_leaves(g)]))
+    J = np.stack(rows)
+    step = FlaxGram(Tied(), cross_entropy, keep_blocks=True)
+    _, _, gram, blocks = step(variables, ids, y)
+    np.testing.assert_allclose(np.asarray(gram), J @ J.T, rtol=1e-12, atol=1e-14)
+    assert step.report().paths() == {"Embed_0": "materialize"}
+    assert step.report()[0].calls == 2 and "attend" in step.report()[0].reason
+    np.testing.assert_allclose(np.asarray(blocks["Embed_0"]), np.asarray(gram), rtol=0, atol=0)
 
 
 class Flattened(nn.Module):
@@ -361,6 +386,10 @@ def test_layer_without_leading_batch_axis_raises():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"dense_form": "fast"}, "dense_form must be"),
+    ({"strategy": "fast"}, "strategy must be one of"),
+    ({"strategy": {"Dense_0": "fast"}}, "strategy values must be in"),
+    ({"strategy": "factored", "dense_form": "factored"}, "not both"),
+    ({"keep_blocks": 1}, "keep_blocks must be True or False"),
     ({"fallback": "skip"}, "fallback must be"),
 ])
 def test_bad_options_raise(kwargs, match):
@@ -371,3 +400,59 @@ def test_bad_options_raise(kwargs, match):
 def test_non_flax_model_raises():
     with pytest.raises(TypeError, match="must be a flax.linen.Module"):
         FlaxGram(lambda x: x, cross_entropy)
+
+
+def test_old_spellings_warn_and_keep_working(token_problem):
+    """``dense_form=`` is ``strategy=``; ``report`` read as a dict is ``report()``."""
+    model, variables, ids, y = token_problem
+    with pytest.warns(DeprecationWarning, match=r"dense_form=.*strategy="):
+        old = FlaxGram(model, cross_entropy, dense_form="materialised")
+    new = FlaxGram(model, cross_entropy, strategy="materialize")
+    np.testing.assert_array_equal(np.asarray(old(variables, ids, y)[2]), np.asarray(new(variables, ids, y)[2]))
+    with pytest.warns(DeprecationWarning, match=r"call FlaxGram.report\(\)"):
+        assert old.report["Dense_0"] == "dense: materialised (T=6)"
+    assert new.report().paths()["Dense_0"] == "materialize"
+
+
+def test_keep_blocks_jitted_result_feeds_the_tracker(token_problem):
+    """Blocks per module, summing to G exactly, as a jitted output; result() on the host."""
+    import fimcore
+
+    model, variables, ids, y = token_problem
+    step = FlaxGram(model, cross_entropy, keep_blocks=True)
+    loss, grad, gram, blocks = jax.jit(step)(variables, ids, y)
+    assert sorted(blocks) == sorted(r.name for r in step.report())
+    total = sum(np.asarray(b) for b in blocks.values())
+    np.testing.assert_allclose(total, np.asarray(gram), rtol=1e-14, atol=1e-14 * np.abs(total).max())
+    ref_gram = loop_reference(model, variables, ids, y)[2]
+    np.testing.assert_allclose(np.asarray(gram), ref_gram, rtol=1e-10, atol=1e-12 * np.abs(ref_gram).max())
+    result = step.result(gram, blocks)
+    assert result.batch_size == ids.shape[0] and result.grad_dtype == jnp.float64
+    assert result.num_params == sum(np.size(v) for v in jax.tree_util.tree_leaves(variables["params"]))
+    assert sum(r.trace for r in result.report) == pytest.approx(float(jnp.trace(gram)), rel=1e-12)
+    m = fimcore.MeasureTracker().update(result, lr=0.1)
+    assert m.c_k == pytest.approx(fimcore.MeasureTracker().update(np.asarray(gram), lr=0.1).c_k, rel=1e-9)
+
+
+def test_params_selects_the_columns_of_J(token_problem):
+    """Only the named modules' columns enter G (the loop's J restricted to them); every
+    parameter still gets its batch gradient."""
+    model, variables, ids, y = token_problem
+    _, ref_grad, _ = loop_reference(model, variables, ids, y)
+    rows = []
+    for i in range(ids.shape[0]):
+        g = jax.grad(lambda p: cross_entropy(model.apply({"params": p}, ids[i:i + 1]), y[i:i + 1])[0])(
+            variables["params"])
+        rows.append(np.concatenate([np.asarray(v).ravel() for v in jax.tree_util.tree_leaves(
+            {k: g[k] for k in ("Dense_0", "Embed_0")})]))
+    J = np.stack(rows)
+    step = FlaxGram(model, cross_entropy, params=["Dense_0", "Embed_0"], keep_blocks=True)
+    _, grad, gram, blocks = step(variables, ids, y)
+    np.testing.assert_allclose(np.asarray(gram), J @ J.T, rtol=1e-10, atol=1e-12 * np.abs(J @ J.T).max())
+    np.testing.assert_allclose(flat(grad), ref_grad, rtol=1e-10, atol=1e-13)
+    assert sorted(blocks) == ["Dense_0", "Embed_0"] == sorted(step.report().paths())
+    assert step.result(gram, blocks).num_params == J.shape[1]
+    with pytest.raises(ValueError, match=r"params names no parameterised module.*\['nope'\]"):
+        FlaxGram(model, cross_entropy, params=["nope"])(variables, ids, y)
+    with pytest.raises(TypeError, match="params must be None or module paths"):
+        FlaxGram(model, cross_entropy, params=[3])

@@ -173,7 +173,7 @@ def test_output_jacobian_gram_errors():
 def test_sampled_through_the_generic_jacobian_path():
     model, (x, y) = mlp(), data()
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    with GramTape(model, mode="generic") as tape:
+    with GramTape(model, strategy="generic") as tape:
         out = model(x)
         loss = loss_fn(y, out)
     _, gram = tape.gradient_and_gram(loss, fisher="sampled", outputs=out, loss_fn=loss_fn, seed=8)

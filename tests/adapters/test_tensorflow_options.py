@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import fimcore
-from fimcore_adapters.tensorflow import GramModel, GramMeasureCallback, GramTape
+from fimcore_adapters.tensorflow import GramModel, GramMeasureCallback, GramTape, per_sample_gram
 from tests.adapters._keras_float64 import keras_float64
 
 B, LR = 6, 0.0625
@@ -83,8 +83,8 @@ def test_batchnorm_variants_without_a_rule_take_the_generic_path(option):
     with GramTape(model) as tape:
         loss = xent()(y, model(x, training=True))
     grads, gram = tape.gradient_and_gram(loss)
-    paths = {kind: path for _, kind, path in tape.report}
-    assert paths["BatchNormalization"] == "generic", tape.report
+    paths = {r.module: r.path for r in tape.report()}
+    assert paths["BatchNormalization"] == "generic", tape.report()
     assert paths["Dense"] != "generic"
     for v, b in zip(model.non_trainable_variables, before):  # state as the ordinary step leaves it
         v.assign(b)
@@ -95,3 +95,85 @@ def test_batchnorm_variants_without_a_rule_take_the_generic_path(option):
         np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-12, atol=1e-14)
     flat = np.concatenate([r.numpy().ravel() for r in want])
     assert float(np.sum(gram)) == pytest.approx(B**2 * float(flat @ flat), rel=1e-10)
+
+
+def test_old_spellings_warn_and_keep_working():
+    """``mode=``/``layers=`` are ``strategy=``/``params=``; ``report`` read as a list is ``report()``."""
+    x, y, _ = data()
+    model = net()
+    first = model.layers[0]
+    with pytest.warns(DeprecationWarning, match=r"mode=.*strategy="):
+        old = per_sample_gram(model, xent(), x, y, mode="generic")
+    np.testing.assert_array_equal(old, per_sample_gram(model, xent(), x, y, strategy="generic"))
+    with pytest.warns(DeprecationWarning, match=r"layers=.*params="):
+        old = per_sample_gram(model, xent(), x, y, layers=[first])
+    np.testing.assert_array_equal(old, per_sample_gram(model, xent(), x, y, params=[first]))
+    with GramTape(model) as tape:
+        loss = xent()(y, model(x, training=True))
+    tape.gradient_and_gram(loss)
+    with pytest.warns(DeprecationWarning, match=r"call GramTape.report\(\)"):
+        assert [t[2] for t in tape.report] == ["factored", "factored"]
+    assert list(tape.report().paths().values()) == ["factored", "factored"]
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"strategy": "fast"}, "strategy must be one of"),
+    ({"strategy": {"nope": "factored"}}, "strategy names layers that hold no"),
+    ({"strategy": "generic", "mode": "generic"}, "not both"),
+    ({"keep_blocks": "yes"}, "keep_blocks must be True or False"),
+])
+def test_bad_common_options(options, match):
+    model = net()
+    x, y, _ = data()
+    with pytest.raises(ValueError, match=match):
+        with GramTape(model, **options):
+            model(x)
+
+
+def test_keep_blocks_and_result_feed_the_tracker():
+    """Blocks per layer sum to G exactly; result() carries B, P, dtype and the report."""
+    x, y, _ = data()
+    model = net()
+    with GramTape(model, keep_blocks=True) as tape:
+        loss = xent()(y, model(x, training=True))
+    _, gram = tape.gradient_and_gram(loss)
+    blocks = tape.blocks()
+    assert sorted(blocks) == sorted(layer.name for layer in model.layers)
+    np.testing.assert_array_equal(sum(b.numpy() for b in blocks.values()), gram.numpy())
+    result = tape.result()
+    assert (result.batch_size, result.num_params, result.grad_dtype) == (B, 5 * 6 + 6 + 6 * 3 + 3, np.float64)
+    assert sum(r.trace for r in result.report) == pytest.approx(float(np.trace(result.gram)), rel=1e-12)
+    G = per_sample_gram(model, xent(), x, y)
+    np.testing.assert_allclose(result.gram, G, rtol=1e-12, atol=1e-14 * np.abs(G).max())
+    m = fimcore.MeasureTracker().update(result, lr=LR)
+    assert m.c_k == pytest.approx(fimcore.MeasureTracker().update(G, lr=LR).c_k, rel=1e-9)
+    with GramTape(model) as plain:
+        model(x)
+    with pytest.raises(RuntimeError, match="keep_blocks=True"):
+        plain.blocks()
+
+
+def test_report_traces_without_kept_blocks_and_inside_tf_function():
+    """Eagerly the report's traces add up to Tr G with or without kept blocks; inside a
+    tf.function there are no values, so no traces, and result() says what to do."""
+    x, y, _ = data()
+    model = net()
+    with GramTape(model) as tape:
+        loss = xent()(y, model(x, training=True))
+    _, gram = tape.gradient_and_gram(loss)
+    assert sum(r.trace for r in tape.report()) == pytest.approx(float(np.trace(gram.numpy())), rel=1e-12)
+
+    graph_tape = GramTape(model, keep_blocks=True)
+
+    @tf.function
+    def step():
+        with graph_tape:
+            loss = xent()(y, model(x, training=True))
+        return graph_tape.gradient_and_gram(loss)[1], graph_tape.blocks()
+
+    g, blocks = step()
+    np.testing.assert_allclose(g.numpy(), gram.numpy(), rtol=1e-12, atol=1e-14 * np.abs(gram.numpy()).max())
+    np.testing.assert_array_equal(sum(b.numpy() for b in blocks.values()), g.numpy())
+    assert [r.trace for r in graph_tape.report()] == [None, None]
+    with pytest.raises(RuntimeError, match="inside a tf.function"):
+        graph_tape.result()

@@ -72,10 +72,11 @@ class Call:
 class Recorder:
     """The interceptor. ``perturbations=None`` is the discovery pass (records output shapes)."""
 
-    def __init__(self, batch, perturbations=None, fallback="vmap"):
+    def __init__(self, batch, perturbations=None, fallback="vmap", generic=None):
         self.batch = batch
         self.perturbations = perturbations
         self.fallback = fallback
+        self.generic = generic or (lambda name: False)  # layers sent to the exact re-run path
         self.calls: list[Call] = []
         self.arrays: list = []
         self.out_shapes: list = []
@@ -93,19 +94,25 @@ class Recorder:
         kind = layer_kind(module, method)
         params = module.variables.get("params", {})
         direct = {k: v for k, v in params.items() if not isinstance(v, Mapping)}
+        forced = kind is not None and self.generic("/".join(path) or "<root>")
         if kind is not None and method != "__call__":
             if not direct:
                 return next_fun(*args, **kwargs)
-            raise NotImplementedError(
-                f"the Flax Gram path handles {type(module).__name__} only through __call__; "
-                f"module {'/'.join(path)} was called through {method!r}, which uses its "
-                "parameters elsewhere (e.g. a tied embedding). Use value_grad_and_gram "
-                "(generic path) for this model."
-            )
+            if self.fallback == "error":
+                raise NotImplementedError(
+                    f"the Flax Gram path handles {type(module).__name__} only through __call__; "
+                    f"module {'/'.join(path)} was called through {method!r}, which uses its "
+                    "parameters elsewhere (e.g. a tied embedding), and fallback='error' refuses "
+                    "the exact re-run of that call. Pass fallback='vmap', or use "
+                    "value_grad_and_gram (generic path) for this model."
+                )
+            forced = True  # the call through another method is re-run exactly (tied weights)
+        if forced:
+            kind = None
         if kind is None:
             if not direct:
                 return next_fun(*args, **kwargs)
-            if self.fallback == "error":
+            if self.fallback == "error" and not forced:
                 raise NotImplementedError(
                     f"module {'/'.join(path) or '<root>'} ({type(module).__name__}) owns parameters "
                     f"{sorted(direct)} but is not a recognised Flax layer; with fallback='error' "

@@ -7,11 +7,20 @@ from collections import defaultdict
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from fimcore.layers import LayerRecord, PerLayerSink, check_strategy
+
+from .._compat import LegacyReportDict, deprecated
 from . import flax_layers as layers
-from ._checks import accumulation_dtype, batch_size, check_finite_if_concrete, check_params
+from ._checks import (accumulation_dtype, batch_size, check_finite_if_concrete, check_params,
+                      gradient_dtype)
 from .flax_capture import Recorder
 from .flax_fallback import fallback_rows
+from .result import StepInfo
+
+#: ``strategy`` value -> the dense/embedding form it forces
+_FORMS = {"auto": "auto", "factored": "factored", "materialize": "materialised"}
 
 __all__ = ["FlaxGram", "flax_per_sample_gram", "flax_value_grad_and_gram"]
 
@@ -31,7 +40,7 @@ class FlaxGram:
 
     Per layer, the cheaper of two exact forms: ``Dense``/``DenseGeneral`` use the factored form
     ``G_ij = Σ_{t,s}(a_it·a_js)(g_it·g_js)`` (``(A Aᵀ)⊙(Gₒ Gₒᵀ)`` for T = 1) or materialised
-    per-sample weights, whichever costs fewer multiply-adds (``dense_form`` overrides);
+    per-sample weights, whichever costs fewer multiply-adds (``strategy`` overrides);
     ``Conv`` materialises per-sample kernel gradients (``vmap`` of the convolution's VJP,
     which JAX lowers to a feature-grouped convolution), then ``J_l J_lᵀ``; ``Embed`` uses the
     factored id-equality form or a one-hot materialisation; ``LayerNorm``, ``GroupNorm``,
@@ -44,8 +53,17 @@ class FlaxGram:
     across samples, else (a module coupling samples: batch statistics, ``h − mean_b h``, a
     softmax over the batch) by the batch VJP at the cotangent masked to each sample's slice,
     at B times the module's backward; the check is made at each call's values (under ``jit``
-    by ``lax.cond``). ``fallback="error"`` rejects such modules instead. After a call,
-    ``report`` maps each parameterised module path to the path taken.
+    by ``lax.cond``). ``fallback="error"`` rejects such modules instead. A recognised layer
+    whose parameters are also used through another method (a tied embedding's ``attend``)
+    has that call re-run the same way, and its per-sample gradients summed over the calls
+    before its Gram is formed. After a call, ``report()`` lists the path each parameterised
+    module took (a :class:`fimcore.layers.Report`, paths of ``fimcore.layers.PATHS``).
+
+    With ``keep_blocks=True`` the call returns one more output, last: the per-layer blocks
+    ``{module path: (B, B) block}`` (``"Dense_0"``, ``"block/Conv_0"``), whose sum is the Gram
+    exactly. ``result(gram, blocks=None)`` turns a step's outputs into a
+    :class:`fimcore.GramResult` for ``fimcore.MeasureTracker.update`` (on the host; the step
+    itself stays jit-able).
 
     Args:
         model: a ``flax.linen.Module``.
@@ -54,7 +72,16 @@ class FlaxGram:
             given, a fourth output holds the updated collections.
         apply_kwargs: extra keyword arguments for ``model.apply`` (e.g. ``{"train": True}``).
         dtype: Gram dtype; ``None`` = float64 when ``jax_enable_x64`` is on, else float32.
-        dense_form: ``"auto"``, ``"factored"`` or ``"materialised"`` for dense-like layers.
+        strategy: ``"auto"`` (cost model for dense and embedding layers), ``"factored"`` or
+            ``"materialize"`` (forced on every layer that has both forms), ``"generic"`` (every
+            parameterised module through the exact re-run of the fallback; slow, for
+            checking), or a dict ``{module path: strategy}`` with ``"auto"`` elsewhere.
+        keep_blocks: also return the per-layer blocks (see above).
+        params: None (every parameterised module) or module paths (``"Dense_0"``; a path
+            also selects the modules under it) whose parameters are the columns of J; the
+            others still get their batch gradient.
+        dense_form: deprecated spelling of ``strategy`` (``"materialised"`` is
+            ``"materialize"``).
         fallback: for unrecognised parameterised modules, ``"vmap"`` (exact rows from a re-run
             of the module: per sample, or masked batch VJPs when it couples samples) or
             ``"error"``.
@@ -65,10 +92,11 @@ class FlaxGram:
         ValueError: per-example losses not of shape (B,); inputs/targets with different
             leading sizes; a layer not receiving the batch on axis 0, or an unrecognised
             module returning an output without it that the loss uses; non-finite parameters
-            (outside ``jit``); bad ``dense_form``/``fallback``.
+            (outside ``jit``); bad ``strategy``/``fallback``; a ``strategy`` dict naming no
+            parameterised module.
         NotImplementedError: unrecognised parameterised module with ``fallback="error"``, or
-            one that draws random numbers; a recognised layer used through another method
-            (tied embeddings).
+            one that draws random numbers; with ``fallback="error"``, a recognised layer used
+            through another method (tied embeddings).
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -80,16 +108,34 @@ class FlaxGram:
         ...     return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)[:, 0]
         >>> step = FlaxGram(model, loss_fn)
         >>> loss, grads, gram = jax.jit(step)(variables, x, y)
-        >>> gram.shape, sorted(step.report.values())
-        ((4, 4), ['dense: factored (T=1)', 'dense: factored (T=1)'])
+        >>> gram.shape, step.report().paths()
+        ((4, 4), {'layers_0': 'factored', 'layers_2': 'factored'})
     """
 
     def __init__(self, model, loss_fn, *, mutable=False, apply_kwargs=None, dtype=None,
-                 dense_form="auto", fallback="vmap", check_finite=True):
-        if dense_form not in ("auto", "factored", "materialised"):
-            raise ValueError(
-                f"dense_form must be 'auto', 'factored' or 'materialised'; received {dense_form!r}."
-            )
+                 strategy="auto", keep_blocks=False, params=None, fallback="vmap",
+                 check_finite=True, dense_form=None):
+        if dense_form is not None:
+            deprecated("FlaxGram(dense_form=...)", "FlaxGram(strategy=...) with 'auto', "
+                       "'factored' or 'materialize'")
+            if dense_form not in ("auto", "factored", "materialised"):
+                raise ValueError(
+                    f"dense_form must be 'auto', 'factored' or 'materialised'; received {dense_form!r}."
+                )
+            if strategy != "auto":
+                raise ValueError(f"pass strategy or its old spelling dense_form, not both; received "
+                                 f"strategy={strategy!r} and dense_form={dense_form!r}.")
+            strategy = {"materialised": "materialize"}.get(dense_form, dense_form)
+        self._default, self._strategies = check_strategy(strategy)
+        if not isinstance(keep_blocks, bool):
+            raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}.")
+        if params is not None:
+            params = (params,) if isinstance(params, str) else tuple(params)
+            bad = [p for p in params if not isinstance(p, str)]
+            if bad or not params:
+                raise TypeError(f"params must be None or module paths (strings such as 'Dense_0' or "
+                                f"'block/Conv_0'); received {bad or params!r}.")
+        self.params = params
         if fallback not in ("vmap", "error"):
             raise ValueError(f"fallback must be 'vmap' or 'error'; received {fallback!r}.")
         if not isinstance(model, nn.Module):
@@ -100,9 +146,38 @@ class FlaxGram:
         self.model, self.loss_fn = model, loss_fn
         self.mutable = mutable
         self.apply_kwargs = dict(apply_kwargs or {})
-        self.dtype, self.dense_form, self.fallback = dtype, dense_form, fallback
+        self.dtype, self.strategy, self.fallback = dtype, strategy, fallback
+        self.keep_blocks = keep_blocks
         self.check_finite = check_finite
-        self.report: dict[str, str] = {}
+        self._how: dict[str, str] = {}
+        self._info = StepInfo()
+
+    def _strategy(self, name: str) -> str:
+        return self._strategies.get(name, self._default)
+
+    def _selected(self, name: str) -> bool:
+        return self.params is None or any(name == p or name.startswith(p + "/") for p in self.params)
+
+    @property
+    def dense_form(self) -> str:
+        """Deprecated: the dense-layer form ``strategy`` forces (``"materialised"`` etc.)."""
+        return _FORMS.get(self._default, "auto")
+
+    @property
+    def report(self):
+        """``report()``: the per-layer :class:`fimcore.layers.Report` of the last traced step.
+
+        (Reading ``report`` without calling it gives the old ``{module path: description}``
+        dict, with a ``DeprecationWarning``.)
+        """
+        return LegacyReportDict(self._how, self._info.report(), "FlaxGram")
+
+    def result(self, gram, blocks=None):
+        """The step's :class:`fimcore.GramResult` from its outputs ``gram`` (and ``blocks``):
+        gradient dtype, B, P and the report recorded when the step was traced."""
+        if blocks is None and self.keep_blocks and self._info.blocks is not None:
+            blocks = self._info.blocks
+        return self._info.result(gram, blocks, what="the FlaxGram step")
 
     # -- forward with capture -------------------------------------------------------------
     def _forward(self, recorder, variables, inputs, rngs):
@@ -118,7 +193,8 @@ class FlaxGram:
         size = batch_size((inputs, targets), what="(inputs, *targets)")
         acc = accumulation_dtype(self.dtype, params)
 
-        discover = Recorder(size, None, self.fallback)
+        generic = lambda name: self._strategy(name) == "generic"  # noqa: E731
+        discover = Recorder(size, None, self.fallback, generic)
         out_shape = jax.eval_shape(lambda v, x: self._forward(discover, v, x, rngs)[0], variables, inputs)
         loss_shape = jax.eval_shape(lambda o, *t: self.loss_fn(o, *t), out_shape, *targets)
         if getattr(loss_shape, "shape", None) != (size,):
@@ -128,8 +204,21 @@ class FlaxGram:
                 "batch: FlaxGram takes the mean itself."
             )
         zeros = [jnp.zeros(s.shape, s.dtype) for s in discover.out_shapes]
+        unknown = set(self._strategies) - {"/".join(c.path) or "<root>" for c in discover.calls}
+        if unknown:
+            raise ValueError(
+                f"strategy names modules that own no parameters used in the step: {sorted(unknown)}; "
+                f"parameterised modules are {sorted({'/'.join(c.path) or '<root>' for c in discover.calls})}."
+            )
 
-        rec = Recorder(size, None, self.fallback)
+        labels = {"/".join(c.path) or "<root>" for c in discover.calls}
+        if self.params is not None:
+            missing = [p for p in self.params if not any(n == p or n.startswith(p + "/") for n in labels)]
+            if missing:
+                raise ValueError(f"params names no parameterised module used in the step: {missing}; "
+                                 f"parameterised modules are {sorted(labels)}.")
+
+        rec = Recorder(size, None, self.fallback, generic)
 
         def batch_loss(perturbations):
             rec.perturbations = perturbations
@@ -137,10 +226,15 @@ class FlaxGram:
             return jnp.mean(self.loss_fn(out, *targets)), (rec.arrays, state)
 
         (mean_loss, (arrays, state)), deltas = jax.value_and_grad(batch_loss, has_aux=True)(zeros)
-        mean_grad, gram = self._assemble(rec.calls, arrays, deltas, params, size, acc)
-        if self.mutable:
-            return mean_loss, mean_grad, gram, state
-        return mean_loss, mean_grad, gram
+        mean_grad, gram, blocks = self._assemble(rec.calls, arrays, deltas, params, size, acc)
+        info = self._info
+        info.grad_dtype, info.batch_size = gradient_dtype(params), size
+        info.num_params = (sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+                           if self.params is None else sum(r.params for r in info.records))
+        concrete = blocks is not None and not any(isinstance(b, jax.core.Tracer) for b in blocks.values())
+        info.blocks = blocks if concrete else None
+        out = (mean_loss, mean_grad, gram) + ((state,) if self.mutable else ())
+        return out + ((blocks,) if self.keep_blocks else ())
 
     # -- per-layer Gram blocks ------------------------------------------------------------
     def _assemble(self, calls, arrays, deltas, params, size, acc):
@@ -151,22 +245,52 @@ class FlaxGram:
         grads = jax.tree_util.tree_map(jnp.zeros_like, nn.meta.unbox(params))
         grads = _to_dict(grads)
         gram = jnp.zeros((size, size), acc)
-        report = {}
+        how, records = {}, []
+        sink = PerLayerSink() if self.keep_blocks else None   # the core's per-layer sink
+        scale = jnp.asarray(size * size, acc)
         for path, items in groups.items():
-            block, layer_grads, how = self._group(items, size, acc)
-            gram = gram + block
+            label = "/".join(path) or "<root>"
+            block, layer_grads, reason = self._group(items, size, acc, self._strategy(label))
+            selected = self._selected(label)
+            if selected:
+                how[label] = reason
+            if selected and self.keep_blocks:
+                sink.add_block(label, block * scale)
+            elif selected:
+                gram = gram + block
             node = grads
             for name in path:
                 node = node[name]
             for name, value in layer_grads.items():
                 node[name] = value.astype(node[name].dtype).reshape(node[name].shape)
-            report["/".join(path) or "<root>"] = how
-        self.report = report
-        return grads, gram * jnp.asarray(size * size, acc)
+            if not selected:
+                continue
+            call = items[0][0]
+            own = {k: v for k, v in call.module.variables.get("params", {}).items()
+                   if not hasattr(v, "items")}
+            records.append(LayerRecord(label, type(call.module).__name__, _path_of(how[label]),
+                                       how[label], sum(int(np.size(nn.meta.unbox(v))) for v in own.values()),
+                                       len(items)))
+        self._how, self._info.records = how, records
+        if self.keep_blocks:
+            return grads, sink.gram(), sink.blocks()
+        return grads, gram * scale, None
 
-    def _group(self, items, size, acc):
+    def _group(self, items, size, acc, strategy="auto"):
         call = items[0][0]
         module, kind = call.module, call.kind
+        form_of = _FORMS.get(strategy, "auto")
+        if len({c.kind for c, _, _ in items}) > 1:   # parameters used through several methods
+            per_sample, forms = {}, set()
+            for c, captured, d in items:
+                ps, form = _call_rows(c, captured, d, size)
+                forms.add(form or c.kind)
+                for k, v in ps.items():
+                    per_sample[k] = v if k not in per_sample else per_sample[k] + v
+            block, grads = layers.materialised_block(per_sample, acc)
+            methods = sorted({c.method for c, _, _ in items})
+            return block, grads, ("tied: materialised per-sample gradients summed over the calls "
+                                  f"through {', '.join(methods)} ({'; '.join(sorted(forms))})")
         if kind in ("dense", "dense_general"):
             a_parts, g_parts = [], []
             for c, x, (d,) in items:
@@ -174,14 +298,14 @@ class FlaxGram:
                 a_parts.append(x2)
                 g_parts.append(d2)
             a, g = jnp.concatenate(a_parts, 1), jnp.concatenate(g_parts, 1)
-            form = layers.choose_dense_form(size, a.shape[1], a.shape[2], g.shape[2], self.dense_form)
+            form = layers.choose_dense_form(size, a.shape[1], a.shape[2], g.shape[2], form_of)
             block, grads = layers.dense_block(a, g, has_bias=module.use_bias, form=form, dtype=acc)
             return block, grads, f"{kind.split('_')[0] if kind == 'dense' else kind}: {form} (T={a.shape[1]})"
         if kind == "embed":
             ids = jnp.concatenate([x.reshape(size, -1) for _, x, _ in items], 1)
             g = jnp.concatenate([d.reshape(size, -1, module.features) for _, _, (d,) in items], 1)
             t, v, f = ids.shape[1], module.num_embeddings, module.features
-            form = self.dense_form if self.dense_form != "auto" else (
+            form = form_of if form_of != "auto" else (
                 "factored" if size * t * t * (f + 1) <= t * v * f + size * v * f else "materialised")
             block, grads = layers.embed_block(ids, g, num_embeddings=v, form=form, dtype=acc,
                                               param_dtype=module.param_dtype)
@@ -197,6 +321,38 @@ class FlaxGram:
         if kind == "fallback":
             return block, grads, "; ".join(sorted(forms))
         return block, grads, "norm: per-sample affine"
+
+
+def _path_of(how: str) -> str:
+    """The :data:`fimcore.layers.PATHS` name of a path description."""
+    if how.startswith("fallback"):
+        coupled = "masked batch VJP" in how and "if the module is separable" not in how
+        return "generic-coupled" if coupled else "generic"
+    if how.startswith("norm"):
+        return "norm"
+    if ": factored" in how:
+        return "factored"
+    return "materialize"
+
+
+def _call_rows(call, captured, deltas, size):
+    """Per-sample gradients ``{name: (B, *shape)}`` of any one recorded call, and how."""
+    if call.kind in ("dense", "dense_general"):
+        a, g = _dense_operands(call, captured, deltas[0], size)
+        out = {"kernel": jnp.einsum("bti,bto->bio", a, g)}
+        if call.module.use_bias:
+            out["bias"] = jnp.sum(g, axis=1)
+        kernel = nn.meta.unbox(call.module.variables["params"]["kernel"])
+        out["kernel"] = out["kernel"].reshape((size,) + kernel.shape)
+        return out, "dense per-sample outer products"
+    if call.kind == "embed":
+        module = call.module
+        ids = captured.reshape(size, -1)
+        ids = jnp.where(ids < 0, ids + module.num_embeddings, ids)
+        g = deltas[0].reshape(size, -1, module.features)
+        onehot = jax.nn.one_hot(ids, module.num_embeddings, dtype=g.dtype)
+        return {"embedding": jnp.einsum("btv,btd->bvd", onehot, g)}, "embed one-hot rows"
+    return _per_sample(call, captured, deltas, size)
 
 
 def _to_dict(tree):

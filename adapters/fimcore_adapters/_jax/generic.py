@@ -14,7 +14,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from fimcore.layers import LayerRecord, PerLayerSink
 
 from .._fisher import check_fisher_options
 from .sampled import OutputLoss, sampled_grads
@@ -23,7 +26,9 @@ from ._checks import (
     batch_size,
     check_finite_if_concrete,
     check_params,
+    gradient_dtype,
 )
+from .result import StepInfo, leaf_groups
 
 __all__ = ["per_sample_gram", "value_grad_and_gram"]
 
@@ -37,6 +42,15 @@ def _leaf_gram(a, b, dtype):
         block = fa @ fb.T
         total = block if total is None else total + block
     return total
+
+
+def _grouped_gram(groups, a, b, dtype):
+    """``{layer: Σ_{leaves l of layer} A_l B_lᵀ}`` (the per-layer blocks of :func:`_leaf_gram`)."""
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    out = {}
+    for name, index in groups:
+        out[name] = _leaf_gram([la[i] for i in index], [lb[i] for i in index], dtype)
+    return out
 
 
 def _check_loss_shape(per_example, params, batch, has_aux):
@@ -58,7 +72,8 @@ def _check_loss_shape(per_example, params, batch, has_aux):
 
 
 def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, check_finite=True,
-                        fisher="empirical", mc_samples=1, seed=0):
+                        keep_blocks=False, memory_budget=None, fisher="empirical", mc_samples=1,
+                        seed=0):
     """Transform a per-example loss into ``(params, *batch) -> (mean loss, mean gradient, Gram)``.
 
     ``loss_fn(params, *example)`` is the loss ℓ_i of ONE example (the
@@ -73,6 +88,14 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
     ``(mean_loss, aux)`` with ``aux`` stacked over the batch. The function is pure and
     jit-able, and it composes with ``jax.vmap`` (e.g. over an ensemble of parameters).
 
+    With ``keep_blocks=True`` a fourth output holds the per-layer blocks
+    ``{layer: J_l J_lᵀ}`` (a layer is the container of parameter leaves, e.g. ``"Dense_0"``
+    for ``params["Dense_0"]["kernel"]``; top-level leaves are their own layer), and the Gram
+    is their sum, so they add up to it exactly. The returned function also has
+    ``report()`` (the layers of the last trace, each on the ``"generic"`` path) and
+    ``result(gram, blocks=None)``, the :class:`fimcore.GramResult` of a step's outputs for
+    ``fimcore.MeasureTracker.update`` (call it on the host, outside ``jit``).
+
     Args:
         loss_fn: per-example loss ``loss_fn(params, *example) -> scalar``.
         has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
@@ -81,6 +104,10 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
         dtype: Gram dtype. ``None``: float64 if ``jax_enable_x64`` is on, otherwise the
             gradients' dtype (float32). Per-sample gradients are cast to it before the products.
         check_finite: outside ``jit``, raise if a parameter is NaN/Inf (one host sync).
+        keep_blocks: also return ``{layer: (B, B) block}`` summing to the Gram.
+        memory_budget: None or bytes for the per-sample gradients alive at once: sets
+            ``chunk_size = max(1, memory_budget // (2·P·itemsize))`` (two chunks of P-sized
+            gradients are alive for an off-diagonal block); exclusive with ``chunk_size``.
         fisher: ``"empirical"`` (rows at the data labels) or ``"sampled"``: the Gram's rows are
             ``∇_θ ℓ(h_i, ŷ_i)`` at labels drawn from the model (ŷ ~ softmax(h) or the Gaussian of
             the MSE), the Monte-Carlo ("true") Fisher's Gram; loss, gradient stay the data-label
@@ -94,12 +121,12 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             :func:`sample_labels` gives the labels a key draws.
 
     Returns:
-        The transformed function.
+        The transformed function (with ``report()`` and ``result()`` attached).
 
     Raises:
         TypeError: integer (non-float) parameter leaves; ``has_aux`` mismatch; non-float dtype.
         ValueError: non-scalar per-example loss, batch leaves with different leading sizes,
-            non-positive ``chunk_size``, float64 requested with x64 off, non-finite parameters
+            non-positive ``chunk_size`` or ``memory_budget``, both given, float64 requested with x64 off, non-finite parameters
             (outside ``jit``).
 
     Example:
@@ -118,10 +145,23 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             f"chunk_size must be a positive int or None; received {chunk_size!r}. "
             "Pass e.g. chunk_size=32 to bound memory, or None for one chunk."
         )
+    if not isinstance(keep_blocks, bool):
+        raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}.")
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+            raise ValueError(f"memory_budget must be None or a positive number of bytes; received "
+                             f"{memory_budget!r}.")
+        if chunk_size is not None:
+            raise ValueError(f"pass chunk_size or memory_budget, not both; received chunk_size="
+                             f"{chunk_size!r} and memory_budget={memory_budget!r}.")
     check_fisher_options(fisher, mc_samples, seed)
     if fisher == "sampled":
+        if keep_blocks or memory_budget is not None:
+            raise ValueError("fisher='sampled' takes neither keep_blocks nor memory_budget; received "
+                             f"keep_blocks={keep_blocks!r}, memory_budget={memory_budget!r}. Drop them")
         return _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, mc_samples, seed)
     per_example = jax.value_and_grad(loss_fn, has_aux=has_aux)
+    info = StepInfo()
 
     @functools.wraps(loss_fn)
     def step(params, *batch):
@@ -131,17 +171,41 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
         size = batch_size(batch)
         _check_loss_shape(loss_fn, params, batch, has_aux)
         acc = accumulation_dtype(dtype, params)
-        if chunk_size is None or chunk_size >= size:
+        groups = leaf_groups(params)
+        leaves = jax.tree_util.tree_leaves(params)
+        info.records = [LayerRecord(name, "pytree", "generic", "vmap(grad) per-sample gradients",
+                                    sum(int(np.size(leaves[i])) for i in index), 1)
+                        for name, index in groups]
+        info.grad_dtype, info.batch_size = gradient_dtype(params), size
+        info.num_params = sum(int(np.size(x)) for x in leaves)
+        form = (lambda a, b: _grouped_gram(groups, a, b, acc)) if keep_blocks else (
+            lambda a, b: _leaf_gram(a, b, acc))
+        chunk = chunk_size
+        if memory_budget is not None:
+            per_sample = sum(int(np.size(x)) * jnp.dtype(jnp.result_type(x)).itemsize for x in leaves)
+            chunk = max(1, memory_budget // (2 * per_sample))
+        if chunk is None or chunk >= size:
             out, grads = jax.vmap(per_example, in_axes=(None,) + (0,) * len(batch))(params, *batch)
-            gram = _leaf_gram(grads, grads, acc)
+            gram = form(grads, grads)
             mean_grad = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
         else:
-            out, mean_grad, gram = _chunked(per_example, params, batch, size, chunk_size, acc)
+            out, mean_grad, gram = _chunked(per_example, params, batch, size, chunk, acc, form)
+        extra = ()
+        if keep_blocks:
+            sink = PerLayerSink()                       # the core's per-layer sink
+            for name, block in gram.items():
+                sink.add_block(name, block)
+            gram, blocks = sink.gram(), sink.blocks()
+            extra = (blocks,)
+            concrete = not any(isinstance(b, jax.core.Tracer) for b in blocks.values())
+            info.blocks = blocks if concrete else None
         if has_aux:
             losses, aux = out
-            return (jnp.mean(losses), aux), mean_grad, gram
-        return jnp.mean(out), mean_grad, gram
+            return ((jnp.mean(losses), aux), mean_grad, gram) + extra
+        return (jnp.mean(out), mean_grad, gram) + extra
 
+    step.report = info.report
+    step.result = lambda gram, blocks=None: info.result(gram, blocks, what="the step")
     return step
 
 
@@ -175,7 +239,7 @@ def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed):
     return step
 
 
-def _chunked(per_example, params, batch, size, chunk, acc):
+def _chunked(per_example, params, batch, size, chunk, acc, form):
     n = -(-size // chunk)
     padded = n * chunk
     index = jnp.minimum(jnp.arange(padded), size - 1)  # pad with copies of the last sample
@@ -199,27 +263,32 @@ def _chunked(per_example, params, batch, size, chunk, acc):
     def outer(carry, a):
         gram, grad_sum = carry
         out, ja = chunk_grads(a)
-        gram = lax.dynamic_update_slice(gram, _leaf_gram(ja, ja, acc), (a * chunk, a * chunk))
+        put = lambda g, block, at: jax.tree_util.tree_map(  # noqa: E731
+            lambda x, y: lax.dynamic_update_slice(x, y, at), g, block)
+        gram = put(gram, form(ja, ja), (a * chunk, a * chunk))
 
         def inner(b, g):
             _, jb = chunk_grads(b)
-            block = _leaf_gram(ja, jb, acc)
-            g = lax.dynamic_update_slice(g, block, (a * chunk, b * chunk))
-            return lax.dynamic_update_slice(g, block.T, (b * chunk, a * chunk))
+            block = form(ja, jb)
+            g = put(g, block, (a * chunk, b * chunk))
+            return put(g, jax.tree_util.tree_map(lambda x: x.T, block), (b * chunk, a * chunk))
 
         gram = lax.fori_loop(0, a, inner, gram)
         grad_sum = jax.tree_util.tree_map(lambda s, g: s + jnp.sum(g, axis=0), grad_sum, ja)
         return (gram, grad_sum), out
 
-    init = (jnp.zeros((padded, padded), acc), zero_grad)
+    shape = jax.eval_shape(lambda p: form(p, p), jax.tree_util.tree_map(
+        lambda p: jax.ShapeDtypeStruct((chunk,) + jnp.shape(p), jnp.result_type(p)), params))
+    zeros = jax.tree_util.tree_map(lambda _: jnp.zeros((padded, padded), acc), shape)
+    init = (zeros, zero_grad)
     (gram, grad_sum), outs = lax.scan(outer, init, jnp.arange(n))
     outs = jax.tree_util.tree_map(lambda o: o.reshape((padded,) + o.shape[2:])[:size], outs)
     mean_grad = jax.tree_util.tree_map(lambda s: s / size, grad_sum)
-    return outs, mean_grad, gram[:size, :size]
+    return outs, mean_grad, jax.tree_util.tree_map(lambda g: g[:size, :size], gram)
 
 
 def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dtype=None,
-                    fisher="empirical", mc_samples=1, seed=0, key=None):
+                    memory_budget=None, fisher="empirical", mc_samples=1, seed=0, key=None):
     """Gram ``G = J Jᵀ`` (B×B) of the per-sample gradients ``J_i = ∇_θ loss_fn(params, *example_i)``.
 
     One-off form of :func:`value_grad_and_gram` (same arguments and errors; ``key`` goes to
@@ -233,7 +302,8 @@ def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dty
         [[5.0, 11.0], [11.0, 25.0]]
     """
     step = value_grad_and_gram(loss_fn, has_aux=has_aux, chunk_size=chunk_size, dtype=dtype,
-                               fisher=fisher, mc_samples=mc_samples, seed=seed)
+                               memory_budget=memory_budget, fisher=fisher, mc_samples=mc_samples,
+                               seed=seed)
     if fisher == "sampled":
         return step(params, *batch, key=key)[2]
     return step(params, *batch)[2]

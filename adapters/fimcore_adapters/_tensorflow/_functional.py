@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._tape import GramTape, check_built, check_reduction
+from ._tape import GramTape, check_built, check_reduction, resolve_options
 
 _KERAS_REDUCTIONS = {"sum_over_batch_size": "mean", "mean": "mean", "sum": "sum",
                      "none": "none", None: "none", "mean_with_sample_weight": "mean"}
@@ -69,8 +69,9 @@ def check_loss_reduction(loss_fn, loss_reduction: str) -> None:
 
 
 def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", training: bool = True,
-                    layers=None, dtype=None, mode: str = "registry", fisher: str = "empirical",
-                    mc_samples: int = 1, seed=None) -> np.ndarray:
+                    params=None, strategy="auto", dtype=None, layers=None,
+                    mode: str | None = None, fisher: str = "empirical", mc_samples: int = 1,
+                    seed=None) -> np.ndarray:
     r"""The (B, B) Gram ``G = J Jᵀ`` of one batch's per-sample gradients, as a NumPy array.
 
     TensorFlow has no array-API namespace yet, so the Gram is handed over as NumPy (the B×B
@@ -89,10 +90,12 @@ def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", train
         loss_reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample losses of shape (B,)).
         training: the ``training`` flag of the forward pass (True: BatchNorm uses batch
             statistics, as in a training step).
-        layers: restrict G to these layers (see :class:`GramTape`).
+        params: restrict G to these layers (see :class:`GramTape`).
+        strategy: ``"auto"`` (default), ``"factored"``, ``"materialize"``, ``"generic"``
+            (per-layer jacobian reference path) or a dict by layer name (see :class:`GramTape`).
         dtype: dtype in which the Gram is formed; default the gradients' dtype (its dtype is
             then the ``grad_dtype`` to give :class:`fimcore.MeasureTracker`).
-        mode: ``"registry"`` (default) or ``"generic"`` (per-layer jacobian reference path).
+        layers, mode: deprecated spellings of ``params`` and ``strategy``.
         fisher, mc_samples, seed: ``fisher="sampled"`` gives the Gram at labels drawn from the
             model (likelihood read from ``loss_fn``; see :meth:`GramTape.gradient_and_gram`).
 
@@ -117,6 +120,7 @@ def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", train
         ((4, 4), dtype('float32'), True)
     """
     check_built(model)
+    params, strategy = resolve_options(params, strategy, layers, mode, where="per_sample_gram")
     check_reduction(loss_reduction)
     check_loss_reduction(loss_fn, loss_reduction)
     x, y = _dense(x, "x"), (None if y is None else _dense(y, "y"))
@@ -130,7 +134,7 @@ def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", train
         )
     state = [(v, tf.identity(v.value)) for v in model.non_trainable_variables]
     try:
-        with GramTape(model, layers=layers, dtype=dtype, mode=mode) as tape:
+        with GramTape(model, params=params, strategy=strategy, dtype=dtype) as tape:
             y_pred = model(x, training=training)
             loss = loss_fn(y, y_pred)
         _, gram = tape.gradient_and_gram(loss, loss_reduction=loss_reduction, check=True,

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from ._functional import _KERAS_REDUCTIONS
-from ._tape import GramTape
+from ._tape import GramTape, resolve_options
 
 GRAM_KEYS = ("fimcore_gram", "fimcore_measured", "fimcore_lr", "fimcore_blocks")
 
@@ -32,16 +32,18 @@ class GramStepMixin:
     """
 
     gram_every = 1
-    gram_layers = None
+    gram_params = None
     gram_dtype = None
-    gram_mode = "registry"
+    gram_strategy = "auto"
     gram_keep_blocks = False
     gram_fisher = "empirical"
 
-    def set_gram_options(self, *, every: int = 1, layers=None, dtype=None, mode: str = "registry",
-                         keep_blocks: bool = False, fisher: str = "empirical",
-                         mc_samples: int = 1, seed: int | None = None, likelihood=None):
-        """Measure every ``every`` steps over ``layers`` (see :class:`GramTape`); with
+    def set_gram_options(self, *, every: int = 1, params=None, strategy="auto", dtype=None,
+                         layers=None, mode: str | None = None, keep_blocks: bool = False,
+                         fisher: str = "empirical", mc_samples: int = 1, seed: int | None = None,
+                         likelihood=None):
+        """Measure every ``every`` steps over ``params`` with ``strategy`` (see :class:`GramTape`;
+        ``layers`` and ``mode`` are their deprecated spellings); with
         ``keep_blocks`` the step also logs the per-layer Grams (``fimcore_blocks``, (n, B, B)),
         which the ``per_layer`` statistic of :class:`GramMeasureCallback` reads.
 
@@ -67,10 +69,11 @@ class GramStepMixin:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive int; received {every!r}. Use 1 to "
                              "measure every step, 50 for the paper's sampling.")
+        params, strategy = resolve_options(params, strategy, layers, mode, where="set_gram_options")
         object.__setattr__(self, "gram_every", every)
-        object.__setattr__(self, "gram_layers", layers)
+        object.__setattr__(self, "gram_params", params)
         object.__setattr__(self, "gram_dtype", dtype)
-        object.__setattr__(self, "gram_mode", mode)
+        object.__setattr__(self, "gram_strategy", strategy)
         return self
 
     def compile(self, *args, **kwargs):
@@ -90,7 +93,7 @@ class GramStepMixin:
     def _one_step(self, x, y, sample_weight, with_gram: bool):
         variables = self.trainable_variables
         split = type(self).compute_loss is keras.Model.compute_loss and self._compile_loss is not None
-        context = (GramTape(self, layers=self.gram_layers, dtype=self.gram_dtype, mode=self.gram_mode)
+        context = (GramTape(self, params=self.gram_params, dtype=self.gram_dtype, strategy=self.gram_strategy)
                    if with_gram else tf.GradientTape())
         with context as tape:
             y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
@@ -166,7 +169,8 @@ class GramModel(GramStepMixin, keras.Model):
     Args:
         model: the built model to train (its layers and variables are used as they are).
         every: measure the within-epoch steps n with n % every == 0.
-        layers, dtype, mode: as for :class:`GramTape`.
+        params, strategy, dtype: as for :class:`GramTape` (``layers``, ``mode``: their
+            deprecated spellings).
         keep_blocks, fisher, mc_samples, seed, likelihood: see :meth:`set_gram_options`.
 
     Example:
@@ -182,9 +186,10 @@ class GramModel(GramStepMixin, keras.Model):
         ['C_bar', 'I_k', 'L', 'c_k']
     """
 
-    def __init__(self, model, *, every: int = 1, layers=None, dtype=None, mode: str = "registry",
-                 keep_blocks: bool = False, fisher: str = "empirical", mc_samples: int = 1,
-                 seed: int | None = None, likelihood=None, **kwargs):
+    def __init__(self, model, *, every: int = 1, params=None, strategy="auto", dtype=None,
+                 layers=None, mode: str | None = None, keep_blocks: bool = False,
+                 fisher: str = "empirical", mc_samples: int = 1, seed: int | None = None,
+                 likelihood=None, **kwargs):
         super().__init__(**kwargs)
         if not getattr(model, "built", False):
             raise ValueError(
@@ -192,9 +197,9 @@ class GramModel(GramStepMixin, keras.Model):
                 "received an unbuilt model. Give it an Input or call model.build(input_shape)."
             )
         self.inner = model
-        self.set_gram_options(every=every, layers=layers, dtype=dtype, mode=mode,
-                              keep_blocks=keep_blocks, fisher=fisher, mc_samples=mc_samples,
-                              seed=seed, likelihood=likelihood)
+        self.set_gram_options(every=every, params=params, strategy=strategy, dtype=dtype,
+                              layers=layers, mode=mode, keep_blocks=keep_blocks, fisher=fisher,
+                              mc_samples=mc_samples, seed=seed, likelihood=likelihood)
         self.built = True
 
     def call(self, inputs, training=None):

@@ -56,6 +56,22 @@ class DenseRule(_KernelBiasRule):
             blocks.append(g if g.shape.rank == 2 else tf.reduce_sum(g, axis=1))
         return blocks
 
+    def factored(self, layer, capture, deltas):
+        if not (layer.kernel.trainable and (layer.bias is None or layer.bias.trainable)):
+            return None
+        a = _tokens(capture["a"])
+        g = _tokens(deltas[0])
+        gram = _linalg.factored_gram(a, g, bias=layer.bias is not None)
+        if a.shape.rank == 2:
+            grads = [tf.matmul(a, g, transpose_a=True)]
+            if layer.bias is not None:
+                grads.append(tf.reduce_sum(g, axis=0))
+        else:
+            grads = [tf.einsum("btd,bto->do", a, g)]
+            if layer.bias is not None:
+                grads.append(tf.reduce_sum(g, axis=[0, 1]))
+        return gram, grads, "factored"
+
     def gram_and_grads(self, layer, capture, deltas):
         a = _tokens(capture["a"])
         g = _tokens(deltas[0])
@@ -66,16 +82,7 @@ class DenseRule(_KernelBiasRule):
         d_in, d_out = a.shape[-1], g.shape[-1]
         if positions is not None and (positions == 1 or _linalg.factored_cost(
                 batch, positions, d_in, d_out) < _linalg.materialised_cost(batch, positions, d_in, d_out)):
-            gram = _linalg.factored_gram(a, g, bias=layer.bias is not None)
-            if a.shape.rank == 2:
-                grads = [tf.matmul(a, g, transpose_a=True)]
-                if layer.bias is not None:
-                    grads.append(tf.reduce_sum(g, axis=0))
-            else:
-                grads = [tf.einsum("btd,bto->do", a, g)]
-                if layer.bias is not None:
-                    grads.append(tf.reduce_sum(g, axis=[0, 1]))
-            return gram, grads, "factored"
+            return self.factored(layer, capture, deltas)
         return super().gram_and_grads(layer, capture, deltas)
 
 
@@ -197,6 +204,21 @@ class ConvRule(_KernelBiasRule):
             blocks.append(tf.reduce_sum(_tokens(g), axis=1))
         return blocks
 
+    def factored(self, layer, capture, deltas):
+        all_trainable = layer.kernel.trainable and (layer.bias is None or layer.bias.trainable)
+        if layer.groups != 1 or not all_trainable:
+            return None
+        x, g = self._channels_last(layer, capture, deltas)
+        d_a = x.shape[-1] * math.prod(layer.kernel_size)
+        patches = self._patches(layer, x, g, capture["padding"])
+        a = tf.reshape(patches, tf.stack([tf.shape(patches)[0], -1, d_a]))
+        g = _tokens(g)
+        gram = _linalg.factored_gram(a, g, bias=layer.bias is not None)
+        grads = [tf.reshape(tf.einsum("btd,bto->do", a, g), layer.kernel.shape)]
+        if layer.bias is not None:
+            grads.append(tf.reduce_sum(g, axis=[0, 1]))
+        return gram, grads, "factored"
+
     def gram_and_grads(self, layer, capture, deltas):
         x, g = self._channels_last(layer, capture, deltas)
         positions = 1
@@ -208,14 +230,7 @@ class ConvRule(_KernelBiasRule):
         if (layer.groups == 1 and all_trainable and positions is not None
                 and _linalg.factored_cost(batch, positions, d_a, layer.filters)
                 < _linalg.materialised_cost(batch, positions, d_a, layer.filters)):
-            patches = self._patches(layer, x, g, capture["padding"])
-            a = tf.reshape(patches, tf.stack([tf.shape(patches)[0], -1, d_a]))
-            g = _tokens(g)
-            gram = _linalg.factored_gram(a, g, bias=layer.bias is not None)
-            grads = [tf.reshape(tf.einsum("btd,bto->do", a, g), layer.kernel.shape)]
-            if layer.bias is not None:
-                grads.append(tf.reduce_sum(g, axis=[0, 1]))
-            return gram, grads, "factored"
+            return self.factored(layer, capture, deltas)
         if layer.kernel.trainable and _conv.grouped_applies(
                 x, rank=layer.rank, dilation_rate=tuple(layer.dilation_rate)):
             cols, grads = _conv.grouped_kernel_columns(
@@ -276,16 +291,22 @@ class EmbeddingRule(LayerRule):
         onehot = tf.one_hot(ids, layer.input_dim, dtype=g.dtype)  # (B, T, V): shared layers only
         return [tf.matmul(onehot, g, transpose_a=True)]
 
-    def gram_and_grads(self, layer, capture, deltas):
+    def factored(self, layer, capture, deltas):
         ids, g = self._flat(capture["ids"], deltas[0])
         flat_g = tf.reshape(g, [-1, g.shape[-1]])
         grad = tf.math.unsorted_segment_sum(flat_g, tf.reshape(ids, [-1]), layer.input_dim)
+        same = tf.cast(tf.equal(ids[:, None, :, None], ids[None, :, None, :]), g.dtype)
+        gram = tf.reduce_sum(same * tf.einsum("itd,jsd->ijts", g, g), axis=[2, 3])
+        return gram, [grad], "factored"
+
+    def gram_and_grads(self, layer, capture, deltas):
+        ids, g = self._flat(capture["ids"], deltas[0])
         positions = ids.shape[1]
         batch = ids.shape[0] or 128
         if positions is not None and positions * positions <= batch * positions:
-            same = tf.cast(tf.equal(ids[:, None, :, None], ids[None, :, None, :]), g.dtype)
-            gram = tf.reduce_sum(same * tf.einsum("itd,jsd->ijts", g, g), axis=[2, 3])
-            return gram, [grad], "factored"
+            return self.factored(layer, capture, deltas)
+        flat_g = tf.reshape(g, [-1, g.shape[-1]])
+        grad = tf.math.unsorted_segment_sum(flat_g, tf.reshape(ids, [-1]), layer.input_dim)
         _, rows = self._unique_rows(ids, g)
         rows = _linalg.flat_rows(rows)
         return _linalg.gram_of_rows(rows), [grad], "materialised"

@@ -55,8 +55,14 @@ class LayerRule:
         """Per-sample gradient blocks (B, *v.shape), one per :meth:`variables` entry."""
         raise NotImplementedError
 
+    def factored(self, layer, capture: dict, deltas: list):
+        """The factored form ``(gram, batch gradients, "factored")`` of one call, or None where
+        the rule has none (``strategy="factored"`` then takes :meth:`gram_and_grads`)."""
+        return None
+
     def gram_and_grads(self, layer, capture: dict, deltas: list):
-        """``(gram contribution (B, B), batch gradients, path)`` of one call."""
+        """``(gram contribution (B, B), batch gradients, path)`` of one call (this base form
+        materialises :meth:`per_sample`; it is what ``strategy="materialize"`` takes)."""
         blocks = self.per_sample(layer, capture, deltas)
         rows = tf.concat([_linalg.flat_rows(b) for b in blocks], axis=1)
         return _linalg.gram_of_rows(rows), [tf.reduce_sum(b, axis=0) for b in blocks], "materialised"

@@ -13,12 +13,39 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from fimcore.layers import LayerRecord, PerLayerSink, Report, check_strategy
+
+from .._compat import LegacyReportList, deprecated
 from .._fisher import check_fisher_options
 from . import _linalg, _rules, _sampled
+from ._norms import _AffineNormRule
 
 REDUCTIONS = ("mean", "sum", "none")
+_PATHS = {"factored": "factored", "materialised": "materialize", "generic": "generic"}
+
+
+def resolve_options(params, strategy, layers, mode, *, where: str):
+    """``(params, strategy)`` from the common spellings and the deprecated ``layers``/``mode``."""
+    if layers is not None:
+        deprecated(f"{where}(layers=...)", f"{where}(params=...)", stacklevel=4)
+        if params is not None:
+            raise ValueError(f"pass params or its old spelling layers, not both; received both "
+                             f"to {where}.")
+        params = layers
+    if mode is not None:
+        deprecated(f"{where}(mode=...)", f"{where}(strategy=...) with 'auto' for 'registry'",
+                   stacklevel=4)
+        if mode not in ("registry", "generic"):
+            raise ValueError(f"mode must be 'registry' or 'generic'; received {mode!r}.")
+        if strategy != "auto":
+            raise ValueError(f"pass strategy or its old spelling mode, not both; received "
+                             f"strategy={strategy!r} and mode={mode!r}.")
+        strategy = "auto" if mode == "registry" else "generic"
+    check_strategy(strategy)
+    return params, strategy
 
 
 class _Generic(_rules.LayerRule):
@@ -33,9 +60,17 @@ class _Generic(_rules.LayerRule):
 
     def forward(self, layer, call, args, kwargs):
         out = call(*args, **kwargs)
-        watch = [t for t in tf.nest.flatten(out)
-                 if isinstance(t, tf.Tensor) and t.dtype.is_floating]
-        return out, {"watch": watch}
+        return out, generic_capture(out, call, args, kwargs)
+
+
+def _float_tensors(out):
+    return [t for t in tf.nest.flatten(out) if isinstance(t, tf.Tensor) and t.dtype.is_floating]
+
+
+def generic_capture(out, call, args, kwargs):
+    """What the generic path keeps of one call: its floating outputs, and the call itself with
+    its arguments (re-run with inputs held fixed when the layer is called more than once)."""
+    return {"watch": _float_tensors(out), "rerun": (call, args, kwargs)}
 
 
 GENERIC = _Generic()
@@ -111,13 +146,24 @@ class GramTape:
 
     Args:
         model: a built Keras model (or layer) whose layers are called inside the block.
-        layers: which layers' variables enter G: None (all trainable), a list of layers or
-            layer names, or a predicate ``layer -> bool``. Other variables still get their
-            ordinary gradient.
+        params: which layers' variables enter G (the columns of J): None (all trainable), a
+            list of layers or layer names, or a predicate ``layer -> bool``. Other variables
+            still get their ordinary gradient.
+        strategy: ``"auto"`` (registered rules, each choosing its cheaper exact form by its
+            cost model; the generic path for layers without a rule), ``"factored"`` or
+            ``"materialize"`` (forced on every layer whose rule has both forms),
+            ``"generic"`` (every layer through the generic ``GradientTape.jacobian`` path; a
+            reference), or a dict ``{layer name: strategy}`` with ``"auto"`` elsewhere.
+        keep_blocks: also keep each layer's own block :math:`J_l J_l^\top` of G
+            (:meth:`blocks`, :meth:`result`); G is then their sum, so they add up to it exactly.
         dtype: dtype of the Gram (factors are cast before the products); default the
             per-sample gradients' dtype.
-        mode: ``"registry"`` (registered rules, generic path for the rest) or ``"generic"``
-            (every layer through the generic ``GradientTape.jacobian`` path; a reference).
+        layers: deprecated spelling of ``params``.
+        mode: deprecated spelling of ``strategy`` (``"registry"`` is ``"auto"``).
+
+    After :meth:`gradient_and_gram`, :meth:`report` lists the path each layer took
+    (a :class:`fimcore.layers.Report`), and :meth:`result` gives the step as a
+    :class:`fimcore.GramResult` (eagerly; NumPy arrays) for ``fimcore.MeasureTracker.update``.
 
     Example:
         >>> import numpy as np, keras, tensorflow as tf
@@ -129,27 +175,102 @@ class GramTape:
         >>> grads, gram = tape.gradient_and_gram(loss, model.trainable_variables)
         >>> tuple(gram.shape), [tuple(g.shape) for g in grads]
         ((4, 4), [(3, 2), (2,)])
-        >>> tape.report[0][1:]
-        ('Dense', 'factored')
+        >>> [(r.module, r.path) for r in tape.report()]
+        [('Dense', 'factored')]
     """
 
-    def __init__(self, model, *, layers=None, dtype=None, mode: str = "registry") -> None:
+    def __init__(self, model, *, params=None, strategy="auto", keep_blocks: bool = False,
+                 dtype=None, layers=None, mode: str | None = None) -> None:
         check_built(model)
-        if mode not in ("registry", "generic"):
-            raise ValueError(f"mode must be 'registry' or 'generic'; received {mode!r}.")
+        params, strategy = resolve_options(params, strategy, layers, mode, where="GramTape")
+        if not isinstance(keep_blocks, bool):
+            raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}.")
         self.model = model
-        self.mode = mode
+        self.strategy = strategy
+        self._default, self._strategies = check_strategy(strategy)
+        self.keep_blocks = keep_blocks
         self.dtype = tf.as_dtype(dtype) if dtype is not None else None
-        self._select = _layer_selector(layers)
+        self._select = _layer_selector(params)
         self._tape: tf.GradientTape | None = None
         self._records: list[tuple[Any, _rules.LayerRule, dict]] = []
         self._patched: list[Any] = []
         self._recording = False
-        self.report: list[tuple[str, str, str]] = []
+        self._rows: list[tuple[str, str, str]] = []
+        self._layer_records: list[LayerRecord] = []
+        self._last: dict | None = None
         self.layer_grams: dict[str, Any] = {}
         self.grad_dtype = None
         self.empirical_gram = None
         self.sampled_labels = None
+
+    @property
+    def mode(self) -> str:
+        """Deprecated: ``"generic"`` when ``strategy == "generic"``, else ``"registry"``."""
+        return "generic" if self.strategy == "generic" else "registry"
+
+    def _strategy(self, name: str) -> str:
+        return self._strategies.get(name, self._default)
+
+    @property
+    def report(self):
+        """``report()``: per layer, the path its share of G took in the last step (a
+        :class:`fimcore.layers.Report`; eagerly with each layer's share of ``Tr G``).
+
+        (Reading ``report`` without calling it gives the old list of ``(layer name, layer
+        type, path)`` tuples, with a ``DeprecationWarning``.)
+        """
+        traces = {}
+        last = self._last or {}
+        blocks, scale = last.get("blocks"), 1.0
+        if blocks is None:             # unscaled per-layer contributions, kept in any case
+            blocks, scale = self.layer_grams, last.get("scale", 1.0)
+        values = list(blocks.values()) + ([scale] if isinstance(scale, tf.Tensor) else [])
+        if blocks and not any(tf.is_symbolic_tensor(v) for v in values):   # eager values only
+            scale = float(scale) ** 2 if isinstance(scale, tf.Tensor) else scale
+            traces = {k: float(tf.linalg.trace(b)) * scale for k, b in blocks.items()}
+        rep = Report(LayerRecord(r.name, r.module, r.path, r.reason, r.params, r.calls,
+                                 traces.get(r.name)) for r in self._layer_records)
+        return LegacyReportList(self._rows, rep, "GramTape")
+
+    def blocks(self) -> dict:
+        """``{layer name: (B, B) block}`` of the last step, summing to its Gram exactly
+        (tensors; symbolic inside ``tf.function``).
+
+        Raises:
+            RuntimeError: the tape was built without ``keep_blocks=True``, or no
+                :meth:`gradient_and_gram` ran yet.
+        """
+        if not self.keep_blocks:
+            raise RuntimeError("per-layer blocks were not kept: build the tape with "
+                               "GramTape(model, keep_blocks=True)")
+        if self._last is None:
+            raise RuntimeError("no Gram matrix was recorded: call gradient_and_gram(loss) after "
+                               "the `with GramTape(...)` block first.")
+        return dict(self._last["blocks"])
+
+    def result(self):
+        """The last step as a :class:`fimcore.GramResult`: the Gram (and, with
+        ``keep_blocks=True``, the blocks) as NumPy, the gradients' dtype, B, P and the report.
+
+        Raises:
+            RuntimeError: no :meth:`gradient_and_gram` ran yet, or it ran inside a
+                ``tf.function`` (return the Gram from the function and build the result
+                from it with ``fimcore.GramResult`` instead).
+        """
+        from fimcore.results import GramResult
+
+        last = self._last
+        if last is None:
+            raise RuntimeError("no Gram matrix was recorded: call gradient_and_gram(loss) after "
+                               "the `with GramTape(...)` block first.")
+        if tf.is_symbolic_tensor(last["gram"]):
+            raise RuntimeError("result() needs the step's values, but the last gradient_and_gram "
+                               "ran inside a tf.function; return the Gram (and tape.blocks()) "
+                               "from the function and build fimcore.GramResult from them.")
+        blocks = None if last["blocks"] is None else {k: v.numpy() for k, v in last["blocks"].items()}
+        return GramResult(gram=last["gram"].numpy(), grad_dtype=np.dtype(self.grad_dtype.as_numpy_dtype),
+                          batch_size=int(last["gram"].shape[0]), num_params=last["num_params"],
+                          blocks=blocks, report=self.report(), loss_reduction=last["reduction"])
 
     # ----------------------------------------------------------------- recording
 
@@ -162,8 +283,12 @@ class GramTape:
             if not self._select(layer):
                 excluded.update(id(v) for v in own)
                 continue
-            rule = _rules.rule_for(layer) if self.mode == "registry" else None
+            rule = _rules.rule_for(layer) if self._strategy(layer.name) != "generic" else None
             plan.append((layer, rule or GENERIC))
+        unknown = set(self._strategies) - {layer.name for layer, _ in plan}
+        if unknown:
+            raise ValueError(f"strategy names layers that hold no selected trainable variable: "
+                             f"{sorted(unknown)}; covered layers are {[l.name for l, _ in plan]}.")
         return plan, excluded
 
     def _wrap(self, layer, rule):
@@ -175,8 +300,7 @@ class GramTape:
             out, capture = rule.forward(layer, original, args, kwargs)
             used = rule
             if capture is None:
-                used, capture = GENERIC, {"watch": [t for t in tf.nest.flatten(out)
-                                                    if isinstance(t, tf.Tensor) and t.dtype.is_floating]}
+                used, capture = GENERIC, generic_capture(out, original, args, kwargs)
             for t in capture["watch"]:
                 self._tape.watch(t)
             self._records.append((layer, used, capture))
@@ -289,8 +413,12 @@ class GramTape:
             )
         variables = list(self.model.trainable_variables if variables is None else variables)
         by_layer: dict[int, list] = {}
+        starts: dict[int, list] = {}   # where each call's watched outputs begin, in call order
+        position = 0
         for layer, rule, capture in self._records:
             by_layer.setdefault(id(layer), []).append((layer, rule, capture))
+            starts.setdefault(id(layer), []).append(position)
+            position += len(capture["watch"])
         claimed = {}
         for calls in by_layer.values():
             layer, rule = calls[0][0], calls[0][1]
@@ -309,11 +437,11 @@ class GramTape:
                 "every variable that enters the Gram must be used inside the call of the layer "
                 f"that owns it; received variables used elsewhere: {missed}. Register a rule for "
                 "the layer using them (register_layer_rule), or leave them out of G with "
-                "GramTape(..., layers=...)."
+                "GramTape(..., params=...)."
             )
         self.grad_dtype = deltas[0].dtype if deltas else None
         batch = tf.shape(watched[0])[0]
-        gram, grads_by_id, self.report, self.layer_grams = self._contributions(by_layer, deltas)
+        gram, grads_by_id, rows, self.layer_grams, records = self._contributions(by_layer, starts, deltas)
         if fisher == "sampled":
             self.empirical_gram = gram * (tf.cast(batch, gram.dtype) ** 2
                                           if loss_reduction == "mean" else 1)
@@ -324,13 +452,25 @@ class GramTape:
                 found_k = self._tape.gradient(outputs, watched,
                                               output_gradients=tf.cast(cots[k], outputs.dtype))
                 deltas_k = [tf.zeros_like(t) if d is None else d for t, d in zip(watched, found_k)]
-                g_k, _, _, lg_k = self._contributions(by_layer, deltas_k)
+                g_k, _, _, lg_k, _ = self._contributions(by_layer, starts, deltas_k)
                 total = g_k if total is None else total + g_k
                 per_layer = {n: b + per_layer.get(n, 0) for n, b in lg_k.items()}
             gram = total / mc_samples
             self.layer_grams = {n: b / mc_samples for n, b in per_layer.items()}
-        if loss_reduction == "mean":
+        sink = None
+        if self.keep_blocks:   # G is the sum of the scaled blocks, through the core's per-layer sink
+            sink = PerLayerSink()
+            for name, block in self.layer_grams.items():
+                sink.add_block(name, block * tf.cast(batch, block.dtype) ** 2
+                               if loss_reduction == "mean" else block)
+            gram = sink.gram()
+        elif loss_reduction == "mean":
             gram = gram * tf.cast(batch, gram.dtype) ** 2
+        self._rows, self._layer_records = rows, records
+        self._last = {"gram": gram, "blocks": sink.blocks() if sink is not None else None,
+                      "scale": 1.0 if loss_reduction != "mean" else batch,
+                      "num_params": sum(int(np.prod(v.shape)) for v in claimed.values()),
+                      "reduction": "mean" if loss_reduction == "mean" else "sum"}
         if check:
             self._check_rows(target, claimed, grads_by_id)
         grads_by_id.update({id(v): g for v, g in zip(unclaimed, free)})
@@ -341,28 +481,33 @@ class GramTape:
                       for g, e in zip(result, extra)]
         return result, gram
 
-    def _contributions(self, by_layer, deltas):
-        """Per layer: its Gram contribution and batch gradients, from the output cotangents."""
-        position = 0
+    def _contributions(self, by_layer, starts, deltas):
+        """Per layer: its Gram contribution and batch gradients, from the output cotangents
+        (``starts``: where each call's watched outputs begin in ``deltas``, in call order)."""
         grads_by_id: dict[int, Any] = {}
         gram = None
-        report, layer_grams = [], {}
+        rows, layer_grams, records = [], {}, []
         for calls in by_layer.values():
             layer, rule = calls[0][0], calls[0][1]
             per_call = []
-            for _, _, capture in calls:
+            for (_, _, capture), start in zip(calls, starts[id(layer)]):
                 n = len(capture["watch"])
-                per_call.append((self._cast(capture), [self._cast_t(d) for d in deltas[position:position + n]]))
-                position += n
+                per_call.append((self._cast(capture), [self._cast_t(d) for d in deltas[start:start + n]]))
             with tf.name_scope(f"fimcore_{rule.name}"):
                 contribution, grads, path = self._layer(layer, rule, calls, per_call)
-            report.append((layer.name, type(layer).__name__, path))
+            rows.append((layer.name, type(layer).__name__, path))
+            owned = rule.variables(layer)
+            common = ("norm" if isinstance(rule, _AffineNormRule) and path == "materialised"
+                      else _PATHS.get(path, path))
+            records.append(LayerRecord(layer.name, type(layer).__name__, common,
+                                       f"{rule.name} rule: {path}" if rule is not GENERIC else
+                                       "GradientTape.jacobian of the layer's own outputs",
+                                       sum(int(np.prod(v.shape)) for v in owned), len(calls)))
             layer_grams[layer.name] = contribution
             gram = contribution if gram is None else gram + contribution
-            owned = rule.variables(layer)
             for v, g in zip(owned, grads):
                 grads_by_id[id(v)] = tf.cast(g, v.dtype)
-        return gram, grads_by_id, report, layer_grams
+        return gram, grads_by_id, rows, layer_grams, records
 
     def _check_rows(self, target, claimed, grads_by_id):
         variables = list(claimed.values())
@@ -381,7 +526,7 @@ class GramTape:
                 "the per-sample rows of a layer must sum to its batch gradient; received "
                 f"variables read outside the call of the layer that owns them: {bad} (tied "
                 "weights?). Register a rule for the layer that reads them "
-                "(register_layer_rule), or leave them out of G with GramTape(..., layers=...)."
+                "(register_layer_rule), or leave them out of G with GramTape(..., params=...)."
             )
 
     def _cast_t(self, t):
@@ -396,6 +541,13 @@ class GramTape:
         if rule is GENERIC:
             return self._generic(layer, calls, per_call)
         if len(per_call) == 1:
+            strategy = self._strategy(layer.name)
+            if strategy == "materialize":
+                return _rules.LayerRule.gram_and_grads(rule, layer, *per_call[0])
+            if strategy == "factored":
+                out = rule.factored(layer, *per_call[0])
+                if out is not None:
+                    return out
             return rule.gram_and_grads(layer, *per_call[0])
         blocks = None
         for capture, ds in per_call:  # a layer called several times: sum per-sample blocks
@@ -409,7 +561,15 @@ class GramTape:
         with self._tape:  # re-enter the persistent tape: s_i = Σ_t y_it·δ_it
             s = None
             for (_, _, capture), (_, ds) in zip(calls, per_call):
-                for y, d in zip(capture["watch"], ds):
+                outputs = capture["watch"]
+                if len(calls) > 1:
+                    # a later call's input may depend on an earlier call's output, hence on θ:
+                    # δ already carries that path, so differentiate each call with its inputs fixed
+                    call, args, kwargs = capture["rerun"]
+                    fixed = tf.nest.map_structure(
+                        lambda t: tf.stop_gradient(t) if isinstance(t, tf.Tensor) else t, (args, kwargs))
+                    outputs = _float_tensors(call(*fixed[0], **fixed[1]))
+                for y, d in zip(outputs, ds):
                     term = y * tf.stop_gradient(tf.cast(d, y.dtype))
                     term = tf.reduce_sum(tf.reshape(term, tf.stack([tf.shape(term)[0], -1])), axis=1)
                     s = term if s is None else s + term
