@@ -109,7 +109,7 @@ class MBFOptions:
     """Validated MBF hyper-parameters (symbols as in the module docstring).
 
     Attributes:
-        lr: learning rate α (> 0).
+        lr: learning rate α (≥ 0).
         damping: λ > 0, added to every mini-block before factoring (and to size-1 bias blocks).
         momentum: β1 in [0, 1).
         curvature_decay: β2 in [0, 1): weight of the old estimate in the EMA.
@@ -147,7 +147,7 @@ class MBFOptions:
     conv_average: bool = False
 
     def __post_init__(self) -> None:
-        _number("lr", self.lr, low=0.0, low_open=True)
+        _number("lr", self.lr, low=0.0, low_open=False)
         _number("damping", self.damping, low=0.0, low_open=True)
         _number("momentum", self.momentum, low=0.0, high=1.0, low_open=False)
         _number("curvature_decay", self.curvature_decay, low=0.0, high=1.0, low_open=False)
