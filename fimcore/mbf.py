@@ -63,6 +63,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 
+import array_api_compat
 import numpy as np
 
 __all__ = [
@@ -267,9 +268,10 @@ def averaged_outer(rows):
         >>> averaged_outer(np.array([[1.0, 0.0], [0.0, 2.0]])).tolist()
         [[0.5, 0.0], [0.0, 2.0]]
     """
+    xp = array_api_compat.array_namespace(rows)
     k = rows.shape[-1]
-    flat = rows.reshape((-1, k))
-    return (flat.T @ flat) / flat.shape[0]
+    flat = xp.reshape(rows, (-1, k))
+    return (flat.mT @ flat) / flat.shape[0]
 
 
 def output_step_matrix(grams, n: int, damping: float) -> np.ndarray:
