@@ -220,7 +220,7 @@ def test_sampled_labels_blocks_come_from_the_curvature_loss():
     assert sampled_label_loss(model(x), generator=gen).dim() == 0
 
 
-# ------------------------------------------------------------------------ Gram view (§ Gram)
+# ------------------------------------------------------------ Gram view of the idealised step
 
 
 def _tiny_mlp():
