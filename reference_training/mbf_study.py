@@ -23,6 +23,7 @@ paper's autoencoder damping 3e-4 made no progress or diverged at every learning 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -141,13 +142,19 @@ def run_resnet(opt_name: str, seed: int, *, data, epochs: int, settings: dict, d
     opt = make_optimizer(opt_name, model, settings)
     gen = torch.Generator().manual_seed(seed)
 
-    def test_error():
-        model.eval()
+    def test_error(net=model, train_mode=False):
+        net.train(train_mode)
         with torch.no_grad():
-            wrong = sum(int((model(xte[i:i + 500]).argmax(1) != yte[i:i + 500]).sum())
+            wrong = sum(int((net(xte[i:i + 500]).argmax(1) != yte[i:i + 500]).sum())
                         for i in range(0, len(yte), 500))
         model.train()
         return wrong / len(yte)
+
+    def batch_stat_error():
+        """Diagnostic: BatchNorm normalising with statistics of 500-image test batches (on a copy,
+        so the model's running statistics are untouched), to separate the running-statistics lag
+        of a short run from what the weights learned."""
+        return test_error(copy.deepcopy(model), train_mode=True)
 
     spent = 0.0
     if opt_name == "mbf":
@@ -155,7 +162,8 @@ def run_resnet(opt_name: str, seed: int, *, data, epochs: int, settings: dict, d
         idx = _batches(len(ytr), batch, gen)[:warm_batches]
         opt.warm_start([(xtr[i], ytr[i]) for i in idx], nn.functional.cross_entropy)
         spent += CLOCK() - t0
-    rows = [{"epoch": 0, "time_s": spent, "test_error": test_error(), "train_loss": None}]
+    rows = [{"epoch": 0, "time_s": spent, "test_error": test_error(),
+             "test_error_batch_stats": batch_stat_error(), "train_loss": None}]
     for epoch in range(1, epochs + 1):
         total, n = 0.0, 0
         for idx in _batches(len(ytr), batch, gen):
@@ -168,7 +176,7 @@ def run_resnet(opt_name: str, seed: int, *, data, epochs: int, settings: dict, d
             total += float(loss.detach()) * len(idx)
             n += len(idx)
         rows.append({"epoch": epoch, "time_s": spent, "test_error": test_error(),
-                     "train_loss": total / n})
+                     "test_error_batch_stats": batch_stat_error(), "train_loss": total / n})
     steps = epochs * (len(ytr) // batch)
     return {"task": "resnet", "optimizer": opt_name, "seed": seed, "settings": settings,
             "depth": depth, "rows": rows, "train_s": spent, "s_per_step": spent / max(steps, 1),
@@ -204,8 +212,8 @@ def write_table(results: list[dict], path: Path, header: str) -> str:
                      f"{_mean_std([r['steps'] for r in rs])[0]:.0f} | {st:.3f} | {ratio} |")
     lines += ["", "### ResNet (equal epochs)", "",
               "| optimiser | seeds | epochs | final test error (mean ± std) | best test error | "
-              "last-epoch training loss | training time (s) | s / step | ratio to Adam |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "test error, BN batch statistics | last-epoch training loss | training time (s) | "
+              "s / step | ratio to Adam |", "|---|---|---|---|---|---|---|---|---|---|"]
     for o in OPTIMISERS:
         rs = per.get(("resnet", o))
         if not rs:
@@ -215,8 +223,9 @@ def write_table(results: list[dict], path: Path, header: str) -> str:
         st = _mean_std([r["s_per_step"] for r in rs])[0]
         ratio = f"{st / adam_step['resnet']:.2f}×" if adam_step["resnet"] else "–"
         tl = _mean_std([r["rows"][-1]["train_loss"] for r in rs])[0]
+        bs, bss = _mean_std([r["rows"][-1]["test_error_batch_stats"] for r in rs])
         lines.append(f"| {LABELS[o]} | {len(rs)} | {rs[0]['rows'][-1]['epoch']} | {100 * m:.1f}% ± "
-                     f"{100 * s:.1f} | {100 * best:.1f}% | {tl:.3f} | {_mean_std([r['train_s'] for r in rs])[0]:.0f} "
+                     f"{100 * s:.1f} | {100 * best:.1f}% | {100 * bs:.1f}% ± {100 * bss:.1f} | {tl:.3f} | {_mean_std([r['train_s'] for r in rs])[0]:.0f} "
                      f"| {st:.3f} | {ratio} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
@@ -250,6 +259,11 @@ def plot(results: list[dict], out: Path) -> None:
             lab = LABELS[o] if j == 0 else None
             axes[0].plot(e, err, color=f"C{k}", marker="o", ms=3, lw=1, label=lab)
             axes[1].plot(t, err, color=f"C{k}", marker="o", ms=3, lw=1, label=lab)
+            if "test_error_batch_stats" in r["rows"][0]:
+                bs = [100 * x["test_error_batch_stats"] for x in r["rows"]]
+                axes[0].plot(e, bs, color=f"C{k}", ls="--", lw=0.8,
+                             label=f"{LABELS[o]}, BN batch statistics" if j == 0 else None)
+                axes[1].plot(t, bs, color=f"C{k}", ls="--", lw=0.8)
     axes[0].set_xlabel("epoch")
     axes[1].set_xlabel("training wall time (s)")
     axes[0].set_ylabel("test error (%)")
