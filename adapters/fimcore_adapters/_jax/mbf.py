@@ -224,7 +224,7 @@ class _Update:
                   for u, c, f in zip(units, curv, state.factor)]
         mu = [o.momentum * m + _rows(u, leaves) for u, m in zip(units, state.momentum)]
         dirs = [_direction(u, m, c, f, o.eps) for u, m, c, f in zip(units, mu, curv, factor)]
-        ok = _all_finite(leaves) & _all_finite(est) & _all_finite(dirs)
+        ok = _all_finite(leaves) & (~refresh | _all_finite(est)) & _all_finite(dirs)
         lr = self.learning_rate(t) if callable(self.learning_rate) else self.learning_rate
         out = [jnp.zeros_like(x) for x in leaves]
         for u, d in zip(units, dirs):

@@ -17,7 +17,7 @@ from torch import nn
 
 from fimcore.mbf import MBFOptions, ema
 
-from .mbf_units import (Unit, discover_units, install_capture, minibatch_estimate,
+from .mbf_units import (Unit, conv_padding, discover_units, install_capture, minibatch_estimate,
                         per_sample_estimate, split_rows, unit_rows)
 
 __all__ = ["MBF", "MBFLayerRecord", "MBFReport", "sampled_label_loss"]
@@ -188,10 +188,9 @@ class MBF(torch.optim.Optimizer):
         self._handles = []
         if curvature == "per_sample":
             for u in self._units:
+                if u.kind in ("conv", "conv_averaged"):
+                    conv_padding(u.module)                # refuse unsupported padding now
                 if u.kind != "diagonal":
-                    if u.kind != "conv_bias" and u.module is not None and hasattr(u.module, "padding_mode"):
-                        from .mbf_units import conv_padding
-                        conv_padding(u.module)            # refuse unsupported padding now
                     self._handles.append(install_capture(u, self._wants_capture))
 
     # ------------------------------------------------------------------------------ public
