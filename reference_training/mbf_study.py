@@ -296,9 +296,10 @@ def main(argv=None) -> int:
     p.add_argument("--ae-eval-every", type=float, default=2.0)
     p.add_argument("--resnet-epochs", type=int, default=3)
     p.add_argument("--resnet-depth", type=int, default=32)
-    p.add_argument("--train-subset", type=int, default=None, help="first N training digits only")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="N training digits only (a fixed random, roughly class-balanced subset)")
     p.add_argument("--resnet-train-subset", type=int, default=None,
-                   help="first N training digits for the ResNet (default: --train-subset)")
+                   help="N training digits for the ResNet (default: --train-subset)")
     p.add_argument("--ae-widths", default=None, help="comma-separated widths (default the paper's)")
     p.add_argument("--tasks", default="ae,resnet")
     p.add_argument("--threads", type=int, default=1)
@@ -309,9 +310,12 @@ def main(argv=None) -> int:
     ds = load_dataset("mnist5k")
     n = args.train_subset or len(ds.train_y)
     widths = tuple(int(w) for w in args.ae_widths.split(",")) if args.ae_widths else AE_WIDTHS
-    x_ae = (ds.train_x[:n].to(torch.float32) / 255.0).flatten(1)
     nr = min(args.resnet_train_subset or n, n)
-    res_data = (normalise(ds.train_x[:nr], ds.mean, ds.std), ds.train_y[:nr],
+    # the digits are stored class by class: subsets are a fixed random permutation's first digits
+    keep = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(0))
+    ae_idx, res_idx = keep[:n].sort().values, keep[:nr].sort().values
+    x_ae = (ds.train_x[ae_idx].to(torch.float32) / 255.0).flatten(1)
+    res_data = (normalise(ds.train_x[res_idx], ds.mean, ds.std), ds.train_y[res_idx],
                 normalise(ds.test_x, ds.mean, ds.std), ds.test_y)
     tasks = args.tasks.split(",")
     t_all = time.perf_counter()
