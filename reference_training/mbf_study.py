@@ -249,7 +249,7 @@ def plot(results: list[dict], out: Path) -> None:
         for j, r in enumerate(r for r in results if r["task"] == "ae" and r["optimizer"] == o):
             t, loss = zip(*r["curve"])
             ax.plot(t, loss, color=f"C{k}", lw=1, alpha=0.8, label=LABELS[o] if j == 0 else None)
-    ax.set_xlabel("training wall time (s)")
+    ax.set_xlabel("training CPU time (s, one thread)")
     ax.set_ylabel("training loss (BCE per image)")
     ax.set_yscale("log")
     ax.set_title("MNIST-5k autoencoder, batch 1000 (one line per seed)")
@@ -272,7 +272,7 @@ def plot(results: list[dict], out: Path) -> None:
                              label=f"{LABELS[o]}, BN batch statistics" if j == 0 else None)
                 axes[1].plot(t, bs, color=f"C{k}", ls="--", lw=0.8)
     axes[0].set_xlabel("epoch")
-    axes[1].set_xlabel("training wall time (s)")
+    axes[1].set_xlabel("training CPU time (s, one thread; MBF includes its warm start)")
     axes[0].set_ylabel("test error (%)")
     for a in axes:
         a.set_yscale("log")
