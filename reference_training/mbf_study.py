@@ -114,13 +114,21 @@ def run_autoencoder(opt_name: str, seed: int, *, x: torch.Tensor, budget_s: floa
         t0 = CLOCK()
         opt.warm_start([(x[i], x[i]) for i in _batches(len(x), batch, gen)], bce_loss)
         spent += CLOCK() - t0
-    while spent < budget_s:
+    diverged = None
+    while spent < budget_s and diverged is None:
         for idx in _batches(len(x), batch, gen):
             t0 = CLOCK()
             opt.zero_grad()
             loss = bce_loss(model(x[idx]), x[idx])
             loss.backward()
-            opt.step()
+            if not math.isfinite(float(loss.detach())):
+                diverged = steps          # recorded, not hidden: the run stops here
+                break
+            try:
+                opt.step()
+            except FloatingPointError:    # MBF refuses a non-finite gradient or curvature
+                diverged = steps
+                break
             spent += CLOCK() - t0
             steps += 1
             if spent >= next_eval or spent >= budget_s:
@@ -130,7 +138,7 @@ def run_autoencoder(opt_name: str, seed: int, *, x: torch.Tensor, budget_s: floa
                 break
     return {"task": "ae", "optimizer": opt_name, "seed": seed, "settings": settings, "steps": steps,
             "train_s": spent, "s_per_step": spent / max(steps, 1), "curve": curve,
-            "final_loss": curve[-1][1]}
+            "final_loss": None if diverged is not None else curve[-1][1], "diverged_at_step": diverged}
 
 
 def run_resnet(opt_name: str, seed: int, *, data, epochs: int, settings: dict, depth: int = 32,
@@ -212,10 +220,14 @@ def write_table(results: list[dict], path: Path, header: str) -> str:
         rs = per.get(("ae", o))
         if not rs:
             continue
-        m, s = _mean_std([r["final_loss"] for r in rs])
+        ok = [r["final_loss"] for r in rs if r.get("final_loss") is not None]
+        div = [f"seed {r['seed']} at step {r['diverged_at_step']}" for r in rs
+               if r.get("diverged_at_step") is not None]
+        m, s = _mean_std(ok) if ok else (math.nan, math.nan)
         st = _mean_std([step_s(r) for r in rs])[0]
         ratio = f"{st / adam_step['ae']:.2f}×" if adam_step["ae"] else "–"
-        lines.append(f"| {LABELS[o]} | {len(rs)} | {m:.2f} ± {s:.2f} | "
+        lines.append(f"| {LABELS[o]} | {len(rs)} | {m:.2f} ± {s:.2f}"
+                     + (f" ({len(ok)} seeds; diverged: {', '.join(div)})" if div else "") + " | "
                      f"{_mean_std([r['steps'] for r in rs])[0]:.0f} | {st:.3f} | {ratio} |")
     lines += ["", "### ResNet (equal epochs)", "",
               "| optimiser | seeds | epochs | final test error (mean ± std) | best test error | "
@@ -249,10 +261,14 @@ def plot(results: list[dict], out: Path) -> None:
         for j, r in enumerate(r for r in results if r["task"] == "ae" and r["optimizer"] == o):
             t, loss = zip(*r["curve"])
             ax.plot(t, loss, color=f"C{k}", lw=1, alpha=0.8, label=LABELS[o] if j == 0 else None)
+            if r.get("diverged_at_step") is not None:
+                ax.plot(t[-1], loss[-1], "x", color=f"C{k}", ms=8)
+                ax.annotate(f"diverged (seed {r['seed']})", (t[-1], loss[-1]), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("training CPU time (s, one thread)")
     ax.set_ylabel("training loss (BCE per image)")
     ax.set_yscale("log")
-    ax.set_title("MNIST-5k autoencoder, batch 1000 (one line per seed)")
+    ax.set_title("MNIST-5k autoencoder, batch 1000 (one line per seed; x: diverged)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "ae_loss_vs_time.png", dpi=110)
@@ -338,7 +354,8 @@ def main(argv=None) -> int:
                                         eval_every_s=args.ae_eval_every,
                                         settings=SETTINGS["ae"][o], widths=widths,
                                         batch=min(1000, n))
-                    msg = f"final loss {r['final_loss']:.2f} after {r['steps']} steps"
+                    msg = (f"final loss {r['final_loss']:.2f}" if r["final_loss"] is not None
+                           else f"diverged at step {r['diverged_at_step']}") + f" after {r['steps']} steps"
                 else:
                     r = run_resnet(o, seed, data=res_data, epochs=args.resnet_epochs,
                                    settings=SETTINGS["resnet"][o], depth=args.resnet_depth,
