@@ -45,3 +45,14 @@ def test_tiny_study_runs_resumes_and_reports(tiny_data, tmp_path, capsys):
     assert study.main(argv) == 0
     assert "seed 0:" not in capsys.readouterr().out
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
+
+
+def test_a_diverging_run_is_recorded_not_hidden(tmp_path):
+    x = torch.rand(8, 6, generator=torch.Generator().manual_seed(0))
+    r = study.run_autoencoder("mbf", 0, x=x, budget_s=5.0, eval_every_s=1.0, widths=(6, 3, 6), batch=8,
+                              settings=dict(lr=1e30, damping=1e-3, curvature_every=1, inverse_every=1))
+    assert r["final_loss"] is None and r["diverged_at_step"] is not None
+    assert r["diverged_at_step"] == r["steps"] < 10
+    table = study.write_table([r], tmp_path / "t.md", "h")
+    assert f"diverged: seed 0 at step {r['steps']}" in table
+
