@@ -333,6 +333,10 @@ def test_param_groups_override_the_learning_rate():
     _step(model, opt, _randn(3, 2), _randn(3, 1, seed=1))
     assert torch.equal(model[0].weight.detach(), w0)
     assert not torch.equal(model[1].weight.detach(), twin[1].weight.detach())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)   # a real torch Optimizer
+    _step(model, opt, _randn(3, 2), _randn(3, 1, seed=1))
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.05]
 
 
 # --------------------------------------------------------------------------- bad input
