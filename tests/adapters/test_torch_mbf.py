@@ -386,6 +386,9 @@ def test_non_finite_curvature_raises_or_skips_and_never_writes_nan():
         _step(model, MBF(model, lr=0.1), big, torch.zeros(1, 2, dtype=F64))
     _step(model, opt, big, torch.zeros(1, 2, dtype=F64))
     assert opt.skipped_steps == 2
+    # finite entries whose sum overflows are finite: the check is exact, not a sum test
+    assert opt._check_finite({"x": torch.tensor([1e308, 1e308], dtype=F64)}, "probe")
+    assert not opt._check_finite({"x": torch.tensor([1.0, float("nan")], dtype=F64)}, "probe")
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
