@@ -31,7 +31,7 @@ from .spectral import (
 )
 from .measures import MeasureState, measure_init, measure_update
 from .tracker import MeasureTracker
-from . import diagonal, layers, policy, stats
+from . import diagonal, layers, mbf, policy, stats
 
 __version__ = "0.1.0"
 

@@ -57,15 +57,20 @@ from ._jax._checks import gradient_dtype
 from ._jax.diagonal import diagonal_fisher
 from ._jax.flax_gram import FlaxGram, flax_per_sample_gram, flax_value_grad_and_gram
 from ._jax.generic import per_sample_gram, value_grad_and_gram
+from ._jax.mbf import MBFState, MBFTransformation, mbf, mbf_partition
 from ._jax.sampled import OutputLoss, output_jacobian_gram, output_loss, sample_labels
 
 __all__ = [
     "FlaxGram",
+    "MBFState",
+    "MBFTransformation",
     "OutputLoss",
     "diagonal_fisher",
     "flax_per_sample_gram",
     "flax_value_grad_and_gram",
     "gradient_dtype",
+    "mbf",
+    "mbf_partition",
     "output_jacobian_gram",
     "output_loss",
     "per_sample_gram",

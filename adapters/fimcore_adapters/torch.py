@@ -24,13 +24,15 @@ from torch import nn
 
 from ._torch.cost import STRATEGIES
 from ._torch.diagonal import diagonal_fisher
+from ._torch.mbf import MBF, MBFLayerRecord, MBFReport, sampled_label_loss
 from ._torch.ntk import output_jacobian_gram
 from ._torch.policy import PolicyBatchSampler
 from ._torch.recorder import GramRecorder
 from ._torch.report import LayerRecord, Report
 
-__all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "PolicyBatchSampler", "Report",
-           "STRATEGIES", "diagonal_fisher", "output_jacobian_gram"]
+__all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "MBF", "MBFLayerRecord", "MBFReport",
+           "PolicyBatchSampler", "Report", "STRATEGIES", "diagonal_fisher", "output_jacobian_gram",
+           "sampled_label_loss"]
 
 
 def per_sample_gram(model: nn.Module, loss_fn, inputs, targets, *, loss_reduction: str = "mean",
