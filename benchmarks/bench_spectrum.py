@@ -162,6 +162,20 @@ def measure_stats(size: int, repeats: int) -> list[tuple[str, float, float]]:
     return [(k, statistics.median(cpu[k]), statistics.median(wall[k])) for k in calls]
 
 
+def _provenance(load: tuple[float, float, float], command: list[str]) -> list[str]:
+    """The machine, versions, threads, date and the command (with its niceness) of a table."""
+    nice = os.nice(0) if hasattr(os, "nice") else 0
+    prefix = [f"nice -n {nice}"] if nice else []
+    return [
+        f"- Machine: {cpu_model()}, {os.cpu_count()} logical cores (shared; load average at "
+        f"start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f})",
+        f"- Versions: {versions()}",
+        f"- Threads: {threads()}",
+        f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Command: `{' '.join([*prefix, 'python -m benchmarks.bench_spectrum', *command])}`",
+    ]
+
+
 def render_stats(rows, size: int, repeats: int, load, command) -> str:
     base = rows[0][1]
     lines = [
@@ -172,12 +186,7 @@ def render_stats(rows, size: int, repeats: int, load, command) -> str:
         "`ratio` is CPU time over the float64 `eigvalsh` of the same Gram (each function validates "
         "the Gram and takes its own eigen-solve where it needs one).",
         "",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} logical cores (shared; load average at "
-        f"start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f})",
-        f"- Versions: {versions()}",
-        f"- Threads: {threads()}",
-        f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Command: `{' '.join(['python -m benchmarks.bench_spectrum', *command])}`",
+        *_provenance(load, command),
         "",
         "| call | CPU (wall) ms | ratio to eigvalsh |",
         "|---|---:|---:|",
@@ -251,12 +260,7 @@ def render(rows: list[dict[str, Any]], load: tuple[float, float, float], command
         "rank B/2 (the eigenvalues of C; the rank gap is far wider than the separation needs).",
         "Stored in the dtype shown; eigenvalues always in float64.",
         "",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} logical cores (shared; load average at "
-        f"start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f})",
-        f"- Versions: {versions()}",
-        f"- Threads: {threads()}",
-        f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Command: `{' '.join(['nice -n 5 python -m benchmarks.bench_spectrum', *command])}`",
+        *_provenance(load, command),
         "",
         "| backend | Gram dtype | Gram | B | eigvalsh CPU (wall) ms | spectrum CPU (wall) ms "
         "| cond CPU (wall) ms | legacy CPU (wall) ms | cond / legacy (CPU) | repeats |",
