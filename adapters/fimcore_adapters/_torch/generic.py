@@ -284,7 +284,8 @@ class GenericUnit(Unit):
                 _, batch = jvp(lambda p: f_batch(p, *batch_leaves), (sel,), (tangent,))
             per = vmap(one, in_dims=tuple(in_dims))(*leaves)
         except NotImplementedError:
-            return self._same_parameter_vjp(call, sel, f, leaves, in_dims, out_dims, noise)
+            return self._same_parameter_vjp(call, sel, f, leaves, in_dims, out_dims, noise,
+                                            f_batch, batch_leaves)
         except (RuntimeError, ValueError):
             return False
         for o, ref, d in zip(per, batch, out_dims):
@@ -293,9 +294,9 @@ class GenericUnit(Unit):
                 return False
         return True
 
-    def _same_parameter_vjp(self, call, sel, f, leaves, in_dims, out_dims, noise) -> bool:
+    def _same_parameter_vjp(self, call, sel, f, leaves, in_dims, out_dims, noise, f_batch,
+                            batch_leaves) -> bool:
         """Reverse-mode form of :meth:`_same_parameter_jacobian` (one random cotangent)."""
-        f_batch, batch_leaves, _ = self._functional(call, batch_leaves_one=False)
         try:
             with torch.enable_grad(), _Replay(call["rng"]):
                 out, fn = vjp(lambda p: f_batch(p, *batch_leaves), sel)
