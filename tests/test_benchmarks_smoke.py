@@ -417,7 +417,8 @@ class _InProcessRunner:
 
 
 def _sampled_table(path):
-    rows = [line.split(" | ") for line in path.read_text().splitlines() if line.startswith("| MLP")]
+    section = path.read_text().split("## Sampled-label Fisher (K = 1) beside the empirical one")[1]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| MLP")]
     assert [r[2] for r in rows] == ["fimcore empirical", "fimcore sampled (K=1)"], rows
     for cells in rows:                       # a measured ratio, 1 rep: q1 = q3 = ratio
         ratio, spread = cells[5].split(" [")
@@ -447,3 +448,19 @@ def test_bench_sampled_rows_run_on_one_tiny_configuration(framework, tmp_path, m
     text = out.read_text()
     assert "## Sampled-label Fisher (K = 1) beside the empirical one" in text
     assert "load average (1/5/15 min) at end" in text
+
+
+def test_bench_torch_appends_the_sampled_rows_to_its_usual_table(tmp_path, monkeypatch):
+    """``--fisher empirical,sampled``: the usual table, then the sampled-label section."""
+    import_backend("torch")
+    from benchmarks import bench_torch
+
+    monkeypatch.setattr(bench_torch.H, "IsolatedRunner", _InProcessRunner)
+    out = tmp_path / "torch.md"
+    assert bench_torch.main(["--models", "mlp", "--batch-sizes", "4", "--methods", "fimcore", "--reps", "1",
+                             "--cap-seconds", "60", "--no-memory", "--fisher", "empirical,sampled",
+                             "--output", str(out)]) == 0
+    text = out.read_text()
+    assert text.index("## MLP 784-512-256-10") < text.index("## Sampled-label Fisher (K = 1)")
+    assert any(line.startswith("| 4 | " + bench_torch.METHOD_LABELS["fimcore"]) for line in text.splitlines())
+    _sampled_table(out)
