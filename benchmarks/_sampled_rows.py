@@ -243,6 +243,23 @@ def section(table: list, *, details: str = "") -> str:
                         H.markdown_table(HEADERS, table)])
 
 
+def insert_section(text: str, table: list, notes: Sequence[str], *, details: str = "") -> str:
+    """``text`` (a benchmark's usual report) with the sampled-label section, and its notes, placed
+    before the report's first ``## Machine`` heading (appended when there is none).
+
+    Example:
+        >>> out = insert_section("# T\\n\\n## Machine\\n\\nx", [], ["n"])
+        >>> out.index("## Sampled-label") < out.index("- n") < out.index("## Machine")
+        True
+    """
+    block = section(table, details=details) + "".join(f"\n\n- {n}" if i == 0 else f"\n- {n}"
+                                                      for i, n in enumerate(notes))
+    head, sep, tail = text.partition("\n## Machine")
+    if not sep:
+        return text.rstrip("\n") + "\n\n" + block + "\n"
+    return head.rstrip("\n") + "\n\n" + block + "\n\n" + sep.lstrip("\n") + tail
+
+
 def standalone_report(title: str, *, command: str, table: list, notes: Sequence[str], machine: dict,
                       versions: dict, details: str = "", preamble: Sequence[str] = ()) -> str:
     """A report holding only the sampled-label rows: command, section, machine, versions, notes."""

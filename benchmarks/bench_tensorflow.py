@@ -295,7 +295,7 @@ def main(argv=None):
         exact=H.exactness_rows(runner, "benchmarks.bench_tensorflow", MODELS, args.models),
         packages=["tensorflow-cpu", "keras", "numpy"], notes=notes)
     if table:
-        text += "\n\n" + R.section(table, details=details) + "".join(f"\n- {n}" for n in sampled_notes)
+        text = R.insert_section(text, table, sampled_notes, details=details)
     path = H.write_report(out, text)
     print(f"wrote {path}")
     return 0

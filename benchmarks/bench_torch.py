@@ -736,8 +736,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "children": a.start_method},
                       seconds=time.perf_counter() - t0, quick=a.quick)
         if "sampled" in a.fisher:
-            text += "\n" + R.section(table, details=details) + "\n" + "".join(
-                f"\n- {n}" for n in sampled_notes) + "\n"
+            text = R.insert_section(text, table, sampled_notes, details=details)
     else:
         text = R.standalone_report(
             "PyTorch: the sampled-label Fisher Gram's step beside the empirical one",

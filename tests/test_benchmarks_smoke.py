@@ -461,6 +461,7 @@ def test_bench_torch_appends_the_sampled_rows_to_its_usual_table(tmp_path, monke
                              "--cap-seconds", "60", "--no-memory", "--fisher", "empirical,sampled",
                              "--output", str(out)]) == 0
     text = out.read_text()
-    assert text.index("## MLP 784-512-256-10") < text.index("## Sampled-label Fisher (K = 1)")
+    assert (text.index("## MLP 784-512-256-10") < text.index("## Sampled-label Fisher (K = 1)")
+            < text.index("## Machine and versions"))
     assert any(line.startswith("| 4 | " + bench_torch.METHOD_LABELS["fimcore"]) for line in text.splitlines())
     _sampled_table(out)
