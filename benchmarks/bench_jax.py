@@ -22,6 +22,14 @@ PyTorch benchmark does. Timing: plain and method interleaved in one child proces
 (compilation excluded), median of paired ratios. Memory: a fresh child per configuration
 (``benchmarks._harness.step_memory``: peak resident set over three steps minus the set before).
 
+With ``--fisher empirical,sampled`` (or ``--fisher sampled`` alone, written to
+``benchmarks/results/jax_sampled.md`` by default) it also times, interleaved in one child per
+(model, B), the plain step and two ``value_grad_and_gram`` steps on the same per-example loss
+``output_loss(predict, "cross_entropy")``: the empirical Gram and the sampled-label one
+(``fisher="sampled"``, K = 1, a fresh ``key=`` every step), both with eigenvalues
+(:mod:`benchmarks._sampled_rows`). ``FlaxGram`` has no sampled-label mode, so the pair is
+compared on the ``vmap(grad)`` path.
+
 The children run NumPy's BLAS single-threaded (``OPENBLAS_NUM_THREADS=1`` etc. unless already set):
 a multi-threaded OpenBLAS pool spinning beside XLA's threads on 2 cores slows the eigenvalue call
 and the next XLA step.
@@ -35,6 +43,7 @@ import os
 import sys
 
 from benchmarks import _harness as H
+from benchmarks import _sampled_rows as R
 
 MODELS = {"mlp": "MLP 784-512-256-10", "cnn": "small CNN (3 conv + dense, 3×32×32)",
           "resnet20-gn": "ResNet-20, GroupNorm"}
@@ -162,6 +171,67 @@ def _steps(name, batch_size, method, seed=0):
     return plain, candidate
 
 
+def _sampled_steps(name, batch_size, seed=0):
+    """Closures ``plain()``, ``empirical()``, ``sampled()``: the plain jitted step and the jitted
+    ``value_grad_and_gram`` steps (empirical, and ``fisher="sampled"`` with K = 1) on
+    ``output_loss(predict, "cross_entropy")``, each followed by the eigenvalues of its Gram."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import fimcore
+    from fimcore_adapters.jax import output_loss, value_grad_and_gram
+
+    model, params, x, y = _setup(name, batch_size, seed)
+    lr = 0.01
+
+    def sgd(p, g):
+        return jax.tree_util.tree_map(lambda a, b: a - lr * b, p, g)
+
+    @jax.jit
+    def plain_step(p, x, y):
+        def mean_loss(q):
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": q}, x), y))
+
+        loss, g = jax.value_and_grad(mean_loss)(p)
+        return sgd(p, g), loss
+
+    loss = output_loss(lambda p, xi: model.apply({"params": p}, xi[None])[0], "cross_entropy")
+    empirical_vgg = value_grad_and_gram(loss, check_finite=False)
+    sampled_vgg = value_grad_and_gram(loss, fisher="sampled", mc_samples=1, check_finite=False)
+    key0 = jax.random.key(seed + 1)
+
+    @jax.jit
+    def empirical_step(p, x, y):
+        mean_loss, g, gram = empirical_vgg(p, x, y)
+        return sgd(p, g), mean_loss, gram
+
+    @jax.jit
+    def sampled_step(p, x, y, i):
+        mean_loss, g, gram = sampled_vgg(p, x, y, key=jax.random.fold_in(key0, i))
+        return sgd(p, g), mean_loss, gram
+
+    calls = [0]
+
+    def plain():
+        jax.block_until_ready(plain_step(params, x, y))
+
+    def empirical():
+        fimcore.spectrum(np.asarray(empirical_step(params, x, y)[2], dtype=np.float64))
+
+    def sampled():
+        calls[0] += 1               # fresh labels every step
+        fimcore.spectrum(np.asarray(sampled_step(params, x, y, calls[0])[2], dtype=np.float64))
+
+    return plain, empirical, sampled
+
+
+def sampled_timing_job(model, batch_size, reps, cap_seconds):
+    """Plain, empirical and sampled-label steps timed interleaved (compilation excluded)."""
+    return R.time_steps(*_sampled_steps(model, batch_size), reps=reps, cap_seconds=cap_seconds)
+
+
 def timing_job(model, batch_size, method, reps, cap_seconds):
     plain, candidate = _steps(model, batch_size, method)
     # the first call of each (compilation) stays outside the timed and capped repetitions
@@ -207,13 +277,46 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--cap", type=float, default=240.0, help="seconds per timing configuration")
-    parser.add_argument("--out", default="benchmarks/results/jax.md")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="XLA CPU threads in each child (XLA_FLAGS intra_op_parallelism_threads; "
+                             "1 also turns off Eigen's multi-threading). Default: XLA's own")
+    R.add_fisher_option(parser)
+    parser.add_argument("--out", default=None,
+                        help="default benchmarks/results/jax.md (jax_sampled.md with --fisher sampled alone)")
     args = parser.parse_args(argv)
     sizes = args.batch_sizes or ([32] if args.quick else [32, 128])
     reps = args.reps or (5 if args.quick else 15)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")  # inherited by the spawned children (see module docstring)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be ≥ 1; received {args.threads}.")
+        flags = f"intra_op_parallelism_threads={args.threads}"
+        if args.threads == 1:
+            flags = "--xla_cpu_multi_thread_eigen=false " + flags
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
     runner = H.IsolatedRunner(start_method="spawn")
+    machine = H.machine_info()
+    out = args.out or f"benchmarks/results/jax{'_sampled' if args.fisher == ('sampled',) else ''}.md"
+    table, sampled_notes, details = [], [], ""
+    if "sampled" in args.fisher:
+        table, sampled_notes = R.run_grid(
+            runner, "benchmarks.bench_jax:sampled_timing_job", model_labels=MODELS, models=args.models,
+            batch_sizes=sizes, timeout=args.cap + 300.0, job_kwargs=dict(reps=reps, cap_seconds=args.cap))
+        details = (f"Reps = {reps}, cap per (model, B) = {args.cap:.0f} s, compilation excluded; children "
+                   f"with XLA_FLAGS = `{os.environ.get('XLA_FLAGS', '')}`, "
+                   f"OPENBLAS_NUM_THREADS = {os.environ['OPENBLAS_NUM_THREADS']}. Both fimcore steps are "
+                   "jitted `value_grad_and_gram` steps on `output_loss(predict, \"cross_entropy\")` (the "
+                   "`vmap(grad)` path: `FlaxGram` has no sampled-label mode); the sampled one gets "
+                   "`fisher=\"sampled\", mc_samples=1` and a fresh `key=` per step.")
+    if args.fisher == ("sampled",):
+        machine["load average (1/5/15 min) at end"] = H.load_average()
+        text = R.standalone_report(
+            "JAX: the sampled-label Fisher Gram's step beside the empirical one", command=H.command_line(),
+            table=table, notes=sampled_notes, machine=machine, details=details,
+            versions=H.package_versions(["jax", "jaxlib", "flax", "optax", "numpy"]))
+        print(f"wrote {H.write_report(out, text)}")
+        return 0
     rows, notes = H.run_timing_grid(
         runner, "benchmarks.bench_jax", model_labels=MODELS, method_labels=METHODS, models=args.models,
         methods=list(METHODS), batch_sizes=sizes, reps=reps, cap_seconds=args.cap, memory=not args.quick,
@@ -230,7 +333,9 @@ def main(argv=None):
         exact_caption="Exactness in float64: ‖G_factored − G_generic‖_F / ‖G_generic‖_F",
         exact=H.exactness_rows(runner, "benchmarks.bench_jax", MODELS, args.models),
         packages=["jax", "jaxlib", "flax", "optax", "numpy"], notes=notes)
-    path = H.write_report(args.out, text)
+    if table:
+        text = R.insert_section(text, table, sampled_notes, details=details)
+    path = H.write_report(out, text)
     print(f"wrote {path}")
     return 0
 

@@ -18,6 +18,13 @@ pool, dense head, 32×32×3 inputs, channels last). The plain step is Keras' own
 * ``vectorized_map`` — what users can do today: ``tf.vectorized_map`` of the single-sample
   gradient, ``J Jᵀ`` over the concatenated per-sample gradients, SGD from their mean.
 
+With ``--fisher empirical,sampled`` (or ``--fisher sampled`` alone, written to
+``benchmarks/results/tensorflow_sampled.md`` by default) it also times, interleaved in one child
+per (model, B), Keras' plain ``train_step``, the ``registry`` step (empirical Gram) and the same
+step with ``GramModel(..., fisher="sampled", mc_samples=1, seed=0)`` (labels drawn from the
+softmax of the logits, one more backward of them on the same tape), both with eigenvalues
+(:mod:`benchmarks._sampled_rows`).
+
 Each (but ``registry-noeig``) then takes the eigenvalues of G on the host with ``fimcore.spectrum`` (float64). Timing:
 plain and method interleaved in one child process after a warm-up (tracing excluded), median of
 paired ratios. Memory: a fresh child per configuration (``benchmarks._harness.step_memory``: peak
@@ -31,6 +38,7 @@ import os
 import sys
 
 from benchmarks import _harness as H
+from benchmarks import _sampled_rows as R
 
 MODELS = {"mlp": "MLP 784-512-256-10", "cnn": "small CNN (3 conv + dense, 32×32×3)"}
 METHODS = {"registry": "fimcore `GramModel` (layer registry)",
@@ -61,6 +69,17 @@ def _batch(name, batch_size, seed=0):
     rng = np.random.default_rng(seed)
     shape = (batch_size, 784) if name == "mlp" else (batch_size, 32, 32, 3)
     return rng.normal(size=shape).astype("float32"), rng.integers(0, 10, batch_size).astype("int32")
+
+
+def _host_gram(logs):
+    """The logged Gram as the float32 values it was accumulated in (exact: the log is their float64
+    cast). ``fimcore.spectrum`` accepts a Gram's rounding asymmetry up to sqrt(eps) of its dtype:
+    the float64 cast of a float32 Gram is asymmetric by up to ~1e-7·max|G| (measured: 1e-8 to
+    1.5e-7 on these models at B = 32), above float64's sqrt(eps) = 1.5e-8, so it is refused as
+    "not symmetric" although it is J Jᵀ rounded in float32."""
+    import numpy as np
+
+    return np.asarray(logs["fimcore_gram"]).astype(np.float32)
 
 
 def _steps(name, batch_size, method):
@@ -94,7 +113,7 @@ def _steps(name, batch_size, method):
 
         def candidate():
             logs = step(data)
-            gram = np.asarray(logs["fimcore_gram"])
+            gram = _host_gram(logs)
             if not method.endswith("-noeig"):
                 fimcore.spectrum(gram)
 
@@ -123,6 +142,45 @@ def _steps(name, batch_size, method):
         fimcore.spectrum(np.asarray(vmap_step(*data), dtype=np.float64))
 
     return plain, candidate
+
+
+def _sampled_steps(name, batch_size):
+    """Closures ``plain()``, ``empirical()``, ``sampled()``: Keras' traced ``train_step`` and the
+    traced ``GramModel`` steps with the empirical and the sampled-label (K = 1) Gram, each
+    followed by the eigenvalues of its Gram on the host."""
+    import keras
+    import tensorflow as tf
+
+    import fimcore
+    from fimcore_adapters.tensorflow import GramModel
+
+    x, y = _batch(name, batch_size)
+    data = (tf.constant(x), tf.constant(y))
+
+    def compiled(model):
+        model.compile(optimizer=keras.optimizers.SGD(0.01),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+        return tf.function(model.train_step)
+
+    plain_step = compiled(build(name))
+    empirical_step = compiled(GramModel(build(name), every=1))
+    sampled_step = compiled(GramModel(build(name), every=1, fisher="sampled", mc_samples=1, seed=0))
+
+    def plain():
+        float(plain_step(data)["loss"])
+
+    def empirical():
+        fimcore.spectrum(_host_gram(empirical_step(data)))
+
+    def sampled():
+        fimcore.spectrum(_host_gram(sampled_step(data)))
+
+    return plain, empirical, sampled
+
+
+def sampled_timing_job(model, batch_size, reps, cap_seconds):
+    """Plain, empirical and sampled-label steps timed interleaved (tracing excluded)."""
+    return R.time_steps(*_sampled_steps(model, batch_size), reps=reps, cap_seconds=cap_seconds)
 
 
 def timing_job(model, batch_size, method, reps, cap_seconds):
@@ -173,15 +231,49 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
     parser.add_argument("--cap", type=float, default=120.0, help="seconds per timing configuration")
     parser.add_argument("--note", default="", help="free text added to the report (e.g. machine load)")
-    parser.add_argument("--out", default="benchmarks/results/tensorflow.md")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="TensorFlow intra-op threads in each child (TF_NUM_INTRAOP_THREADS, with "
+                             "TF_NUM_INTEROP_THREADS=1). Default: TensorFlow's own")
+    R.add_fisher_option(parser)
+    parser.add_argument("--out", default=None, help="default benchmarks/results/tensorflow.md "
+                                                    "(tensorflow_sampled.md with --fisher sampled alone)")
     args = parser.parse_args(argv)
     # children inherit this: a multi-threaded OpenBLAS eigvalsh of a small Gram competes with
     # TensorFlow's thread pool for the cores
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be ≥ 1; received {args.threads}.")
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(args.threads)
+        os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     sizes = args.batch_sizes or ([32] if args.quick else [32, 128])
     reps = args.reps or (5 if args.quick else 11)
     memory = not (args.quick or args.no_memory)
     runner = H.IsolatedRunner(start_method="spawn")
+    machine = H.machine_info()
+    out = args.out or f"benchmarks/results/tensorflow{'_sampled' if args.fisher == ('sampled',) else ''}.md"
+    table, sampled_notes, details = [], [], ""
+    if "sampled" in args.fisher:
+        table, sampled_notes = R.run_grid(
+            runner, "benchmarks.bench_tensorflow:sampled_timing_job", model_labels=MODELS,
+            models=args.models, batch_sizes=sizes, timeout=args.cap + 600.0,
+            job_kwargs=dict(reps=reps, cap_seconds=args.cap))
+        threads = {v: os.environ[v] for v in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
+                                              "OPENBLAS_NUM_THREADS") if v in os.environ}
+        details = (f"Reps = {reps}, cap per (model, B) = {args.cap:.0f} s, tracing excluded, no XLA; children "
+                   f"with {', '.join(f'{k} = {v}' for k, v in threads.items())}. The plain step is Keras' own "
+                   "`train_step`; the empirical one is the `registry` row's `GramModel(net, every=1)` step; "
+                   "the sampled one is `GramModel(net, every=1, fisher=\"sampled\", mc_samples=1, seed=0)` "
+                   "(the likelihood read from the compiled `SparseCategoricalCrossentropy(from_logits=True)`).")
+    if args.fisher == ("sampled",):
+        machine["load average (1/5/15 min) at end"] = H.load_average()
+        text = R.standalone_report(
+            "TensorFlow: the sampled-label Fisher Gram's step beside the empirical one",
+            command=H.command_line(), table=table, notes=sampled_notes, machine=machine, details=details,
+            versions=H.package_versions(["tensorflow-cpu", "tensorflow", "keras", "numpy"]),
+            preamble=[args.note] if args.note else [])
+        print(f"wrote {H.write_report(out, text)}")
+        return 0
     rows, notes = H.run_timing_grid(
         runner, "benchmarks.bench_tensorflow", model_labels=MODELS, method_labels=METHODS,
         models=args.models, methods=args.methods, batch_sizes=sizes, reps=reps, cap_seconds=args.cap,
@@ -202,7 +294,9 @@ def main(argv=None):
                       "GradientTape per sample",
         exact=H.exactness_rows(runner, "benchmarks.bench_tensorflow", MODELS, args.models),
         packages=["tensorflow-cpu", "keras", "numpy"], notes=notes)
-    path = H.write_report(args.out, text)
+    if table:
+        text = R.insert_section(text, table, sampled_notes, details=details)
+    path = H.write_report(out, text)
     print(f"wrote {path}")
     return 0
 

@@ -24,6 +24,13 @@ step that also yields G and its eigenvalues (``fimcore.spectrum``):
 * ``opacus`` — Opacus ``GradSampleModule(loss_reduction="mean")``, then G (refuses BatchNorm);
 * ``spectrum`` — the eigenvalue step alone on a B×B Gram, as a fraction of the plain step.
 
+With ``--fisher empirical,sampled`` (or ``--fisher sampled`` for those rows alone, written to
+``benchmarks/results/torch_sampled.md`` by default) it also times, interleaved in one child per
+(model, B), the plain step, the auto recorder's step (empirical Fisher) and the sampled-label
+recorder's step, ``GramRecorder(fisher="sampled", loss=nn.CrossEntropyLoss(), mc_samples=1)``
+(one extra backward of the logits per step), both with eigenvalues (see
+:mod:`benchmarks._sampled_rows`).
+
 Baselines form G as Σ over parameters of ``J_p J_pᵀ`` from their per-sample gradient tensors
 (no concatenated copy of J). Each configuration is timed in its own child process (plain and
 method interleaved, median of paired ratios, a time cap), and its memory is measured in another
@@ -45,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from benchmarks import _harness as H
+from benchmarks import _sampled_rows as R
 from benchmarks._torch_models import MODEL_LABELS, MODEL_NAMES
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +191,29 @@ def _fimcore_step(model, x, y, strategy: str, notes: list, eigenvalues: bool = T
         opt.step()
         if not notes and strategy == "auto" and eigenvalues:
             notes.append(str(recorder.report()))
+        return G
+
+    return step
+
+
+def _sampled_fimcore_step(model, x, y, seed: int = 0):
+    """The auto recorder's step with ``fisher="sampled"`` (K = 1): G from labels drawn from the
+    model's softmax, the data-label gradient for SGD, eigenvalues of the sampled G."""
+    import torch.nn.functional as F
+    from fimcore_adapters.torch import GramRecorder
+    from torch import nn
+
+    opt = _sgd(model)
+    recorder = GramRecorder(model, loss_reduction="mean", fisher="sampled", loss=nn.CrossEntropyLoss(),
+                            mc_samples=1, seed=seed)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with recorder:
+            F.cross_entropy(model(x), y).backward()
+        G = recorder.gram()
+        _spectrum(G)
+        opt.step()
         return G
 
     return step
@@ -357,6 +388,17 @@ def timing_job(model: str, batch_size: int, method: str, reps: int, cap_seconds:
     return {"plain": t.baseline, "method": t.candidate, "capped": t.capped, "elapsed": t.elapsed,
             "warmup": t.warmup, "rel_err": rel_err, "notes": [n for n in notes if n],
             "faults": (plain.median(), candidate.median())}
+
+
+def sampled_timing_job(model: str, batch_size: int, reps: int, cap_seconds: float, seed: int,
+                       threads: int | None = None) -> dict:
+    """Plain, empirical (auto recorder) and sampled-label (K = 1) steps timed interleaved, each on
+    its own copy of the model (:func:`benchmarks._sampled_rows.time_steps`)."""
+    net, x, y = _setup(model, batch_size, seed, threads)
+    plain = plain_step(copy.deepcopy(net), x, y)
+    empirical = _fimcore_step(copy.deepcopy(net), x, y, "auto", [])
+    sampled = _sampled_fimcore_step(net, x, y, seed=seed)
+    return R.time_steps(plain, empirical, sampled, reps=reps, cap_seconds=cap_seconds)
 
 
 def memory_job(model: str, batch_size: int, method: str, seed: int, threads: int | None = None) -> dict:
@@ -648,14 +690,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="children forked from a server that imported torch once (default), or fresh "
                         "interpreters (slower start; memory children get MALLOC_MMAP_THRESHOLD_ literally)")
     p.add_argument("--seed", type=int, default=0)
+    R.add_fisher_option(p)
     p.add_argument("--output", default=None,
-                   help="Markdown file (default benchmarks/results/torch.md)")
+                   help="Markdown file (default benchmarks/results/torch.md; torch_sampled.md with "
+                        "--fisher sampled alone)")
     a = p.parse_args(argv)
     models = a.models or (list(QUICK_MODELS) if a.quick else list(MODEL_NAMES))
     batch_sizes = a.batch_sizes or ([32] if a.quick else [32, 128])
     reps = a.reps if a.reps is not None else (3 if a.quick else DEFAULT_REPS)
     cap = a.cap_seconds if a.cap_seconds is not None else (10.0 if a.quick else DEFAULT_CAP)
-    output = a.output or "benchmarks/results/torch.md"
+    sampled_only = a.fisher == ("sampled",)
+    output = a.output or f"benchmarks/results/torch{'_sampled' if sampled_only else ''}.md"
     if reps < 1 or cap <= 0 or any(b < 1 for b in batch_sizes):
         p.error(f"--reps and --batch-sizes must be ≥ 1 and --cap-seconds > 0; received reps={reps}, "
                 f"batch sizes={batch_sizes}, cap={cap}.")
@@ -666,15 +711,38 @@ def main(argv: list[str] | None = None) -> int:
 
     versions["torch threads"] = str(a.threads or torch.get_num_threads())
     t0 = time.perf_counter()
-    results, plain_memory, ref_notes = run(models, batch_sizes, a.methods, reps=reps, cap_seconds=cap,
-                                           seed=a.seed, memory=not a.no_memory, threads=a.threads,
-                                           start_method=a.start_method)
+    text = ""
+    if "empirical" in a.fisher:
+        results, plain_memory, ref_notes = run(models, batch_sizes, a.methods, reps=reps, cap_seconds=cap,
+                                               seed=a.seed, memory=not a.no_memory, threads=a.threads,
+                                               start_method=a.start_method)
+    if "sampled" in a.fisher:
+        runner = H.IsolatedRunner(preload=preload_for(models, ["fimcore"]), start_method=a.start_method)
+        grace = SPAWN_GRACE_SECONDS if runner.start_method == "spawn" else GRACE_SECONDS
+        table, sampled_notes = R.run_grid(
+            runner, "benchmarks.bench_torch:sampled_timing_job", model_labels=MODEL_LABELS, models=models,
+            batch_sizes=batch_sizes, timeout=cap + grace,
+            job_kwargs=dict(reps=reps, cap_seconds=cap, seed=a.seed, threads=a.threads),
+            log=lambda s: print(s, file=sys.stderr, flush=True))
+        details = (f"Reps = {reps}, cap per (model, B) = {cap:.0f} s, seed = {a.seed}, torch threads = "
+                   f"{versions['torch threads']}. The empirical step is the `fimcore` (auto) row's step; "
+                   "the sampled one is `GramRecorder(model, fisher=\"sampled\", loss=nn.CrossEntropyLoss(), "
+                   "mc_samples=1, seed=seed)` around the same forward and backward.")
     machine["load average (1/5/15 min) at end"] = H.load_average()
-    text = render(results, plain_memory, ref_notes, command=H.command_line(), machine=machine,
-                  versions=versions, settings={"reps": reps, "cap per configuration": f"{cap:.0f} s",
-                                               "seed": a.seed, "memory": not a.no_memory,
-                                               "children": a.start_method},
-                  seconds=time.perf_counter() - t0, quick=a.quick)
+    if "empirical" in a.fisher:
+        text = render(results, plain_memory, ref_notes, command=H.command_line(), machine=machine,
+                      versions=versions, settings={"reps": reps, "cap per configuration": f"{cap:.0f} s",
+                                                   "seed": a.seed, "memory": not a.no_memory,
+                                                   "children": a.start_method},
+                      seconds=time.perf_counter() - t0, quick=a.quick)
+        if "sampled" in a.fisher:
+            text = R.insert_section(text, table, sampled_notes, details=details)
+    else:
+        text = R.standalone_report(
+            "PyTorch: the sampled-label Fisher Gram's step beside the empirical one",
+            command=H.command_line(), table=table, notes=sampled_notes, machine=machine,
+            versions=versions, details=details,
+            preamble=[f"Wall time of the run: {(time.perf_counter() - t0) / 60:.1f} min."])
     H.write_report(output, text)
     print(text)
     print(f"written to {output}", file=sys.stderr)

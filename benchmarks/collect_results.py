@@ -15,7 +15,8 @@ import argparse
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("torch", "torch_large", "torch_large_densenet_b128", "jax", "tensorflow", "spectrum")
+ORDER = ("torch", "torch_sampled", "torch_large", "torch_large_densenet_b128", "jax", "jax_sampled", "tensorflow",
+         "tensorflow_sampled", "spectrum")
 HEADER = """# Benchmark results
 
 Every table below was produced by the command printed with it, on the machine it names.

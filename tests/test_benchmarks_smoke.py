@@ -316,3 +316,152 @@ def test_tf_profile_report_attributes_each_variant_against_the_gram_step():
     assert lines["Keras `train_step` (plain)"][2:4] == ["1.00×", "+15.0"]
     assert lines["… only `c1` (convolution 1) replaced"][1:4] == ["30.0", "1.50×", "+5.0"]
     assert "median of 3 repetitions" in text
+
+
+# ---- sampled-label Fisher rows (--fisher empirical,sampled) ---------------------------------
+
+
+def test_interleaved_group_runs_the_steps_round_robin_within_the_cap():
+    from benchmarks import _sampled_rows as R
+
+    clock, order = FakeClock(), []
+
+    def step(name, seconds):
+        def run():
+            order.append(name)
+            clock.now += seconds
+        return run
+
+    steps = {"plain": step("p", 1.0), "empirical": step("e", 2.0), "sampled": step("s", 3.0)}
+    t = R.interleaved_group(steps, reps=5, cap_seconds=100.0, clock=clock)
+    assert (t.reps, t.capped, t.number) == (5, False, 1)
+    assert order == ["p", "e", "s"] * 6                    # one warm-up round, then five
+    assert t.times == {"plain": [1.0] * 5, "empirical": [2.0] * 5, "sampled": [3.0] * 5}
+    assert t.elapsed == 36.0
+
+
+@pytest.mark.parametrize("cap, reps_done, elapsed", [
+    (20.0, 0, 6.0),    # warm-up round 6 s; 5 rounds at half its cost need 15 s: 6 + 15 > 20
+    (24.0, 1, 12.0),   # round 1 fits (6 + 15 ≤ 24); then 4 rounds of 6 s: 12 + 24 > 24
+])
+def test_interleaved_group_stops_when_the_remaining_rounds_cannot_fit(cap, reps_done, elapsed):
+    from benchmarks import _sampled_rows as R
+
+    clock = FakeClock()
+    steps = {"a": clock.step(1.0), "b": clock.step(2.0), "c": clock.step(3.0)}
+    t = R.interleaved_group(steps, reps=5, cap_seconds=cap, clock=clock)
+    assert (t.reps, t.capped, t.elapsed) == (reps_done, True, elapsed)
+
+
+def test_interleaved_group_times_short_steps_in_runs_set_by_the_longest():
+    from benchmarks import _sampled_rows as R
+
+    clock = FakeClock()
+    steps = {"a": clock.step(1 / 64), "b": clock.step(1 / 32), "c": clock.step(1 / 16)}
+    # the longest warm-up step (1/16 s) sets the run: 0.5 s / (1/16 s) -> 8 calls per run
+    t = R.interleaved_group(steps, reps=3, cap_seconds=100.0, min_rep_seconds=0.5, clock=clock)
+    assert t.number == 8 and t.reps == 3
+    assert t.times["c"] == [1 / 16] * 3 and t.times["a"] == [1 / 64] * 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps={}, reps=1, cap_seconds=1.0), "at least one callable"),
+    (dict(steps={"a": print}, reps=0, cap_seconds=1.0), "reps must be at least 1"),
+    (dict(steps={"a": print}, reps=1, cap_seconds=0.0), "cap_seconds must be positive"),
+])
+def test_interleaved_group_validates_arguments(kwargs, match):
+    from benchmarks import _sampled_rows as R
+
+    with pytest.raises(ValueError, match=match):
+        R.interleaved_group(**kwargs)
+
+
+def test_fisher_option_defaults_to_the_usual_tables_and_names_bad_kinds():
+    import argparse
+
+    from benchmarks import _sampled_rows as R
+
+    parser = argparse.ArgumentParser()
+    R.add_fisher_option(parser)
+    assert parser.parse_args([]).fisher == ("empirical",)
+    assert parser.parse_args(["--fisher", "empirical,sampled"]).fisher == ("empirical", "sampled")
+    with pytest.raises(argparse.ArgumentTypeError, match="received 'true'"):
+        R.parse_fisher("true")
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated"):
+        R.parse_fisher(",")
+
+
+def test_sampled_rows_pair_each_ratio_with_its_own_repetition():
+    from benchmarks import _sampled_rows as R
+
+    # empirical/plain per repetition: 2, 1, 1 -> median 1 (the ratio of the medians would be 2);
+    # sampled/plain: 4, 1.5, 3 -> 3; sampled/empirical: 2, 1.5, 3 -> 2; inclusive quartiles
+    v = {"times": {"plain": [1.0, 4.0, 1.0], "empirical": [2.0, 4.0, 1.0], "sampled": [4.0, 6.0, 3.0]},
+         "capped": True}
+    empirical, sampled = R.rows("M", 8, v)
+    assert empirical[2:] == ["fimcore empirical", "1000", "2000", "1.00× [1.00–1.50]", "–", "3 (cap)"]
+    assert sampled[2:] == ["fimcore sampled (K=1)", "1000", "4000", "3.00× [2.25–3.50]",
+                           "2.00× [1.75–2.50]", "3 (cap)"]
+    assert R.sampled_vs_empirical(v) == 2.0
+    assert len(R.HEADERS) == len(sampled)
+
+
+class _InProcessRunner:
+    """Stands in for IsolatedRunner: runs each job in this process (no framework import per child)."""
+
+    def __init__(self, *args, **kwargs):
+        self.start_method = kwargs.get("start_method", "forkserver")
+
+    def run(self, target, kwargs=None, *, timeout, memory=False):
+        return H.IsolatedResult("ok", value=H.resolve(target)(**(kwargs or {})))
+
+
+def _sampled_table(path):
+    section = path.read_text().split("## Sampled-label Fisher (K = 1) beside the empirical one")[1]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| MLP")]
+    assert [r[2] for r in rows] == ["fimcore empirical", "fimcore sampled (K=1)"], rows
+    for cells in rows:                       # a measured ratio, 1 rep: q1 = q3 = ratio
+        ratio, spread = cells[5].split(" [")
+        q1, q3 = spread.rstrip("]").split("–")
+        assert ratio.endswith("×") and q1 == q3 and float(q1) == pytest.approx(float(ratio[:-1]), rel=0.01), cells
+    assert rows[0][6] == "–" and rows[1][6].endswith("]") and rows[1][7] == "1 |"
+    return rows
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax", "tensorflow"])
+def test_bench_sampled_rows_run_on_one_tiny_configuration(framework, tmp_path, monkeypatch):
+    import importlib
+
+    import_backend({"torch": "torch", "jax": "flax", "tensorflow": "tensorflow"}[framework])
+    if framework == "jax":
+        import_backend("optax")
+    bench = importlib.import_module(f"benchmarks.bench_{framework}")
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")                 # restored after the test
+    monkeypatch.setattr(bench.H, "IsolatedRunner", _InProcessRunner)
+    out = tmp_path / f"{framework}_sampled.md"
+    cap = ["--cap-seconds" if framework == "torch" else "--cap", "60"]
+    where = ["--output" if framework == "torch" else "--out", str(out)]
+    assert bench.main(["--models", "mlp", "--batch-sizes", "4", "--reps", "1", *cap, "--fisher", "sampled",
+                       *where]) == 0
+    _sampled_table(out)
+    text = out.read_text()
+    assert "## Sampled-label Fisher (K = 1) beside the empirical one" in text
+    assert "load average (1/5/15 min) at end" in text
+
+
+def test_bench_torch_appends_the_sampled_rows_to_its_usual_table(tmp_path, monkeypatch):
+    """``--fisher empirical,sampled``: the usual table, then the sampled-label section."""
+    import_backend("torch")
+    from benchmarks import bench_torch
+
+    monkeypatch.setattr(bench_torch.H, "IsolatedRunner", _InProcessRunner)
+    out = tmp_path / "torch.md"
+    assert bench_torch.main(["--models", "mlp", "--batch-sizes", "4", "--methods", "fimcore", "--reps", "1",
+                             "--cap-seconds", "60", "--no-memory", "--fisher", "empirical,sampled",
+                             "--output", str(out)]) == 0
+    text = out.read_text()
+    assert (text.index("## MLP 784-512-256-10") < text.index("## Sampled-label Fisher (K = 1)")
+            < text.index("## Machine and versions"))
+    assert any(line.startswith("| 4 | " + bench_torch.METHOD_LABELS["fimcore"]) for line in text.splitlines())
+    _sampled_table(out)
