@@ -82,6 +82,7 @@ class GramStepMixin:
             object.__setattr__(self, "_fimcore_counter",
                                tf.Variable(0, dtype=tf.int64, trainable=False, name="fimcore_step"))
         object.__setattr__(self, "_fimcore_grad_dtype", None)
+        object.__setattr__(self, "_fimcore_gram_dtype", None)
 
     def _gram_loss_reduction(self) -> str:
         loss = getattr(self, "loss", None)
@@ -120,6 +121,9 @@ class GramStepMixin:
             grads, gram = tape.gradient_and_gram(data_loss, variables, loss_reduction=reduction,
                                                  extra_loss=extra, **sampled)
             object.__setattr__(self, "_fimcore_grad_dtype", tape.grad_dtype.name)
+            # the logs carry G as float64; the host casts it back to this (exact round trip), so
+            # the core sees the dtype G was accumulated in (its symmetry and rank tolerances)
+            object.__setattr__(self, "_fimcore_gram_dtype", gram.dtype.name)
             if self.gram_keep_blocks:            # names fixed at trace time; blocks scaled like G
                 scale = tf.cast(batch, tf.float64) ** 2 if reduction == "mean" else 1.0
                 object.__setattr__(self, "_fimcore_block_names", list(tape.layer_grams))
@@ -322,10 +326,11 @@ class GramMeasureCallback(keras.callbacks.Callback):
         self._last_batch = batch
         if not measured or gram is None:
             return
-        gram = np.asarray(gram)
+        acc = np.dtype(getattr(self.model, "_fimcore_gram_dtype", None) or "float64")
+        gram = np.asarray(gram).astype(acc)
         blocks = None
         if stacked is not None:
-            blocks = dict(zip(self.model._fimcore_block_names, np.asarray(stacked)))
+            blocks = dict(zip(self.model._fimcore_block_names, np.asarray(stacked).astype(acc)))
         steps = (self.params or {}).get("steps")
         every = self.model.gram_every
         if steps:
