@@ -14,7 +14,10 @@ Layers with an exact rule: ``nn.Linear`` (any leading dimensions), ``nn.Conv1d/2
 ``nn.Embedding``, BatchNorm/GroupNorm/LayerNorm/InstanceNorm affine parameters; any other module
 with parameters takes an exact generic ``torch.func`` path, split along the batch dimension the
 module declares (``batch_first`` of RNN/GRU/LSTM, MultiheadAttention and Transformer modules,
-packed sequences). ``recorder.report()`` lists which path each layer took and why.
+packed sequences). A custom module type gets an exact rule of its own with
+:func:`register_layer_rule` (a :class:`LayerRule`: what to capture in the forward, and the
+per-sample gradient blocks from it and the output gradient). ``recorder.report()`` lists which
+path each layer took and why.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ import torch
 from torch import nn
 
 from ._torch.cost import STRATEGIES
+from ._torch.custom import LayerRule, register_layer_rule
 from ._torch.diagonal import diagonal_fisher
 from ._torch.ntk import output_jacobian_gram
 from ._torch.policy import PolicyBatchSampler
 from ._torch.recorder import GramRecorder
 from ._torch.report import LayerRecord, Report
 
-__all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "PolicyBatchSampler", "Report",
-           "STRATEGIES", "diagonal_fisher", "output_jacobian_gram"]
+__all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "LayerRule", "PolicyBatchSampler",
+           "Report", "STRATEGIES", "diagonal_fisher", "output_jacobian_gram", "register_layer_rule"]
 
 
 def per_sample_gram(model: nn.Module, loss_fn, inputs, targets, *, loss_reduction: str = "mean",
