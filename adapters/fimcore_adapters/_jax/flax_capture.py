@@ -22,13 +22,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .flax_rules import rule_for
+
 __all__ = ["Call", "Recorder", "layer_kind"]
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm, nn.RMSNorm, nn.InstanceNorm)
 
 
 def layer_kind(module, method_name):
-    """The recognised layer kind of ``module`` (exact type match, default contraction), else None."""
+    """The recognised layer kind of ``module`` (a registered user rule, else an exact type match
+    with the default contraction), else None."""
+    if rule_for(module) is not None:
+        return "user"
     kind_type = type(module)
     if kind_type in (nn.Dense, nn.DenseGeneral):
         if module.dot_general is not None or module.dot_general_cls is not None:
@@ -131,12 +136,18 @@ class Recorder:
             before = {c: jax.tree_util.tree_map(lambda v: v, dict(v)) for c, v in module.variables.items()
                       if c != "params"}
         self._active.append(path)
+        static, captured = {}, None
         try:
-            out = next_fun(*args, **kwargs)
+            if kind == "user":
+                rule = static["rule"] = rule_for(module)
+                out, captured = rule.forward(module, next_fun, args, kwargs)
+            else:
+                out = next_fun(*args, **kwargs)
         finally:
             self._active.pop()
-        static, captured = {}, None
-        if kind in ("dense", "dense_general", "conv", "embed"):
+        if kind == "user":
+            pass
+        elif kind in ("dense", "dense_general", "conv", "embed"):
             captured = x
         elif kind == "norm":
             captured = self._normalised(module, args, kwargs)
