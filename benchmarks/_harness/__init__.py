@@ -36,7 +36,7 @@ and the report of a framework run). Every name is re-exported here, so
 
 from __future__ import annotations
 
-from .grid import exactness_rows, framework_report, grid_headers, run_timing_grid
+from .grid import exactness_rows, for_each_config, framework_report, grid_headers, run_timing_grid
 from .isolation import IsolatedResult, IsolatedRunner, resolve
 from .memory import (MMAP_THRESHOLD_BYTES, FaultCounter, StepMemory, reset_peak_rss,
                      set_malloc_mmap_threshold, step_memory)
@@ -53,7 +53,7 @@ from .timing import _timed_run, _upper_median  # noqa: F401
 __all__ = [
     "FaultCounter", "IsolatedResult", "IsolatedRunner", "MIN_REP_SECONDS", "MMAP_THRESHOLD_BYTES",
     "PairedTimes", "SPREAD_NOTE", "StepMemory", "command_line", "exactness_rows", "fmt_ms",
-    "fmt_ratio", "fmt_spread", "framework_report", "grid_headers", "interleaved_times",
+    "fmt_ratio", "fmt_spread", "for_each_config", "framework_report", "grid_headers", "interleaved_times",
     "key_value_table", "load_average", "machine_info", "markdown_table", "median_ratio",
     "package_versions", "ratio_quartiles", "reset_peak_rss", "resolve", "run_timing_grid",
     "set_malloc_mmap_threshold", "step_memory", "target_mark", "warm_then_time", "write_report",

@@ -6,11 +6,29 @@ Part of the benchmark harness; the protocol is described in :mod:`benchmarks._ha
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .timing import fmt_spread, target_mark
 from .isolation import IsolatedRunner
 from .report import command_line, fmt_ms, fmt_ratio, key_value_table, machine_info, markdown_table, package_versions
+
+def for_each_config(models: Sequence[str], batch_sizes: Sequence[int],
+                    methods_for: Callable[[str], Sequence[str]], *,
+                    per_cell: Callable[[str, int], Any],
+                    per_config: Callable[[str, int, str, Any], Any]) -> list:
+    """The grid loop of every framework benchmark: for each model, for each batch size B,
+    ``state = per_cell(model, B)`` once (what all methods of that cell share: the plain step's
+    memory, a float64 reference Gram), then ``per_config(model, B, method, state)`` for each of
+    ``methods_for(model)`` in order. Returns the ``per_config`` results in that order.
+    """
+    out = []
+    for model in models:
+        for b in batch_sizes:
+            state = per_cell(model, b)
+            for method in methods_for(model):
+                out.append(per_config(model, b, method, state))
+    return out
+
 
 def grid_headers(ratio_header: str) -> list[str]:
     """Columns of the JAX/TensorFlow step tables (:func:`run_timing_grid` rows)."""
@@ -37,35 +55,40 @@ def run_timing_grid(runner: "IsolatedRunner", module: str, *, model_labels: dict
         ``(rows, notes)``: table rows in :func:`grid_headers` order, and a note per failed child.
     """
     rows, notes = [], []
-    for model in models:
-        for b in batch_sizes:
-            mem: dict = {}
-            if memory:
-                for method in ("plain", *(m for m in methods if not m.endswith("-noeig"))):
-                    r = runner.run(f"{module}:memory_job", dict(model=model, batch_size=b, method=method),
-                                   timeout=memory_timeout, memory=True)
-                    mem[method] = r.value["extra_mb"] if r.status == "ok" else None
-                    if r.status != "ok":
-                        notes.append(f"memory {model} B={b} {method}: {r.status} {(r.error or '')[-200:]}")
-            for method in methods:
-                r = runner.run(f"{module}:timing_job",
-                               dict(model=model, batch_size=b, method=method, reps=reps,
-                                    cap_seconds=cap_seconds), timeout=cap_seconds + timing_slack)
+
+    def measure_memory(model, b):
+        mem: dict = {}
+        if memory:
+            for method in ("plain", *(m for m in methods if not m.endswith("-noeig"))):
+                r = runner.run(f"{module}:memory_job", dict(model=model, batch_size=b, method=method),
+                               timeout=memory_timeout, memory=True)
+                mem[method] = r.value["extra_mb"] if r.status == "ok" else None
                 if r.status != "ok":
-                    notes.append(f"{model} B={b} {method}: {r.status} {(r.error or '')[-300:]}")
-                    rows.append([model_labels[model], b, method_labels[method], *["–"] * 6])
-                    continue
-                v = r.value
-                spread = fmt_spread(v.get("q1", math.nan), v.get("q3", math.nan))
-                mark = (" " + target_mark(v.get("q1", math.nan), v.get("q3", math.nan), target)
-                        if b == target_batch and targeted(method) else "")
-                m = mem.get(method)
-                rows.append([model_labels[model], b, method_labels[method], fmt_ms(v["plain"]),
-                             fmt_ms(v["step"]), fmt_ratio(v["ratio"]) + spread + mark,
-                             f"{v['reps']}{' (cap)' if v['capped'] else ''}",
-                             "–" if mem.get("plain") is None else f"{mem['plain']:.0f}",
-                             "–" if m is None else f"{m:.0f}"])
-                log(" | ".join(str(c) for c in rows[-1]))
+                    notes.append(f"memory {model} B={b} {method}: {r.status} {(r.error or '')[-200:]}")
+        return mem
+
+    def time_method(model, b, method, mem):
+        r = runner.run(f"{module}:timing_job",
+                       dict(model=model, batch_size=b, method=method, reps=reps,
+                            cap_seconds=cap_seconds), timeout=cap_seconds + timing_slack)
+        if r.status != "ok":
+            notes.append(f"{model} B={b} {method}: {r.status} {(r.error or '')[-300:]}")
+            rows.append([model_labels[model], b, method_labels[method], *["–"] * 6])
+            return
+        v = r.value
+        spread = fmt_spread(v.get("q1", math.nan), v.get("q3", math.nan))
+        mark = (" " + target_mark(v.get("q1", math.nan), v.get("q3", math.nan), target)
+                if b == target_batch and targeted(method) else "")
+        m = mem.get(method)
+        rows.append([model_labels[model], b, method_labels[method], fmt_ms(v["plain"]),
+                     fmt_ms(v["step"]), fmt_ratio(v["ratio"]) + spread + mark,
+                     f"{v['reps']}{' (cap)' if v['capped'] else ''}",
+                     "–" if mem.get("plain") is None else f"{mem['plain']:.0f}",
+                     "–" if m is None else f"{m:.0f}"])
+        log(" | ".join(str(c) for c in rows[-1]))
+
+    for_each_config(models, batch_sizes, lambda model: methods, per_cell=measure_memory,
+                    per_config=time_method)
     return rows, notes
 
 
