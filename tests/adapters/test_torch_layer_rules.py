@@ -145,6 +145,22 @@ def test_bad_registrations_are_refused():
     assert rec.report()[0].reason.startswith("other rule")
 
 
+def test_rule_leaving_a_selected_parameter_uncovered_is_refused():
+    ScaledLinear = scaled_linear_type()
+
+    class NoScale(ScaledLinearRule):
+        name = "no-scale"
+
+        def parameters(self, module):
+            return [module.weight, module.bias]
+
+    register_layer_rule(ScaledLinear, NoScale())
+    model = ScaledLinear(2, 2)
+    with pytest.raises(ValueError, match=r"rule 'no-scale' .* does not cover its selected parameters \['scale'\]"):
+        GramRecorder(model)
+    GramRecorder(model, params=["weight", "bias"])      # leaving it out of G is allowed
+
+
 def test_rule_returning_the_wrong_blocks_is_named():
     ScaledLinear = scaled_linear_type()
 

@@ -75,6 +75,12 @@ class _RuleUnit(Unit):
                 f"layer rule {rule.name!r} for {type(module).__name__} lists a parameter that is not "
                 f"a trainable parameter of the module itself (shape {tuple(stray[0].shape)}); "
                 "parameters() must return parameters registered on the module, not on its submodules")
+        left = [n for n, p in params if id(p) in selected_ids and id(p) not in {id(q) for q in covered}]
+        if left:
+            raise ValueError(
+                f"layer rule {rule.name!r} for {type(module).__name__} does not cover its selected "
+                f"parameters {left}; return them from parameters() (with their per-sample blocks), "
+                "or leave them out of G with GramRecorder(..., params=...)")
         super().__init__(name, module, [(own[id(p)], p) for p in covered], selected_ids, strategy)
         self.rule = rule
 
