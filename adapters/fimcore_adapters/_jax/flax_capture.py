@@ -11,6 +11,10 @@ Modules that own parameters but are not recognised are recorded as *fallback* ca
 array arguments and non-parameter collections are kept): their rows are formed afterwards by
 re-running that module alone (``flax_fallback``), per sample or, when it couples samples,
 as the batch VJP masked to each sample.
+
+A module whose type has a user rule (``register_layer_rule``, :mod:`.flax_rules`) runs through
+that rule's ``forward``, which returns the arrays to keep; its rows come from the rule's
+``per_sample``.
 """
 
 from __future__ import annotations
@@ -99,6 +103,8 @@ class Recorder:
         kind = layer_kind(module, method)
         params = module.variables.get("params", {})
         direct = {k: v for k, v in params.items() if not isinstance(v, Mapping)}
+        if kind == "user" and not direct:  # a rule for a module owning no parameters of its own
+            kind = None
         forced = kind is not None and self.generic("/".join(path) or "<root>")
         if kind is not None and method != "__call__":
             if not direct:
@@ -146,7 +152,7 @@ class Recorder:
         finally:
             self._active.pop()
         if kind == "user":
-            pass
+            pass  # the rule's forward returned its own capture
         elif kind in ("dense", "dense_general", "conv", "embed"):
             captured = x
         elif kind == "norm":
