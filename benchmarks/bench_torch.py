@@ -499,38 +499,45 @@ def run(models, batch_sizes, methods=METHODS, *, reps=DEFAULT_REPS, cap_seconds=
     """Runs every configuration; returns ``(results, plain_memory, reference_notes)``."""
     runner = runner or H.IsolatedRunner(preload=preload_for(models, methods), start_method=start_method)
     grace = SPAWN_GRACE_SECONDS if runner.start_method == "spawn" else GRACE_SECONDS
-    results: list[ConfigResult] = []
     plain_memory: dict[tuple[str, int], float | None] = {}
     ref_notes: dict[tuple[str, int], str] = {}
     plan = [(m, b, meth) for m in models for b in batch_sizes for meth in methods_for(m, tuple(methods))]
     done = 0
-    for model in models:
-        for b in batch_sizes:
-            ref = runner.run("benchmarks.bench_torch:reference_gram_job",
-                             dict(model=model, batch_size=b, seed=seed, threads=threads),
-                             timeout=cap_seconds + grace)
-            reference = ref.value if ref.status == "ok" else None
-            if reference is None:
-                ref_notes[(model, b)] = f"no float64 reference: {ref.status} ({_short_error(ref.error)})"
-                log(f"  {model} B={b}: {ref_notes[(model, b)]}")
-            plain_mem = None
-            if memory:
-                pm = runner.run("benchmarks.bench_torch:memory_job",
-                                dict(model=model, batch_size=b, method="plain", seed=seed,
-                                     threads=threads),
-                                timeout=cap_seconds + grace, memory=True)
-                plain_mem = pm.value["extra_mb"] if pm.status == "ok" else None
-            plain_memory[(model, b)] = plain_mem
-            for method in methods_for(model, tuple(methods)):
-                t0 = time.perf_counter()
-                r = run_config(runner, model, b, method, reps=reps, cap_seconds=cap_seconds,
-                               seed=seed, reference=reference, plain_mem=plain_mem, memory=memory,
-                               threads=threads, grace=grace)
-                results.append(r)
-                done += 1
-                shown = H.fmt_ratio(r.ratio) if r.status == "ok" else f"{r.status} ({r.detail})"
-                log(f"[{done:3d}/{len(plan)}] {model} B={b} {method}: {shown} "
-                    f"[{time.perf_counter() - t0:.0f} s]")
+
+    def per_cell(model, b):
+        ref = runner.run("benchmarks.bench_torch:reference_gram_job",
+                         dict(model=model, batch_size=b, seed=seed, threads=threads),
+                         timeout=cap_seconds + grace)
+        reference = ref.value if ref.status == "ok" else None
+        if reference is None:
+            ref_notes[(model, b)] = f"no float64 reference: {ref.status} ({_short_error(ref.error)})"
+            log(f"  {model} B={b}: {ref_notes[(model, b)]}")
+        plain_mem = None
+        if memory:
+            pm = runner.run("benchmarks.bench_torch:memory_job",
+                            dict(model=model, batch_size=b, method="plain", seed=seed,
+                                 threads=threads),
+                            timeout=cap_seconds + grace, memory=True)
+            plain_mem = pm.value["extra_mb"] if pm.status == "ok" else None
+        plain_memory[(model, b)] = plain_mem
+        return reference, plain_mem
+
+    def per_config(model, b, method, cell):
+        nonlocal done
+        reference, plain_mem = cell
+        t0 = time.perf_counter()
+        r = run_config(runner, model, b, method, reps=reps, cap_seconds=cap_seconds,
+                       seed=seed, reference=reference, plain_mem=plain_mem, memory=memory,
+                       threads=threads, grace=grace)
+        done += 1
+        shown = H.fmt_ratio(r.ratio) if r.status == "ok" else f"{r.status} ({r.detail})"
+        log(f"[{done:3d}/{len(plan)}] {model} B={b} {method}: {shown} "
+            f"[{time.perf_counter() - t0:.0f} s]")
+        return r
+
+    results: list[ConfigResult] = H.for_each_config(
+        models, batch_sizes, lambda m: methods_for(m, tuple(methods)), per_cell=per_cell,
+        per_config=per_config)
     return results, plain_memory, ref_notes
 
 

@@ -152,6 +152,25 @@ class _StubRunner:
         return H.IsolatedResult("ok", value=value)
 
 
+def test_for_each_config_runs_each_cell_once_then_its_methods_in_order():
+    calls = []
+
+    def per_cell(model, b):
+        calls.append(("cell", model, b))
+        return f"{model}{b}"
+
+    def per_config(model, b, method, state):
+        calls.append((method, state))
+        return (model, b, method)
+
+    out = H.for_each_config(["m", "n"], [2, 4], lambda model: ["x", "y"] if model == "m" else ["z"],
+                            per_cell=per_cell, per_config=per_config)
+    assert calls == [("cell", "m", 2), ("x", "m2"), ("y", "m2"), ("cell", "m", 4), ("x", "m4"),
+                     ("y", "m4"), ("cell", "n", 2), ("z", "n2"), ("cell", "n", 4), ("z", "n4")]
+    assert out == [("m", 2, "x"), ("m", 2, "y"), ("m", 4, "x"), ("m", 4, "y"), ("n", 2, "z"),
+                   ("n", 4, "z")]
+
+
 def test_run_timing_grid_marks_targeted_ratios_and_notes_failed_children():
     timing = {"fast": dict(plain=0.010, step=0.012, ratio=1.2, q1=1.15, q3=1.25, reps=5, capped=False),
               "fast-noeig": dict(plain=0.010, step=0.011, ratio=1.1, q1=1.0, q3=1.6, reps=5, capped=False),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"fimcore": ROOT / "fimcore", "fimcore_adapters": ROOT / "adapters" / "fimcore_adapters",
@@ -88,9 +87,6 @@ def test_graph_walker_finds_a_cycle():
     assert find_cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the torch adapter's units table imports its rules lazily "
-                   "and they import it back (units <-> dense/norm/generic/embedding); the "
-                   "adapter restructuring removes it")
 def test_no_import_cycles_in_the_project():
     graph = import_graph()
     assert len(graph) > 50 and graph["fimcore.tracker"]

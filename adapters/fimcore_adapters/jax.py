@@ -18,6 +18,9 @@ Two roles:
      per-sample affine blocks, and BatchNorm in train mode keeps its batch statistics (rows are
      the per-sample contributions to the batch gradient, summing to B × it). The weight gradients
      of the step are formed from the same captured quantities, never by a second backward.
+     A custom module type gets an exact rule of its own with :func:`register_layer_rule` (a
+     :class:`LayerRule`: what to capture in its ``__call__``, and the per-sample gradients of its
+     parameters from that and the output cotangent).
 
 2. **One-off functions**: :func:`per_sample_gram` and :func:`flax_per_sample_gram`.
 
@@ -56,12 +59,14 @@ import jax  # noqa: F401  (the framework import is the opt-in)
 from ._jax._checks import gradient_dtype
 from ._jax.diagonal import diagonal_fisher
 from ._jax.flax_gram import FlaxGram, flax_per_sample_gram, flax_value_grad_and_gram
+from ._jax.flax_rules import LayerRule, register_layer_rule
 from ._jax.generic import per_sample_gram, value_grad_and_gram
 from ._jax.mbf import MBFState, MBFTransformation, mbf, mbf_partition
 from ._jax.sampled import OutputLoss, output_jacobian_gram, output_loss, sample_labels
 
 __all__ = [
     "FlaxGram",
+    "LayerRule",
     "MBFState",
     "MBFTransformation",
     "OutputLoss",
@@ -74,6 +79,7 @@ __all__ = [
     "output_jacobian_gram",
     "output_loss",
     "per_sample_gram",
+    "register_layer_rule",
     "sample_labels",
     "value_grad_and_gram",
 ]

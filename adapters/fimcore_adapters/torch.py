@@ -14,7 +14,10 @@ Layers with an exact rule: ``nn.Linear`` (any leading dimensions), ``nn.Conv1d/2
 ``nn.Embedding``, BatchNorm/GroupNorm/LayerNorm/InstanceNorm affine parameters; any other module
 with parameters takes an exact generic ``torch.func`` path, split along the batch dimension the
 module declares (``batch_first`` of RNN/GRU/LSTM, MultiheadAttention and Transformer modules,
-packed sequences). ``recorder.report()`` lists which path each layer took and why.
+packed sequences). A custom module type gets an exact rule of its own with
+:func:`register_layer_rule` (a :class:`LayerRule`: what to capture in the forward, and the
+per-sample gradient blocks from it and the output gradient). ``recorder.report()`` lists which
+path each layer took and why.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from ._torch.cost import STRATEGIES
+from ._torch.custom import LayerRule, register_layer_rule
 from ._torch.diagonal import diagonal_fisher
 from ._torch.mbf import MBF, MBFLayerRecord, MBFReport, sampled_label_loss
 from ._torch.ntk import output_jacobian_gram
@@ -30,9 +34,9 @@ from ._torch.policy import PolicyBatchSampler
 from ._torch.recorder import GramRecorder
 from ._torch.report import LayerRecord, Report
 
-__all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "MBF", "MBFLayerRecord", "MBFReport",
-           "PolicyBatchSampler", "Report", "STRATEGIES", "diagonal_fisher", "output_jacobian_gram",
-           "sampled_label_loss"]
+__all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "LayerRule", "MBF", "MBFLayerRecord",
+           "MBFReport", "PolicyBatchSampler", "Report", "STRATEGIES", "diagonal_fisher",
+           "output_jacobian_gram", "register_layer_rule", "sampled_label_loss"]
 
 
 def per_sample_gram(model: nn.Module, loss_fn, inputs, targets, *, loss_reduction: str = "mean",

@@ -488,6 +488,26 @@ def test_register_rejects_non_layers():
         register_layer_rule(keras.layers.Dense, object())
 
 
+def test_register_refuses_a_second_rule_without_override():
+    class Scale(keras.layers.Layer):
+        def call(self, x):
+            return x
+
+    class First(LayerRule):
+        name = "first"
+
+    class Second(LayerRule):
+        name = "second"
+
+    with pytest.raises(ValueError, match="Dense already has the rule 'dense'; pass override=True"):
+        register_layer_rule(keras.layers.Dense, First())
+    register_layer_rule(Scale, First())
+    with pytest.raises(ValueError, match="Scale already has the rule 'first'; pass override=True"):
+        register_layer_rule(Scale, Second())
+    register_layer_rule(Scale, Second(), override=True)
+    assert rule_for(Scale()).name == "second"
+
+
 @pytest.mark.gpu
 def test_gram_on_gpu_equals_cpu(models):
     if not tf.config.list_physical_devices("GPU"):

@@ -11,6 +11,10 @@ Modules that own parameters but are not recognised are recorded as *fallback* ca
 array arguments and non-parameter collections are kept): their rows are formed afterwards by
 re-running that module alone (``flax_fallback``), per sample or, when it couples samples,
 as the batch VJP masked to each sample.
+
+A module whose type has a user rule (``register_layer_rule``, :mod:`.flax_rules`) runs through
+that rule's ``forward``, which returns the arrays to keep; its rows come from the rule's
+``per_sample``.
 """
 
 from __future__ import annotations
@@ -22,13 +26,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .flax_rules import rule_for
+
 __all__ = ["Call", "Recorder", "layer_kind"]
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm, nn.RMSNorm, nn.InstanceNorm)
 
 
 def layer_kind(module, method_name):
-    """The recognised layer kind of ``module`` (exact type match, default contraction), else None."""
+    """The recognised layer kind of ``module`` (a registered user rule, else an exact type match
+    with the default contraction), else None."""
+    if rule_for(module) is not None:
+        return "user"
     kind_type = type(module)
     if kind_type in (nn.Dense, nn.DenseGeneral):
         if module.dot_general is not None or module.dot_general_cls is not None:
@@ -94,6 +103,8 @@ class Recorder:
         kind = layer_kind(module, method)
         params = module.variables.get("params", {})
         direct = {k: v for k, v in params.items() if not isinstance(v, Mapping)}
+        if kind == "user" and not direct:  # a rule for a module owning no parameters of its own
+            kind = None
         forced = kind is not None and self.generic("/".join(path) or "<root>")
         if kind is not None and method != "__call__":
             if not direct:
@@ -131,12 +142,18 @@ class Recorder:
             before = {c: jax.tree_util.tree_map(lambda v: v, dict(v)) for c, v in module.variables.items()
                       if c != "params"}
         self._active.append(path)
+        static, captured = {}, None
         try:
-            out = next_fun(*args, **kwargs)
+            if kind == "user":
+                rule = static["rule"] = rule_for(module)
+                out, captured = rule.forward(module, next_fun, args, kwargs)
+            else:
+                out = next_fun(*args, **kwargs)
         finally:
             self._active.pop()
-        static, captured = {}, None
-        if kind in ("dense", "dense_general", "conv", "embed"):
+        if kind == "user":
+            pass  # the rule's forward returned its own capture
+        elif kind in ("dense", "dense_general", "conv", "embed"):
             captured = x
         elif kind == "norm":
             captured = self._normalised(module, args, kwargs)

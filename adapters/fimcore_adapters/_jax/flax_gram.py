@@ -318,6 +318,8 @@ class FlaxGram:
         block, grads = layers.materialised_block(per_sample, acc)
         if kind == "conv":
             return block, grads, "conv: materialised per-sample kernel gradients by " + " and ".join(sorted(forms))
+        if kind == "user":
+            return block, grads, f"{call.static['rule'].name} rule (registered): materialised per-sample gradients"
         if kind == "fallback":
             return block, grads, "; ".join(sorted(forms))
         return block, grads, "norm: per-sample affine"
@@ -325,6 +327,8 @@ class FlaxGram:
 
 def _path_of(how: str) -> str:
     """The :data:`fimcore.layers.PATHS` name of a path description."""
+    if " rule (registered): " in how:
+        return "materialize"
     if how.startswith("fallback"):
         coupled = "masked batch VJP" in how and "if the module is separable" not in how
         return "generic-coupled" if coupled else "generic"
@@ -383,6 +387,8 @@ def _dense_operands(call, x, d, size):
 def _per_sample(call, captured, deltas, size):
     """Per-sample gradients (leading axis B) of one conv / norm / fallback call, and how."""
     module = call.module
+    if call.kind == "user":
+        return _user_rows(call, captured, deltas, size), None
     if call.kind == "norm":
         (d,) = deltas
         axes = call.static["feature_axes"]
@@ -412,6 +418,28 @@ def _per_sample(call, captured, deltas, size):
             out["bias"] = jnp.sum(d, axis=tuple(range(1, d.ndim - 1)))
         return out, form
     return fallback_rows(call, captured, deltas, size)
+
+
+def _user_rows(call, captured, deltas, size):
+    """Per-sample gradients of a call with a registered :class:`LayerRule`, checked against the
+    module's own parameters."""
+    rule, module = call.static["rule"], call.module
+    own = {k: nn.meta.unbox(v) for k, v in module.variables.get("params", {}).items()
+           if not hasattr(v, "items")}
+    where = f"module {'/'.join(call.path) or '<root>'} ({type(module).__name__})"
+    out = rule.per_sample(module, captured, list(deltas))
+    if not hasattr(out, "items") or set(out) != set(own):
+        got = sorted(out) if hasattr(out, "items") else type(out).__name__
+        raise ValueError(
+            f"layer rule {rule.name!r} for {where} must return per-sample gradients "
+            f"{{name: (B, *shape)}} for exactly the parameters the module owns, {sorted(own)}; "
+            f"received {got}")
+    for k, v in out.items():
+        if tuple(jnp.shape(v)) != (size, *jnp.shape(own[k])):
+            raise ValueError(
+                f"layer rule {rule.name!r} for {where}: the per-sample gradient of {k!r} must have "
+                f"shape (B, *shape) = {(size, *jnp.shape(own[k]))}; received {tuple(jnp.shape(v))}")
+    return {k: out[k] for k in own}
 
 
 def flax_value_grad_and_gram(model, loss_fn, **options):

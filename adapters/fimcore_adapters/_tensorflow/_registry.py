@@ -68,10 +68,12 @@ class LayerRule:
         return _linalg.gram_of_rows(rows), [tf.reduce_sum(b, axis=0) for b in blocks], "materialised"
 
 
-def register_layer_rule(layer_type: type, rule: LayerRule | None = None):
+def register_layer_rule(layer_type: type, rule: LayerRule | None = None, *, override: bool = False):
     """Register ``rule`` for ``layer_type`` (usable as a class decorator on the rule).
 
     The rule applies to ``layer_type`` and to subclasses that do not override ``call``.
+    Registering a type that already has a rule (a built-in one, or one registered before) raises
+    unless ``override=True``.
 
     Example:
         >>> import keras
@@ -100,6 +102,9 @@ def register_layer_rule(layer_type: type, rule: LayerRule | None = None):
             f"{layer_type!r}. Pass the layer class, e.g. register_layer_rule(MyLayer, MyRule())."
         )
 
+    if not isinstance(override, bool):
+        raise TypeError(f"override must be True or False; received {override!r}")
+
     def _store(r):
         instance = r() if isinstance(r, type) else r
         if not isinstance(instance, LayerRule):
@@ -107,6 +112,9 @@ def register_layer_rule(layer_type: type, rule: LayerRule | None = None):
                 f"a layer rule must be a LayerRule instance or subclass; received {r!r}. "
                 "Subclass fimcore_adapters.tensorflow.LayerRule."
             )
+        if layer_type in _REGISTRY and not override:
+            raise ValueError(f"{layer_type.__name__} already has the rule "
+                             f"{_REGISTRY[layer_type].name!r}; pass override=True to replace it")
         _REGISTRY[layer_type] = instance
         return r
 

@@ -17,10 +17,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import convps
 from .cost import choose
-from .units import Unit, override_forward
+from .registry import Unit, override_forward, register_unit
 
 __all__ = ["LinearUnit", "ConvUnit"]
 
@@ -235,6 +236,10 @@ class ConvUnit(Unit):
 
     kind = "conv"
 
+    @classmethod
+    def supports(cls, module) -> bool:
+        return not module.transposed
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         m = self.module
@@ -343,3 +348,8 @@ class ConvUnit(Unit):
                 rec._add_rows(self, blocks)
         gb = Sb.sum(0) if need_b else None
         return gw, gb
+
+
+register_unit(nn.Linear, LinearUnit)
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_unit(_conv, ConvUnit)

@@ -11,10 +11,11 @@ batch, as the batch backward does). Two exact forms:
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .cost import choose
 from .dense import _DEFAULT_WORK, _chunks
-from .units import Unit
+from .registry import Unit, register_unit
 
 __all__ = ["EmbeddingUnit"]
 
@@ -75,3 +76,6 @@ class EmbeddingUnit(Unit):
                 J.index_add_(0, rows, Gg.reshape(B * T, d))
                 rec._add_rows(self, [(m.weight, J.view(B, V * d))])
         return None
+
+
+register_unit(nn.Embedding, EmbeddingUnit)

@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .layout import PACKED, Layout, declared_kind
-from .units import Unit
+from .registry import Unit
 
 __all__ = ["GenericUnit"]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .units import Unit, override_forward
+from .registry import Unit, override_forward, register_unit
 
 __all__ = ["NormUnit"]
 
@@ -192,3 +192,8 @@ class NormUnit(Unit):
     def _coupled(self) -> bool:
         m = self.module
         return self.family == "batch" and (m.training or m.running_mean is None)
+
+
+for _norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm,
+              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+    register_unit(_norm, NormUnit)
