@@ -26,7 +26,8 @@ def _steps():
     """A measured step: (Gram case or None for an all-zero Gram, lr, weight)."""
     return st.tuples(
         st.none() | spd_with_spectrum(sizes=(1, 3, 4)),
-        st.floats(0.0, 1.0, allow_subnormal=False),
+        # 0 or a normal lr whose I_k stays normal: XLA on CPU flushes subnormal results to zero
+        st.just(0.0) | st.floats(1e-12, 1.0),
         st.integers(1, 50),
     )
 
