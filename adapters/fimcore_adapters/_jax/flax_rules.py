@@ -19,6 +19,8 @@ from typing import Callable
 
 import flax.linen as nn
 
+from .._rules import nearest_rule, registration
+
 __all__ = ["LayerRule", "register_layer_rule", "rule_for"]
 
 # the types FlaxGram has its own exact rules for (overridable with override=True)
@@ -88,19 +90,7 @@ def register_layer_rule(module_type: type, rule: LayerRule | None = None, *,
         >>> bool(jnp.allclose(gram, J @ J.T)), step.report()[0].reason.split()[0]
         (True, 'scale')
     """
-    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
-        raise TypeError(
-            "register_layer_rule needs a flax.linen.Module subclass; received "
-            f"{module_type!r}. Pass the module class, e.g. register_layer_rule(MyModule, MyRule()).")
-    if not isinstance(override, bool):
-        raise TypeError(f"override must be True or False; received {override!r}")
-
-    def _store(r):
-        instance = r() if isinstance(r, type) and issubclass(r, LayerRule) else r
-        if not isinstance(instance, LayerRule):
-            raise TypeError(
-                f"a layer rule must be a LayerRule instance or subclass; received {r!r}. "
-                "Subclass fimcore_adapters.jax.LayerRule.")
+    def store(instance):
         if not override and module_type in _RULES:
             raise ValueError(f"{module_type.__name__} already has the rule "
                              f"{_RULES[module_type].name!r}; pass override=True to replace it")
@@ -108,23 +98,12 @@ def register_layer_rule(module_type: type, rule: LayerRule | None = None, *,
             raise ValueError(f"{module_type.__name__} already has a built-in rule; pass "
                              "override=True to replace it")
         _RULES[module_type] = instance
-        return r
 
-    if rule is None:
-        return _store
-    _store(rule)
-    return rule
+    return registration(module_type, rule, override=override, owner_base=nn.Module,
+                        owner_kind="module", base_name="flax.linen.Module", rule_base=LayerRule,
+                        framework="jax", store=store)
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
     """The registered rule that applies exactly to ``module``, or None."""
-    if not _RULES:
-        return None
-    for cls in type(module).__mro__:
-        rule = _RULES.get(cls)
-        if rule is None:
-            continue
-        if type(module).__call__ is not cls.__call__:  # a subclass changed the computation
-            return None
-        return rule if rule.supports(module) else None
-    return None
+    return nearest_rule(_RULES, module, "__call__")

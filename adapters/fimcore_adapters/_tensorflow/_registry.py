@@ -20,6 +20,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
+from .. import _rules
 from . import _linalg
 
 _REGISTRY: dict[type, "LayerRule"] = {}
@@ -96,44 +97,20 @@ def register_layer_rule(layer_type: type, rule: LayerRule | None = None, *, over
         >>> rule_for(Scale()).name
         'scale'
     """
-    if not isinstance(layer_type, type) or not issubclass(layer_type, keras.layers.Layer):
-        raise TypeError(
-            "register_layer_rule needs a keras.layers.Layer subclass; received "
-            f"{layer_type!r}. Pass the layer class, e.g. register_layer_rule(MyLayer, MyRule())."
-        )
-
-    if not isinstance(override, bool):
-        raise TypeError(f"override must be True or False; received {override!r}")
-
-    def _store(r):
-        instance = r() if isinstance(r, type) else r
-        if not isinstance(instance, LayerRule):
-            raise TypeError(
-                f"a layer rule must be a LayerRule instance or subclass; received {r!r}. "
-                "Subclass fimcore_adapters.tensorflow.LayerRule."
-            )
+    def store(instance):
         if layer_type in _REGISTRY and not override:
             raise ValueError(f"{layer_type.__name__} already has the rule "
                              f"{_REGISTRY[layer_type].name!r}; pass override=True to replace it")
         _REGISTRY[layer_type] = instance
-        return r
 
-    if rule is None:
-        return _store
-    _store(rule)
-    return rule
+    return _rules.registration(layer_type, rule, override=override, owner_base=keras.layers.Layer,
+                        owner_kind="layer", base_name="keras.layers.Layer", rule_base=LayerRule,
+                        framework="tensorflow", store=store)
 
 
 def rule_for(layer: keras.layers.Layer) -> LayerRule | None:
     """The registered rule that applies exactly to ``layer``, or None (generic path)."""
-    for cls in type(layer).__mro__:
-        rule = _REGISTRY.get(cls)
-        if rule is None:
-            continue
-        if type(layer).call is not cls.call:  # a subclass changed the math
-            return None
-        return rule if rule.supports(layer) else None
-    return None
+    return _rules.nearest_rule(_REGISTRY, layer, "call")
 
 
 def own_trainable_variables(layer: keras.layers.Layer) -> list:

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._rules import registration
 from .registry import Unit, override_forward, register_unit, registered_unit
 
 __all__ = ["LayerRule", "register_layer_rule"]
@@ -203,19 +204,7 @@ def register_layer_rule(module_type: type, rule: LayerRule | None = None, *,
         >>> bool(torch.allclose(rec.gram(), J @ J.T)), rec.report()[0].reason.split()[0]
         (True, 'scale')
     """
-    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
-        raise TypeError(
-            "register_layer_rule needs a torch.nn.Module subclass; received "
-            f"{module_type!r}. Pass the module class, e.g. register_layer_rule(MyModule, MyRule()).")
-    if not isinstance(override, bool):
-        raise TypeError(f"override must be True or False; received {override!r}")
-
-    def _store(r):
-        instance = r() if isinstance(r, type) and issubclass(r, LayerRule) else r
-        if not isinstance(instance, LayerRule):
-            raise TypeError(
-                f"a layer rule must be a LayerRule instance or subclass; received {r!r}. "
-                "Subclass fimcore_adapters.torch.LayerRule.")
+    def store(instance):
         existing = registered_unit(module_type)
         if existing is not None and not override:
             what = (f"the rule {existing.rule.name!r}" if isinstance(existing, _RuleFactory)
@@ -223,12 +212,10 @@ def register_layer_rule(module_type: type, rule: LayerRule | None = None, *,
             raise ValueError(
                 f"{module_type.__name__} already has {what}; pass override=True to replace it")
         register_unit(module_type, _RuleFactory(instance))
-        return r
 
-    if rule is None:
-        return _store
-    _store(rule)
-    return rule
+    return registration(module_type, rule, override=override, owner_base=nn.Module,
+                        owner_kind="module", base_name="torch.nn.Module", rule_base=LayerRule,
+                        framework="torch", store=store)
 
 
 def _where(unit) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._rules import nearest_rule
 from .report import LayerRecord
 
 __all__ = ["Unit", "override_forward", "register_unit", "registered_unit", "unit_for"]
@@ -112,11 +113,4 @@ def unit_for(module: nn.Module):
     The nearest class in ``type(module).__mro__`` with a registered rule decides; it applies only
     if ``module`` runs that class's own ``forward`` and the rule ``supports`` it.
     """
-    for cls in type(module).__mro__:
-        factory = _UNITS.get(cls)
-        if factory is None:
-            continue
-        if type(module).forward is not cls.forward:  # a subclass changed the computation
-            return None
-        return factory if factory.supports(module) else None
-    return None
+    return nearest_rule(_UNITS, module, "forward")
