@@ -62,7 +62,7 @@ def profile(model_name: str, batch: int, reps: int) -> dict:
     import keras
     import tensorflow as tf
 
-    from fimcore_adapters._tensorflow import _layers, _linalg
+    from fimcore_adapters._tensorflow import conv, kernels
     from fimcore_adapters.tensorflow import GramModel
 
     from .bench_tensorflow import _batch, build
@@ -77,7 +77,7 @@ def profile(model_name: str, batch: int, reps: int) -> dict:
         step(data)  # trace now, under whatever stand-in is in place
         return step
 
-    real_rule, real_gemm = _layers.ConvRule.gram_and_grads, _linalg.gram_of_columns
+    real_rule, real_gemm = conv.ConvRule.gram_and_grads, kernels.gram_of_columns
 
     def with_conv_rule(replaced: Callable[[int], bool]):
         order: dict[int, int] = {}
@@ -90,22 +90,22 @@ def profile(model_name: str, batch: int, reps: int) -> dict:
             k = order[id(layer)]
             return (_batch_filter_rule if replaced(k) else real_rule)(self, layer, capture, deltas)
 
-        _layers.ConvRule.gram_and_grads = rule
+        conv.ConvRule.gram_and_grads = rule
         try:
             return traced(GramModel(build(model_name), every=1)), names
         finally:
-            _layers.ConvRule.gram_and_grads = real_rule
+            conv.ConvRule.gram_and_grads = real_rule
 
     steps = {"plain": traced(build(model_name))}
     steps["gram"], convs = with_conv_rule(lambda k: False)
     steps["no_conv"], _ = with_conv_rule(lambda k: True)
     for k in range(len(convs)):
         steps[f"conv{k}"], _ = with_conv_rule(lambda j, k=k: j == k)
-    _linalg.gram_of_columns = lambda c: tf.zeros(tf.stack([tf.shape(c)[1]] * 2), c.dtype) + 0 * c[0, 0]
+    kernels.gram_of_columns = lambda c: tf.zeros(tf.stack([tf.shape(c)[1]] * 2), c.dtype) + 0 * c[0, 0]
     try:
         steps["no_gemm"] = traced(GramModel(build(model_name), every=1))
     finally:
-        _linalg.gram_of_columns = real_gemm
+        kernels.gram_of_columns = real_gemm
 
     def call(name, step):
         if name == "plain":

@@ -302,7 +302,7 @@ def test_tf_profile_stand_in_gives_the_conv_rules_batch_gradients(use_bias):
     import numpy as np
 
     from benchmarks.profile_tensorflow_layers import _batch_filter_rule
-    from fimcore_adapters._tensorflow import _layers
+    from fimcore_adapters._tensorflow import conv
 
     rng = np.random.default_rng(0)
     layer = keras.layers.Conv2D(5, 3, strides=2, padding="same", use_bias=use_bias)
@@ -310,7 +310,7 @@ def test_tf_profile_stand_in_gives_the_conv_rules_batch_gradients(use_bias):
     out = layer(x)
     delta = tf.constant(rng.normal(size=out.shape), tf.float32)
     capture = {"a": x, "padding": "same"}
-    rule = _layers.ConvRule()
+    rule = conv.ConvRule()
     gram, grads, _ = _batch_filter_rule(rule, layer, capture, [delta])
     _, expected, _ = rule.gram_and_grads(layer, capture, [delta])
     # both are float32 sums over the 4·4·3 output positions of the batch, through different

@@ -35,8 +35,8 @@ if keras.backend.backend() != "tensorflow":
         "importing keras."
     )
 
-from ._tensorflow._functional import per_sample_gram  # noqa: E402
-from ._tensorflow._keras import (  # noqa: E402
+from ._tensorflow.functional import per_sample_gram  # noqa: E402
+from ._tensorflow.keras import (  # noqa: E402
     GramMeasureCallback,
     GramModel,
     GramStepMixin,
@@ -45,13 +45,13 @@ from ._tensorflow._keras import (  # noqa: E402
     fit_policy,
     fit_staged,
 )
-from ._tensorflow._ntk import output_jacobian_gram  # noqa: E402
-from ._tensorflow._rules import (  # noqa: E402
+from ._tensorflow.ntk import output_jacobian_gram  # noqa: E402
+from ._tensorflow.registry import (  # noqa: E402
     LayerRule,
     register_layer_rule,
     rule_for,
 )
-from ._tensorflow._tape import GramTape  # noqa: E402
+from ._tensorflow.recorder import GramTape  # noqa: E402
 
 __all__ = [
     "GramMeasureCallback",

@@ -114,7 +114,7 @@ def test_callback_statistics_by_name_and_instance_and_errors():
 
 
 def test_gram_model_sampled_fisher_logs_the_sampled_gram_and_trains_on_data_labels():
-    from fimcore_adapters._tensorflow._sampled import output_cotangents
+    from fimcore_adapters._tensorflow.sampled import output_cotangents
 
     x, y = data()
     inner = net()

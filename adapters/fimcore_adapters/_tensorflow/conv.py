@@ -1,4 +1,4 @@
-"""Per-sample weight gradients of N-D convolutions from a strided-slice unfold.
+"""The Conv1D/2D/3D rule and its per-sample weight gradients (from a strided-slice unfold).
 
 A convolution with kernel size k, stride s, dilation d and padding p reads, for kernel
 offset o and output position u, the padded input at ``u·s + o·d``. Stacking one strided
@@ -21,7 +21,12 @@ import functools
 import itertools
 import math
 
+import keras
 import tensorflow as tf
+
+from . import cost, kernels
+from .dense import _KernelBiasRule, _tokens
+from .registry import register_layer_rule
 
 
 def _pads(size, out, kernel, stride, dilation, padding):
@@ -212,3 +217,112 @@ def grouped_kernel_columns(x, delta, *, kernel_size, strides, padding, groups: i
     cols = [tf.reshape(tf.transpose(b, [0, 2, 1]), [p, -1]) for b in blocks]
     grad = tf.add_n([tf.reduce_sum(b, axis=1) for b in blocks])
     return (cols[0] if len(cols) == 1 else tf.concat(cols, axis=1)), tf.reshape(grad, kernel_shape)
+
+
+# --------------------------------------------------------------------------- convolutions
+
+
+class ConvRule(_KernelBiasRule):
+    """``Conv1D/2D/3D`` (strides, padding incl. causal, dilation, groups, both data formats):
+    per-sample kernel gradients materialised from a grouped filter gradient over the batch
+    (float32, 1-D/2-D, no dilation; handed to the Gram as (P, B) columns) or else from a
+    strided-slice unfold (one batched matmul over output positions), bias rows ``Σ_t δ_t``;
+    the factored T×T form when cheaper (ungrouped only)."""
+
+    name = "conv"
+
+    def forward(self, layer, call, args, kwargs):
+        x = args[0]
+        padding = layer.padding
+        if padding == "causal":  # Conv1D pads on the left, then runs a valid convolution
+            x = keras.ops.pad(x, layer._compute_causal_padding())
+            padding = "valid"
+        y = keras.ops.conv(x, layer.kernel, strides=list(layer.strides), padding=padding,
+                           dilation_rate=layer.dilation_rate, data_format=layer.data_format)
+        if layer.use_bias:
+            if layer.data_format == "channels_last":
+                shape = (1,) * (layer.rank + 1) + (layer.filters,)
+            else:
+                shape = (1, layer.filters) + (1,) * layer.rank
+            y = keras.ops.add(y, keras.ops.reshape(layer.bias, shape))
+        out = layer.activation(y) if layer.activation is not None else y
+        return out, {"a": x, "padding": padding, "watch": [y]}
+
+    @staticmethod
+    def _channels_last(layer, capture, deltas):
+        x, g = capture["a"], deltas[0]
+        if layer.data_format == "channels_first":
+            perm = [0, *range(2, layer.rank + 2), 1]
+            x, g = tf.transpose(x, perm), tf.transpose(g, perm)
+        return x, g
+
+    @staticmethod
+    def _patches(layer, x, g, padding):
+        out_shape = [g.shape[i + 1] if g.shape[i + 1] is not None else tf.shape(g)[i + 1]
+                     for i in range(layer.rank)]
+        return unfold(x, out_shape=out_shape, kernel_size=tuple(layer.kernel_size),
+                            strides=tuple(layer.strides),
+                            dilation_rate=tuple(layer.dilation_rate), padding=padding)
+
+    def per_sample(self, layer, capture, deltas):
+        """Per-sample kernel gradients (grouped filter gradient or unfold) and bias rows."""
+        x, g = self._channels_last(layer, capture, deltas)
+        blocks = []
+        if layer.kernel.trainable:
+            kernel_shape = list(layer.kernel.shape)
+            if grouped_applies(x, rank=layer.rank, dilation_rate=tuple(layer.dilation_rate)):
+                blocks.append(grouped_kernel_grads(
+                    x, g, kernel_size=layer.kernel_size, strides=layer.strides,
+                    padding=capture["padding"], groups=layer.groups, kernel_shape=kernel_shape))
+            else:
+                blocks.append(per_sample_kernel_grads(
+                    self._patches(layer, x, g, capture["padding"]), _tokens(g), groups=layer.groups,
+                    kernel_shape=kernel_shape))
+        if layer.bias is not None and layer.bias.trainable:
+            blocks.append(tf.reduce_sum(_tokens(g), axis=1))
+        return blocks
+
+    def factored(self, layer, capture, deltas):
+        all_trainable = layer.kernel.trainable and (layer.bias is None or layer.bias.trainable)
+        if layer.groups != 1 or not all_trainable:
+            return None
+        x, g = self._channels_last(layer, capture, deltas)
+        d_a = x.shape[-1] * math.prod(layer.kernel_size)
+        patches = self._patches(layer, x, g, capture["padding"])
+        a = tf.reshape(patches, tf.stack([tf.shape(patches)[0], -1, d_a]))
+        g = _tokens(g)
+        gram = kernels.factored_gram(a, g, bias=layer.bias is not None)
+        grads = [tf.reshape(tf.einsum("btd,bto->do", a, g), layer.kernel.shape)]
+        if layer.bias is not None:
+            grads.append(tf.reduce_sum(g, axis=[0, 1]))
+        return gram, grads, "factored"
+
+    def gram_and_grads(self, layer, capture, deltas):
+        x, g = self._channels_last(layer, capture, deltas)
+        positions = 1
+        for n in g.shape[1:-1]:
+            positions = None if n is None or positions is None else positions * n
+        d_a = x.shape[-1] * math.prod(layer.kernel_size)
+        all_trainable = layer.kernel.trainable and (layer.bias is None or layer.bias.trainable)
+        batch = g.shape[0] or 128
+        if (layer.groups == 1 and all_trainable and positions is not None
+                and cost.factored_cost(batch, positions, d_a, layer.filters)
+                < cost.materialised_cost(batch, positions, d_a, layer.filters)):
+            return self.factored(layer, capture, deltas)
+        if layer.kernel.trainable and grouped_applies(
+                x, rank=layer.rank, dilation_rate=tuple(layer.dilation_rate)):
+            cols, grads = grouped_kernel_columns(
+                x, g, kernel_size=layer.kernel_size, strides=layer.strides,
+                padding=capture["padding"], groups=layer.groups,
+                kernel_shape=list(layer.kernel.shape))
+            cols, grads = [cols], [grads]
+            if layer.bias is not None and layer.bias.trainable:
+                rows = tf.reduce_sum(_tokens(g), axis=1)  # (B, C_out)
+                cols.append(tf.transpose(rows))
+                grads.append(tf.reduce_sum(rows, axis=0))
+            return kernels.gram_of_columns(tf.concat(cols, axis=0)), grads, "materialised"
+        return super().gram_and_grads(layer, capture, deltas)
+
+
+for _cls in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D):
+    register_layer_rule(_cls, ConvRule())

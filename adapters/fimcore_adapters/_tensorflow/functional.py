@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._tape import GramTape, check_built, check_reduction, resolve_options
+from .recorder import GramTape, check_built, check_reduction, resolve_options
 
 _KERAS_REDUCTIONS = {"sum_over_batch_size": "mean", "mean": "mean", "sum": "sum",
                      "none": "none", None: "none", "mean_with_sample_weight": "mean"}

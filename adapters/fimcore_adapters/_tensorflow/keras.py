@@ -13,8 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._functional import _KERAS_REDUCTIONS
-from ._tape import GramTape, resolve_options
+from .functional import _KERAS_REDUCTIONS
+from .recorder import GramTape, resolve_options
 
 GRAM_KEYS = ("fimcore_gram", "fimcore_measured", "fimcore_lr", "fimcore_blocks")
 

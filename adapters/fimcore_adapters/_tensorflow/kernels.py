@@ -46,16 +46,6 @@ def factored_gram(a, g, *, bias: bool):
     return tf.reduce_sum(aa * gg, axis=[2, 3])
 
 
-def factored_cost(batch: int, positions: int, d_in: int, d_out: int) -> float:
-    """Multiply-adds of :func:`factored_gram` (B² T² (d_in + d_out))."""
-    return float(batch) ** 2 * float(positions) ** 2 * (d_in + d_out)
-
-
-def materialised_cost(batch: int, positions: int, d_in: int, d_out: int) -> float:
-    """Multiply-adds of per-sample gradients plus their Gram (B T d_in d_out + B² d_in d_out)."""
-    return float(batch) * positions * d_in * d_out + float(batch) ** 2 * d_in * d_out
-
-
 def per_sample_outer(a, g):
     """Per-sample weight gradients ``Σ_t a_it g_itᵀ``: (B, d_in, d_out) from (B, T, ·) or (B, ·)."""
     if a.shape.rank == 2:

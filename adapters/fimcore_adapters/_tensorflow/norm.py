@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from ._registry import LayerRule, _present
+from .registry import LayerRule, _present, register_layer_rule
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -115,3 +115,8 @@ class GroupNormalizationRule(_AffineNormRule):
         axes = [a for a in range(1, rank + 1) if a != axis]
         mean, variance = keras.ops.moments(xg, axes=axes, keepdims=True)
         return tf.reshape((xg - mean) * tf.math.rsqrt(variance + layer.epsilon), shape)
+
+
+register_layer_rule(keras.layers.BatchNormalization, BatchNormalizationRule())
+register_layer_rule(keras.layers.LayerNormalization, LayerNormalizationRule())
+register_layer_rule(keras.layers.GroupNormalization, GroupNormalizationRule())

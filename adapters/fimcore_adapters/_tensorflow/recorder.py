@@ -20,8 +20,9 @@ from fimcore.layers import LayerRecord, PerLayerSink, Report, check_strategy
 
 from .._compat import LegacyReportList, deprecated
 from .._fisher import check_fisher_options
-from . import _linalg, _rules, _sampled
-from ._norms import _AffineNormRule
+from . import conv, dense, embedding, generic, kernels, norm, registry, sampled  # noqa: F401  (rules register on import)
+from .generic import GENERIC, generic_capture
+from .norm import _AffineNormRule
 
 REDUCTIONS = ("mean", "sum", "none")
 _PATHS = {"factored": "factored", "materialised": "materialize", "generic": "generic"}
@@ -48,32 +49,6 @@ def resolve_options(params, strategy, layers, mode, *, where: str):
     return params, strategy
 
 
-class _Generic(_rules.LayerRule):
-    """Exact fallback for layers without a rule: the rows of a layer's own variables θ are
-    :math:`\\partial_\\theta \\sum_t y_{it}\\cdot\\delta_{it}` (y its outputs, δ their loss
-    gradient held fixed), taken with ``GradientTape.jacobian`` through the recorded forward."""
-
-    name = "generic"
-
-    def variables(self, layer):
-        return _rules.own_trainable_variables(layer)
-
-    def forward(self, layer, call, args, kwargs):
-        out = call(*args, **kwargs)
-        return out, generic_capture(out, call, args, kwargs)
-
-
-def _float_tensors(out):
-    return [t for t in tf.nest.flatten(out) if isinstance(t, tf.Tensor) and t.dtype.is_floating]
-
-
-def generic_capture(out, call, args, kwargs):
-    """What the generic path keeps of one call: its floating outputs, and the call itself with
-    its arguments (re-run with inputs held fixed when the layer is called more than once)."""
-    return {"watch": _float_tensors(out), "rerun": (call, args, kwargs)}
-
-
-GENERIC = _Generic()
 
 
 def check_built(model) -> None:
@@ -192,7 +167,7 @@ class GramTape:
         self.dtype = tf.as_dtype(dtype) if dtype is not None else None
         self._select = _layer_selector(params)
         self._tape: tf.GradientTape | None = None
-        self._records: list[tuple[Any, _rules.LayerRule, dict]] = []
+        self._records: list[tuple[Any, registry.LayerRule, dict]] = []
         self._patched: list[Any] = []
         self._recording = False
         self._rows: list[tuple[str, str, str]] = []
@@ -277,13 +252,13 @@ class GramTape:
     def _plan(self):
         plan, excluded = [], set()
         for layer in self.model._flatten_layers(include_self=True, recursive=True):
-            own = _rules.own_trainable_variables(layer)
+            own = registry.own_trainable_variables(layer)
             if not own:
                 continue
             if not self._select(layer):
                 excluded.update(id(v) for v in own)
                 continue
-            rule = _rules.rule_for(layer) if self._strategy(layer.name) != "generic" else None
+            rule = registry.rule_for(layer) if self._strategy(layer.name) != "generic" else None
             plan.append((layer, rule or GENERIC))
         unknown = set(self._strategies) - {layer.name for layer, _ in plan}
         if unknown:
@@ -397,7 +372,7 @@ class GramTape:
             raise ValueError("fisher='sampled' draws labels from the model output; received "
                              "outputs=None. Pass outputs=y_pred, the model(x) computed in the block")
         if fisher == "sampled":
-            _sampled.resolve_likelihood(loss_fn)     # refuse before any work
+            sampled.resolve_likelihood(loss_fn)     # refuse before any work
         target = loss_target(loss, loss_reduction)
         if target is None:  # per-sample losses: differentiate their sum (recorded on the tape)
             with self._tape:
@@ -423,7 +398,7 @@ class GramTape:
         for calls in by_layer.values():
             layer, rule = calls[0][0], calls[0][1]
             for v in (rule.variables(layer) if rule is not GENERIC else
-                      _rules.own_trainable_variables(layer)):
+                      registry.own_trainable_variables(layer)):
                 claimed[id(v)] = v
         watched = [t for _, _, c in self._records for t in c["watch"]]
         unclaimed = [v for v in variables if id(v) not in claimed]
@@ -445,8 +420,8 @@ class GramTape:
         if fisher == "sampled":
             self.empirical_gram = gram * (tf.cast(batch, gram.dtype) ** 2
                                           if loss_reduction == "mean" else 1)
-            cots, self.sampled_labels = _sampled.output_cotangents(
-                outputs, _sampled.resolve_likelihood(loss_fn), mc_samples, loss_reduction, seed)
+            cots, self.sampled_labels = sampled.output_cotangents(
+                outputs, sampled.resolve_likelihood(loss_fn), mc_samples, loss_reduction, seed)
             total, per_layer = None, {}
             for k in range(mc_samples):
                 found_k = self._tape.gradient(outputs, watched,
@@ -539,11 +514,11 @@ class GramTape:
 
     def _layer(self, layer, rule, calls, per_call):
         if rule is GENERIC:
-            return self._generic(layer, calls, per_call)
+            return generic.gram_and_grads(self._tape, layer, calls, per_call, self._cast_t)
         if len(per_call) == 1:
             strategy = self._strategy(layer.name)
             if strategy == "materialize":
-                return _rules.LayerRule.gram_and_grads(rule, layer, *per_call[0])
+                return registry.LayerRule.gram_and_grads(rule, layer, *per_call[0])
             if strategy == "factored":
                 out = rule.factored(layer, *per_call[0])
                 if out is not None:
@@ -553,28 +528,5 @@ class GramTape:
         for capture, ds in per_call:  # a layer called several times: sum per-sample blocks
             b = rule.per_sample(layer, capture, ds)
             blocks = b if blocks is None else [x + y for x, y in zip(blocks, b)]
-        rows = tf.concat([_linalg.flat_rows(b) for b in blocks], axis=1)
-        return _linalg.gram_of_rows(rows), [tf.reduce_sum(b, 0) for b in blocks], "materialised"
-
-    def _generic(self, layer, calls, per_call):
-        own = _rules.own_trainable_variables(layer)
-        with self._tape:  # re-enter the persistent tape: s_i = Σ_t y_it·δ_it
-            s = None
-            for (_, _, capture), (_, ds) in zip(calls, per_call):
-                outputs = capture["watch"]
-                if len(calls) > 1:
-                    # a later call's input may depend on an earlier call's output, hence on θ:
-                    # δ already carries that path, so differentiate each call with its inputs fixed
-                    call, args, kwargs = capture["rerun"]
-                    fixed = tf.nest.map_structure(
-                        lambda t: tf.stop_gradient(t) if isinstance(t, tf.Tensor) else t, (args, kwargs))
-                    outputs = _float_tensors(call(*fixed[0], **fixed[1]))
-                for y, d in zip(outputs, ds):
-                    term = y * tf.stop_gradient(tf.cast(d, y.dtype))
-                    term = tf.reduce_sum(tf.reshape(term, tf.stack([tf.shape(term)[0], -1])), axis=1)
-                    s = term if s is None else s + term
-        blocks = self._tape.jacobian(s, own, unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                                     experimental_use_pfor=True)
-        blocks = [self._cast_t(b) for b in blocks]
-        rows = tf.concat([_linalg.flat_rows(b) for b in blocks], axis=1)
-        return _linalg.gram_of_rows(rows), [tf.reduce_sum(b, 0) for b in blocks], "generic"
+        rows = tf.concat([kernels.flat_rows(b) for b in blocks], axis=1)
+        return kernels.gram_of_rows(rows), [tf.reduce_sum(b, 0) for b in blocks], "materialised"

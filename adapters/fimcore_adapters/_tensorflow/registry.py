@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 
 from .. import _rules
-from . import _linalg
+from . import kernels
 
 _REGISTRY: dict[type, "LayerRule"] = {}
 
@@ -65,8 +65,8 @@ class LayerRule:
         """``(gram contribution (B, B), batch gradients, path)`` of one call (this base form
         materialises :meth:`per_sample`; it is what ``strategy="materialize"`` takes)."""
         blocks = self.per_sample(layer, capture, deltas)
-        rows = tf.concat([_linalg.flat_rows(b) for b in blocks], axis=1)
-        return _linalg.gram_of_rows(rows), [tf.reduce_sum(b, axis=0) for b in blocks], "materialised"
+        rows = tf.concat([kernels.flat_rows(b) for b in blocks], axis=1)
+        return kernels.gram_of_rows(rows), [tf.reduce_sum(b, axis=0) for b in blocks], "materialised"
 
 
 def register_layer_rule(layer_type: type, rule: LayerRule | None = None, *, override: bool = False):
