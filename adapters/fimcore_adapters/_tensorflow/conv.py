@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 
 from . import cost, kernels
-from .dense import _KernelBiasRule, _tokens
+from .dense import _KernelBiasRule, _tokens, factor_grads, mirrored_factors
 from .registry import register_layer_rule
 
 
@@ -292,10 +292,20 @@ class ConvRule(_KernelBiasRule):
         a = tf.reshape(patches, tf.stack([tf.shape(patches)[0], -1, d_a]))
         g = _tokens(g)
         gram = kernels.factored_gram(a, g, bias=layer.bias is not None)
-        grads = [tf.reshape(tf.einsum("btd,bto->do", a, g), layer.kernel.shape)]
-        if layer.bias is not None:
-            grads.append(tf.reduce_sum(g, axis=[0, 1]))
-        return gram, grads, "factored"
+        return gram, factor_grads(layer, a, g), "factored"
+
+    def mirrored(self, layer, capture, deltas, sink, *, strategy):
+        all_trainable = layer.kernel.trainable and (layer.bias is None or layer.bias.trainable)
+        if layer.groups != 1 or not all_trainable:
+            return None
+        x, g = self._channels_last(layer, capture, deltas)
+        d_a = x.shape[-1] * math.prod(layer.kernel_size)
+        patches = self._patches(layer, x, g, capture["padding"])
+        a = tf.reshape(patches, tf.stack([tf.shape(patches)[0], -1, d_a]))
+        g = _tokens(g)
+        if a.shape[1] is None and g.shape[1] is not None:
+            a = tf.ensure_shape(a, [None, g.shape[1], d_a])
+        return mirrored_factors(layer, a, g, sink, strategy=strategy)
 
     def gram_and_grads(self, layer, capture, deltas):
         x, g = self._channels_last(layer, capture, deltas)

@@ -26,6 +26,32 @@ class _KernelBiasRule(LayerRule):
         return _present(layer.kernel, layer.bias)
 
 
+def factor_grads(layer, a, g):
+    """Batch gradients of ``kernel`` (and ``bias``) from factors a (B, [T,] d_a), g (B, [T,] d_g)."""
+    if a.shape.rank == 2:
+        grads = [tf.matmul(a, g, transpose_a=True)]
+        axes = [0]
+    else:
+        grads = [tf.einsum("btd,bto->do", a, g)]
+        axes = [0, 1]
+    grads = [tf.reshape(grads[0], layer.kernel.shape)]
+    if layer.bias is not None:
+        grads.append(tf.reduce_sum(g, axis=axes))
+    return grads
+
+
+def mirrored_factors(layer, a, g, sink, *, strategy):
+    """Gather the factors (b, [T,] d_a), (b, [T,] d_g) when they are no larger per sample than
+    the rows (d_a·d_g [+ d_g]) or ``strategy="factored"``; else None (the rows are gathered)."""
+    positions = 1 if a.shape.rank == 2 else a.shape[1]
+    d_a, d_g = a.shape[-1], g.shape[-1]
+    per_row = d_a * d_g + (d_g if layer.bias is not None else 0)
+    if strategy != "factored" and (positions is None or positions * (d_a + d_g) > per_row):
+        return None
+    gram = sink.add_factors(layer.name, a, g, bias=layer.bias is not None)
+    return gram, factor_grads(layer, a, g), "factored"
+
+
 # --------------------------------------------------------------------------- dense
 
 
@@ -60,15 +86,14 @@ class DenseRule(_KernelBiasRule):
         a = _tokens(capture["a"])
         g = _tokens(deltas[0])
         gram = kernels.factored_gram(a, g, bias=layer.bias is not None)
-        if a.shape.rank == 2:
-            grads = [tf.matmul(a, g, transpose_a=True)]
-            if layer.bias is not None:
-                grads.append(tf.reduce_sum(g, axis=0))
-        else:
-            grads = [tf.einsum("btd,bto->do", a, g)]
-            if layer.bias is not None:
-                grads.append(tf.reduce_sum(g, axis=[0, 1]))
-        return gram, grads, "factored"
+        return gram, factor_grads(layer, a, g), "factored"
+
+    def mirrored(self, layer, capture, deltas, sink, *, strategy):
+        if not (layer.kernel.trainable and (layer.bias is None or layer.bias.trainable)):
+            return None
+        a = _tokens(capture["a"])
+        g = _tokens(deltas[0])
+        return mirrored_factors(layer, a, g, sink, strategy=strategy)
 
     def gram_and_grads(self, layer, capture, deltas):
         a = _tokens(capture["a"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -61,6 +63,15 @@ class EmbeddingRule(LayerRule):
         same = tf.cast(tf.equal(ids[:, None, :, None], ids[None, :, None, :]), g.dtype)
         gram = tf.reduce_sum(same * tf.einsum("itd,jsd->ijts", g, g), axis=[2, 3])
         return gram, [grad], "factored"
+
+    def mirrored(self, layer, capture, deltas, sink, *, strategy):
+        ids, g = self._flat(capture["ids"], deltas[0])
+        if None not in capture["ids"].shape[1:]:       # static T for the gathered-bytes count
+            positions = math.prod(capture["ids"].shape[1:])
+            ids, g = tf.ensure_shape(ids, [None, positions]), tf.ensure_shape(g, [None, positions, g.shape[-1]])
+        flat_g = tf.reshape(g, [-1, g.shape[-1]])
+        grad = tf.math.unsorted_segment_sum(flat_g, tf.reshape(ids, [-1]), layer.input_dim)
+        return sink.add_matched(layer.name, ids, g), [grad], "factored"
 
     def gram_and_grads(self, layer, capture, deltas):
         ids, g = self._flat(capture["ids"], deltas[0])

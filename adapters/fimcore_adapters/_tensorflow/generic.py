@@ -43,6 +43,12 @@ GENERIC = _Generic()
 def gram_and_grads(tape, layer, calls, per_call, cast):
     """``(gram, batch gradients, "generic")`` of one layer over its recorded ``calls``; ``cast``
     casts the per-sample blocks to the Gram dtype."""
+    rows, grads = rows_and_grads(tape, layer, calls, per_call, cast)
+    return kernels.gram_of_rows(rows), grads, "generic"
+
+
+def rows_and_grads(tape, layer, calls, per_call, cast):
+    """The layer's per-sample rows (B, P_l) and its batch gradients (see :func:`gram_and_grads`)."""
     own = registry.own_trainable_variables(layer)
     with tape:  # re-enter the persistent tape: s_i = Σ_t y_it·δ_it
         s = None
@@ -63,4 +69,4 @@ def gram_and_grads(tape, layer, calls, per_call, cast):
                            experimental_use_pfor=True)
     blocks = [cast(b) for b in blocks]
     rows = tf.concat([kernels.flat_rows(b) for b in blocks], axis=1)
-    return kernels.gram_of_rows(rows), [tf.reduce_sum(b, 0) for b in blocks], "generic"
+    return rows, [tf.reduce_sum(b, 0) for b in blocks]

@@ -80,7 +80,8 @@ class GramStepMixin:
         super().compile(*args, **kwargs)
         if getattr(self, "_fimcore_counter", None) is None:
             object.__setattr__(self, "_fimcore_counter",
-                               tf.Variable(0, dtype=tf.int64, trainable=False, name="fimcore_step"))
+                               tf.Variable(0, dtype=tf.int64, trainable=False, name="fimcore_step",
+                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA))
         object.__setattr__(self, "_fimcore_grad_dtype", None)
         object.__setattr__(self, "_fimcore_gram_dtype", None)
 
@@ -109,7 +110,10 @@ class GramStepMixin:
                 extra = None
             total = data_loss if extra is None else data_loss + extra
         batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
-        self._loss_tracker.update_state(total, sample_weight=batch)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        # Keras losses are divided by the replica count under a strategy; the tracker shows the mean
+        self._loss_tracker.update_state(total * replicas if replicas > 1 else total,
+                                        sample_weight=batch)
         lr = tf.cast(self.optimizer.learning_rate, tf.float64)
         if with_gram:
             reduction = self._gram_loss_reduction() if split else "mean"
@@ -125,7 +129,8 @@ class GramStepMixin:
             # the core sees the dtype G was accumulated in (its symmetry and rank tolerances)
             object.__setattr__(self, "_fimcore_gram_dtype", gram.dtype.name)
             if self.gram_keep_blocks:            # names fixed at trace time; blocks scaled like G
-                scale = tf.cast(batch, tf.float64) ** 2 if reduction == "mean" else 1.0
+                scale = (tf.cast(tf.shape(gram)[0], tf.float64) ** 2  # B: global under a strategy
+                         if reduction == "mean" else 1.0)
                 object.__setattr__(self, "_fimcore_block_names", list(tape.layer_grams))
                 object.__setattr__(self, "_fimcore_blocks", tf.stack(
                     [tf.cast(b, tf.float64) * scale for b in tape.layer_grams.values()]))
@@ -164,6 +169,14 @@ class GramStepMixin:
 
         if self.gram_every == 1:
             return with_gram()
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            raise ValueError(
+                f"under a tf.distribute strategy with {replicas} replicas the Gram is measured on "
+                f"every step; received every={self.gram_every}. The all-gather of the global Gram "
+                "and the optimizer's gradient all-reduce are synchronisation points that cannot sit "
+                "inside a branch taken every n-th step. Use GramModel(..., every=1) under the "
+                "strategy, or a custom loop that runs GramTape only on the steps to measure.")
         return tf.cond(measure, with_gram, plain)
 
 

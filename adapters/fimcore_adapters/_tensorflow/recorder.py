@@ -20,7 +20,7 @@ from fimcore.layers import LayerRecord, PerLayerSink, Report, check_strategy
 
 from .._compat import LegacyReportList, deprecated
 from .._fisher import check_fisher_options
-from . import conv, dense, embedding, generic, kernels, norm, registry, sampled  # noqa: F401  (rules register on import)
+from . import conv, dense, embedding, generic, kernels, mirrored, norm, registry, sampled  # noqa: F401  (rules register on import)
 from .generic import GENERIC, generic_capture
 from .norm import _AffineNormRule
 
@@ -174,6 +174,8 @@ class GramTape:
         self._layer_records: list[LayerRecord] = []
         self._last: dict | None = None
         self.layer_grams: dict[str, Any] = {}
+        self.replicas = 1
+        self._gathered: dict | None = None
         self.grad_dtype = None
         self.empirical_gram = None
         self.sampled_labels = None
@@ -191,6 +193,11 @@ class GramTape:
         """``report()``: per layer, the path its share of G took in the last step (a
         :class:`fimcore.layers.Report`; eagerly with each layer's share of ``Tr G``).
 
+        Under a multi-replica ``tf.distribute`` strategy each record's reason names what was
+        gathered, and the report carries ``gathered_bytes_per_sample`` and ``gathered_bytes``
+        (B × that: the bytes each replica holds after the step's all-gathers; None where a
+        shape is only known at run time; 0 on one replica).
+
         (Reading ``report`` without calling it gives the old list of ``(layer name, layer
         type, path)`` tuples, with a ``DeprecationWarning``.)
         """
@@ -205,6 +212,14 @@ class GramTape:
             traces = {k: float(tf.linalg.trace(b)) * scale for k, b in blocks.items()}
         rep = Report(LayerRecord(r.name, r.module, r.path, r.reason, r.params, r.calls,
                                  traces.get(r.name)) for r in self._layer_records)
+        # bytes each replica holds after the all-gathers of the step (0 on one replica)
+        rep.gathered_bytes_per_sample, rep.gathered_bytes = 0, 0
+        if self._gathered is not None:
+            per = self._gathered.values()
+            per = None if None in per else sum(per)
+            size = last["gram"].shape[0] if last.get("gram") is not None else None
+            rep.gathered_bytes_per_sample = per
+            rep.gathered_bytes = None if per is None or size is None else per * int(size)
         return LegacyReportList(self._rows, rep, "GramTape")
 
     def blocks(self) -> dict:
@@ -415,8 +430,11 @@ class GramTape:
                 "GramTape(..., params=...)."
             )
         self.grad_dtype = deltas[0].dtype if deltas else None
-        batch = tf.shape(watched[0])[0]
-        gram, grads_by_id, rows, self.layer_grams, records = self._contributions(by_layer, starts, deltas)
+        context = mirrored.replica_context()   # several replicas: the Gram of the global batch
+        self.replicas = 1 if context is None else context.num_replicas_in_sync
+        gram, grads_by_id, rows, self.layer_grams, records = self._contributions(
+            by_layer, starts, deltas, context)
+        batch = tf.shape(gram)[0]              # B: global under a multi-replica strategy
         if fisher == "sampled":
             self.empirical_gram = gram * (tf.cast(batch, gram.dtype) ** 2
                                           if loss_reduction == "mean" else 1)
@@ -427,7 +445,7 @@ class GramTape:
                 found_k = self._tape.gradient(outputs, watched,
                                               output_gradients=tf.cast(cots[k], outputs.dtype))
                 deltas_k = [tf.zeros_like(t) if d is None else d for t, d in zip(watched, found_k)]
-                g_k, _, _, lg_k, _ = self._contributions(by_layer, starts, deltas_k)
+                g_k, _, _, lg_k, _ = self._contributions(by_layer, starts, deltas_k, context)
                 total = g_k if total is None else total + g_k
                 per_layer = {n: b + per_layer.get(n, 0) for n, b in lg_k.items()}
             gram = total / mc_samples
@@ -456,9 +474,12 @@ class GramTape:
                       for g, e in zip(result, extra)]
         return result, gram
 
-    def _contributions(self, by_layer, starts, deltas):
+    def _contributions(self, by_layer, starts, deltas, context=None):
         """Per layer: its Gram contribution and batch gradients, from the output cotangents
-        (``starts``: where each call's watched outputs begin in ``deltas``, in call order)."""
+        (``starts``: where each call's watched outputs begin in ``deltas``, in call order;
+        ``context``: the replica context of a multi-replica step, whose global blocks are formed
+        from operands gathered by a :class:`.mirrored.MirroredSink`)."""
+        sink = None if context is None else mirrored.MirroredSink(context)
         grads_by_id: dict[int, Any] = {}
         gram = None
         rows, layer_grams, records = [], {}, []
@@ -469,20 +490,47 @@ class GramTape:
                 n = len(capture["watch"])
                 per_call.append((self._cast(capture), [self._cast_t(d) for d in deltas[start:start + n]]))
             with tf.name_scope(f"fimcore_{rule.name}"):
-                contribution, grads, path = self._layer(layer, rule, calls, per_call)
+                if sink is None:
+                    contribution, grads, path = self._layer(layer, rule, calls, per_call)
+                else:
+                    contribution, grads, path = self._layer_mirrored(layer, rule, calls, per_call, sink)
             rows.append((layer.name, type(layer).__name__, path))
             owned = rule.variables(layer)
             common = ("norm" if isinstance(rule, _AffineNormRule) and path == "materialised"
                       else _PATHS.get(path, path))
-            records.append(LayerRecord(layer.name, type(layer).__name__, common,
-                                       f"{rule.name} rule: {path}" if rule is not GENERIC else
-                                       "GradientTape.jacobian of the layer's own outputs",
+            reason = (f"{rule.name} rule: {path}" if rule is not GENERIC else
+                      "GradientTape.jacobian of the layer's own outputs")
+            if sink is not None:
+                what = "factors" if path == "factored" else "rows"
+                per = sink.bytes_per_sample.get(layer.name)
+                reason += (f"; {what} gathered over {sink.replicas} replicas "
+                           f"({'?' if per is None else per} bytes per sample)")
+            records.append(LayerRecord(layer.name, type(layer).__name__, common, reason,
                                        sum(int(np.prod(v.shape)) for v in owned), len(calls)))
             layer_grams[layer.name] = contribution
             gram = contribution if gram is None else gram + contribution
             for v, g in zip(owned, grads):
                 grads_by_id[id(v)] = tf.cast(g, v.dtype)
+        self._gathered = None if sink is None else dict(sink.bytes_per_sample)
         return gram, grads_by_id, rows, layer_grams, records
+
+    def _layer_mirrored(self, layer, rule, calls, per_call, sink):
+        """One layer's global block under a multi-replica strategy: gathered factors where its
+        rule has them and they are the smaller operand, else gathered rows."""
+        if rule is GENERIC:
+            rows, grads = generic.rows_and_grads(self._tape, layer, calls, per_call, self._cast_t)
+            return sink.add_rows(layer.name, rows), grads, "generic"
+        strategy = self._strategy(layer.name)
+        if len(per_call) == 1 and strategy != "materialize":
+            out = rule.mirrored(layer, *per_call[0], sink, strategy=strategy)
+            if out is not None:
+                return out
+        blocks = None
+        for capture, ds in per_call:
+            b = rule.per_sample(layer, capture, ds)
+            blocks = b if blocks is None else [x + y for x, y in zip(blocks, b)]
+        rows = tf.concat([kernels.flat_rows(b) for b in blocks], axis=1)
+        return sink.add_rows(layer.name, rows), [tf.reduce_sum(b, 0) for b in blocks], "materialised"
 
     def _check_rows(self, target, claimed, grads_by_id):
         variables = list(claimed.values())

@@ -61,6 +61,14 @@ class LayerRule:
         the rule has none (``strategy="factored"`` then takes :meth:`gram_and_grads`)."""
         return None
 
+    def mirrored(self, layer, capture: dict, deltas: list, sink, *, strategy: str):
+        """Under a multi-replica ``tf.distribute`` strategy: ``(global (B, B) block, local batch
+        gradients, path)`` of one call from operands handed to ``sink`` (a
+        :class:`~._tensorflow.mirrored.MirroredSink`, which gathers them across replicas), or
+        None to have the rows of :meth:`per_sample` gathered instead. ``strategy`` is the
+        layer's ``"auto"``/``"factored"`` choice (``"materialize"`` never reaches here)."""
+        return None
+
     def gram_and_grads(self, layer, capture: dict, deltas: list):
         """``(gram contribution (B, B), batch gradients, path)`` of one call (this base form
         materialises :meth:`per_sample`; it is what ``strategy="materialize"`` takes)."""
