@@ -190,6 +190,11 @@ class GramModel(GramStepMixin, keras.Model):
             deprecated spellings).
         keep_blocks, fisher, mc_samples, seed, likelihood: see :meth:`set_gram_options`.
 
+    Under ``strategy.scope()`` of a multi-replica ``tf.distribute`` strategy, ``fit`` runs the
+    train step per replica and the logged Gram is that of the global batch (see
+    :class:`GramTape`); there ``every`` must be 1 (the all-gather cannot sit in the branch of an
+    every-n-th step).
+
     Example:
         >>> import numpy as np, keras
         >>> from fimcore_adapters.tensorflow import GramModel, GramMeasureCallback

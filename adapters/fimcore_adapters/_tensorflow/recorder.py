@@ -136,6 +136,17 @@ class GramTape:
         layers: deprecated spelling of ``params``.
         mode: deprecated spelling of ``strategy`` (``"registry"`` is ``"auto"``).
 
+    Data-parallel: inside ``strategy.run`` of a multi-replica ``tf.distribute`` strategy
+    (``MirroredStrategy``), the Gram is that of the *global* batch of :math:`B=\sum_r b_r`
+    samples (rows in replica order, then local order), the same on every replica: each layer's
+    factors (a, δ) or rows are all-gathered across replicas before the products (see
+    :mod:`.mirrored`), so the cross-replica blocks :math:`J_r J_s^\top` are exact. The loss is
+    then the global mean (``tf.nn.compute_average_loss(..., global_batch_size=B)``, or a Keras
+    loss) and rows are B × each sample's share: :math:`\mathbf 1^\top G\mathbf 1 =
+    B^2\|\nabla L\|^2` with :math:`\nabla L` the sum over replicas of the returned gradients (what
+    the strategy applies). The gradients returned are the replica's own. Tested on logical CPU
+    devices; untested on GPUs/TPUs.
+
     After :meth:`gradient_and_gram`, :meth:`report` lists the path each layer took
     (a :class:`fimcore.layers.Report`), and :meth:`result` gives the step as a
     :class:`fimcore.GramResult` (eagerly; NumPy arrays) for ``fimcore.MeasureTracker.update``.
