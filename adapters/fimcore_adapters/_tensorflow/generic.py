@@ -47,8 +47,9 @@ def gram_and_grads(tape, layer, calls, per_call, cast):
     return kernels.gram_of_rows(rows), grads, "generic"
 
 
-def rows_and_grads(tape, layer, calls, per_call, cast):
-    """The layer's per-sample rows (B, P_l) and its batch gradients (see :func:`gram_and_grads`)."""
+def rows_and_grads(tape, layer, calls, per_call, cast, keep=None):
+    """The layer's per-sample rows (B, P_l) and its batch gradients (see :func:`gram_and_grads`);
+    ``keep``: ids of the variables whose columns the rows hold (default all)."""
     own = registry.own_trainable_variables(layer)
     with tape:  # re-enter the persistent tape: s_i = Σ_t y_it·δ_it
         s = None
@@ -68,5 +69,6 @@ def rows_and_grads(tape, layer, calls, per_call, cast):
     blocks = tape.jacobian(s, own, unconnected_gradients=tf.UnconnectedGradients.ZERO,
                            experimental_use_pfor=True)
     blocks = [cast(b) for b in blocks]
-    rows = tf.concat([kernels.flat_rows(b) for b in blocks], axis=1)
+    rows = tf.concat([kernels.flat_rows(b) for v, b in zip(own, blocks)
+                      if keep is None or id(v) in keep], axis=1)
     return rows, [tf.reduce_sum(b, 0) for b in blocks]

@@ -101,14 +101,56 @@ def loss_target(loss, loss_reduction: str):
     return loss
 
 
-def _layer_selector(layers) -> Callable[[Any], bool]:
-    if layers is None:
-        return lambda layer: True
-    if callable(layers):
-        return layers
-    names = {x for x in layers if isinstance(x, str)}
-    ids = {id(x) for x in layers if not isinstance(x, str)}
-    return lambda layer: layer.name in names or id(layer) in ids
+def _variable_path(v) -> str:
+    return getattr(v, "path", None) or v.name
+
+
+def resolve_params(model, params):
+    """``(layer predicate, ids of single variables selected)`` from ``params``: None (every
+    trainable variable), a predicate ``layer -> bool``, or an iterable of layers, layer names,
+    ``tf.Variable`` objects and variable paths (``variable.path``, e.g. ``"dense/kernel"``).
+
+    Raises:
+        ValueError: an entry that is neither a layer nor a trainable variable of ``model``
+            (named, with the names that would be accepted).
+    """
+    if params is None:
+        return (lambda layer: True), set()
+    if callable(params) and not isinstance(params, (keras.layers.Layer, tf.Variable)):
+        return params, set()
+    if isinstance(params, (str, keras.layers.Layer, tf.Variable)) or not hasattr(params, "__iter__"):
+        params = [params]
+    layers = list(model._flatten_layers(include_self=True, recursive=True))
+    variables = {}
+    for layer in layers:
+        for v in registry.own_trainable_variables(layer):
+            variables[id(v)] = v
+    by_path = {_variable_path(v): v for v in variables.values()}
+    layer_names = {layer.name for layer in layers}
+    layer_ids = {id(layer) for layer in layers}
+    names, ids, chosen, unknown = set(), set(), set(), []
+    for entry in params:
+        if isinstance(entry, str):
+            if entry in layer_names:
+                names.add(entry)
+            elif entry in by_path:
+                chosen.add(id(by_path[entry]))
+            else:
+                unknown.append(entry)
+        elif isinstance(entry, keras.layers.Layer) and id(entry) in layer_ids:
+            ids.add(id(entry))
+        elif id(entry) in variables:
+            chosen.add(id(entry))
+        else:
+            unknown.append(getattr(entry, "path", None) or getattr(entry, "name", None)
+                           or type(entry).__name__)
+    if unknown:
+        raise ValueError(
+            f"params must name layers or trainable variables of model {model.name!r}; received "
+            f"{unknown}, which are neither. Layers: {sorted(layer_names)}; variables (by path): "
+            f"{sorted(by_path)}. Pass layers, layer names, tf.Variable objects of the model or "
+            "their .path.")
+    return (lambda layer: layer.name in names or id(layer) in ids), chosen
 
 
 class GramTape:
@@ -121,9 +163,13 @@ class GramTape:
 
     Args:
         model: a built Keras model (or layer) whose layers are called inside the block.
-        params: which layers' variables enter G (the columns of J): None (all trainable), a
-            list of layers or layer names, or a predicate ``layer -> bool``. Other variables
-            still get their ordinary gradient.
+        params: which variables enter G (the columns of J): None (all trainable), a
+            predicate ``layer -> bool``, or a list mixing layers, layer names, ``tf.Variable``
+            objects of the model and variable paths (``variable.path``, e.g.
+            ``"dense_1/kernel"``). A layer given whole contributes all its variables; a layer
+            with only some variables given contributes only those (its per-sample gradients
+            are then materialised). Other variables still get their ordinary gradient. An
+            entry that is neither a layer nor a trainable variable of the model is refused.
         strategy: ``"auto"`` (registered rules, each choosing its cheaper exact form by its
             cost model; the generic path for layers without a rule), ``"factored"`` or
             ``"materialize"`` (forced on every layer whose rule has both forms),
@@ -176,7 +222,8 @@ class GramTape:
         self._default, self._strategies = check_strategy(strategy)
         self.keep_blocks = keep_blocks
         self.dtype = tf.as_dtype(dtype) if dtype is not None else None
-        self._select = _layer_selector(params)
+        self._select, self._chosen = resolve_params(model, params)
+        self._partial: dict[int, set] = {}     # layer id -> ids of its selected variables
         self._tape: tf.GradientTape | None = None
         self._records: list[tuple[Any, registry.LayerRule, dict]] = []
         self._patched: list[Any] = []
@@ -277,13 +324,18 @@ class GramTape:
 
     def _plan(self):
         plan, excluded = [], set()
+        self._partial = {}
         for layer in self.model._flatten_layers(include_self=True, recursive=True):
             own = registry.own_trainable_variables(layer)
             if not own:
                 continue
             if not self._select(layer):
-                excluded.update(id(v) for v in own)
-                continue
+                keep = {id(v) for v in own if id(v) in self._chosen}
+                excluded.update(id(v) for v in own if id(v) not in keep)
+                if not keep:
+                    continue
+                if len(keep) < len(own):       # some of its variables: only those enter G
+                    self._partial[id(layer)] = keep
             rule = registry.rule_for(layer) if self._strategy(layer.name) != "generic" else None
             plan.append((layer, rule or GENERIC))
         unknown = set(self._strategies) - {layer.name for layer, _ in plan}
@@ -473,7 +525,8 @@ class GramTape:
         self._rows, self._layer_records = rows, records
         self._last = {"gram": gram, "blocks": sink.blocks() if sink is not None else None,
                       "scale": 1.0 if loss_reduction != "mean" else batch,
-                      "num_params": sum(int(np.prod(v.shape)) for v in claimed.values()),
+                      "num_params": sum(int(np.prod(v.shape)) for v in claimed.values()
+                                        if id(v) not in self._excluded),
                       "reduction": "mean" if loss_reduction == "mean" else "sum"}
         if check:
             self._check_rows(target, claimed, grads_by_id)
@@ -501,7 +554,10 @@ class GramTape:
                 n = len(capture["watch"])
                 per_call.append((self._cast(capture), [self._cast_t(d) for d in deltas[start:start + n]]))
             with tf.name_scope(f"fimcore_{rule.name}"):
-                if sink is None:
+                if id(layer) in self._partial:
+                    contribution, grads, path = self._layer_partial(layer, rule, calls, per_call,
+                                                                    sink)
+                elif sink is None:
                     contribution, grads, path = self._layer(layer, rule, calls, per_call)
                 else:
                     contribution, grads, path = self._layer_mirrored(layer, rule, calls, per_call, sink)
@@ -517,13 +573,33 @@ class GramTape:
                 reason += (f"; {what} gathered over {sink.replicas} replicas "
                            f"({'?' if per is None else per} bytes per sample)")
             records.append(LayerRecord(layer.name, type(layer).__name__, common, reason,
-                                       sum(int(np.prod(v.shape)) for v in owned), len(calls)))
+                                       sum(int(np.prod(v.shape)) for v in owned
+                                           if id(v) not in self._excluded), len(calls)))
             layer_grams[layer.name] = contribution
             gram = contribution if gram is None else gram + contribution
             for v, g in zip(owned, grads):
                 grads_by_id[id(v)] = tf.cast(g, v.dtype)
         self._gathered = None if sink is None else dict(sink.bytes_per_sample)
         return gram, grads_by_id, rows, layer_grams, records
+
+    def _layer_partial(self, layer, rule, calls, per_call, sink):
+        """A layer with only some of its variables in ``params``: its per-sample blocks, the
+        rows of the selected variables only (batch gradients of all of them)."""
+        keep = self._partial[id(layer)]
+        if rule is GENERIC:
+            rows, grads = generic.rows_and_grads(self._tape, layer, calls, per_call, self._cast_t,
+                                                 keep)
+            path = "generic"
+        else:
+            blocks = None
+            for capture, ds in per_call:
+                b = rule.per_sample(layer, capture, ds)
+                blocks = b if blocks is None else [x + y for x, y in zip(blocks, b)]
+            rows = tf.concat([kernels.flat_rows(b) for v, b in zip(rule.variables(layer), blocks)
+                              if id(v) in keep], axis=1)
+            grads, path = [tf.reduce_sum(b, 0) for b in blocks], "materialised"
+        gram = kernels.gram_of_rows(rows) if sink is None else sink.add_rows(layer.name, rows)
+        return gram, grads, path
 
     def _layer_mirrored(self, layer, rule, calls, per_call, sink):
         """One layer's global block under a multi-replica strategy: gathered factors where its
