@@ -121,3 +121,72 @@ def test_params_refuses_a_variable_of_another_model():
     model, other = net(), net(seed=3)
     with pytest.raises(ValueError, match=r"neither"):
         GramTape(model, params=[other.get_layer("fc1").kernel])
+
+
+# --------------------------------------------------------------------------- memory_budget
+
+
+def cnn_tokens(seed=2):
+    """Conv (factored or rows), LayerNorm (rows), Dense on tokens (T = 4), rule-less Scale."""
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    return keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(3, 3, activation="tanh", name="c1"),
+                             L.LayerNormalization(name="norm"),
+                             L.Conv2D(4, 2, strides=2, name="c2"), L.Reshape((4, 4)),
+                             L.Dense(5, activation="tanh", name="tok"), L.Flatten(),
+                             Scale(name="scale"), L.Dense(3, name="out")])
+
+
+@pytest.mark.parametrize("strategy", ["auto", "factored", "materialize"])
+@pytest.mark.parametrize("budget", [2000, 4000])
+def test_gram_is_unchanged_under_a_small_memory_budget(budget, strategy):
+    """2000 bytes: 1 to 3 samples per chunk (B = 6; c1 rows 912 bytes per sample, the token
+    Dense one factored row 1536, the rule-less Scale its (6, 40) rows at once); the Gram equals the
+    float64 loop, and so do the gradients."""
+    model = cnn_tokens()
+    x, y = data((6, 6, 2), seed=2)
+    J = loop_rows(model, x, y, model.trainable_variables)
+    with GramTape(model, memory_budget=budget, strategy=strategy) as tape:
+        loss = xent()(y, model(x, training=True))
+    grads, gram = tape.gradient_and_gram(loss)
+    assert rel(gram, J @ J.T) <= 1e-12
+    flat = np.concatenate([g.numpy().ravel() for g in grads])
+    assert rel(flat, J.mean(0)) <= 1e-12
+    reasons = {r.name: r.reason for r in tape.report()}
+    assert f"rows in chunks of {budget // (2 * 57 * 8)} samples" in reasons["c1"]   # P = 3·3·2·3 + 3
+    if strategy == "factored":          # T = 4 tokens: 2·B·T² float64 per factored row
+        assert f"factored rows in chunks of {budget // (2 * B * 16 * 8)} samples" in reasons["tok"]
+    else:                               # the cost model's choice: rows, P = 4·5 + 5
+        assert f"rows in chunks of {budget // (2 * 25 * 8)} samples" in reasons["tok"]
+
+
+def test_memory_budget_inside_a_traced_keras_step():
+    """GramModel.fit: the chunk loops (tf.while_loop) run inside the traced train step."""
+    model = net()
+    x, y = data()
+    J = loop_rows(model, x, y, model.trainable_variables)
+    grams = []
+
+    class Grab(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            grams.append(np.asarray(logs["fimcore_gram"]))
+
+    wrapped = GramModel(model, memory_budget=600)
+    wrapped.compile(optimizer=keras.optimizers.SGD(0.0), loss=xent())
+    wrapped.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=[Grab()])
+    assert rel(grams[0], J @ J.T) <= 1e-12
+
+
+def test_too_small_a_memory_budget_is_refused_naming_the_layer():
+    model = cnn_tokens()
+    x, y = data((6, 6, 2), seed=2)
+    with pytest.raises(ValueError, match=r"memory_budget=40 bytes .*layer 'c1' \(Conv2D\)"):
+        with GramTape(model, memory_budget=40) as tape:
+            loss = xent()(y, model(x, training=True))
+        tape.gradient_and_gram(loss)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, True, "1MB"])
+def test_memory_budget_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match=r"memory_budget must be None or a positive number of bytes"):
+        GramTape(net(), memory_budget=bad)

@@ -294,7 +294,7 @@ class ConvRule(_KernelBiasRule):
         gram = kernels.factored_gram(a, g, bias=layer.bias is not None)
         return gram, factor_grads(layer, a, g), "factored"
 
-    def mirrored(self, layer, capture, deltas, sink, *, strategy):
+    def factors(self, layer, capture, deltas):
         all_trainable = layer.kernel.trainable and (layer.bias is None or layer.bias.trainable)
         if layer.groups != 1 or not all_trainable:
             return None
@@ -305,7 +305,11 @@ class ConvRule(_KernelBiasRule):
         g = _tokens(g)
         if a.shape[1] is None and g.shape[1] is not None:
             a = tf.ensure_shape(a, [None, g.shape[1], d_a])
-        return mirrored_factors(layer, a, g, sink, strategy=strategy)
+        return a, g, layer.bias is not None
+
+    def mirrored(self, layer, capture, deltas, sink, *, strategy):
+        found = self.factors(layer, capture, deltas)
+        return None if found is None else mirrored_factors(layer, *found[:2], sink, strategy=strategy)
 
     def gram_and_grads(self, layer, capture, deltas):
         x, g = self._channels_last(layer, capture, deltas)

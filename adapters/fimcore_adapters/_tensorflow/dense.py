@@ -19,6 +19,8 @@ def _tokens(x):
 class _KernelBiasRule(LayerRule):
     """Layers whose variables are a ``kernel`` and an optional ``bias`` (Dense, EinsumDense, Conv)."""
 
+    batch_major = True
+
     def supports(self, layer):
         return _plain(layer)
 
@@ -88,12 +90,14 @@ class DenseRule(_KernelBiasRule):
         gram = kernels.factored_gram(a, g, bias=layer.bias is not None)
         return gram, factor_grads(layer, a, g), "factored"
 
-    def mirrored(self, layer, capture, deltas, sink, *, strategy):
+    def factors(self, layer, capture, deltas):
         if not (layer.kernel.trainable and (layer.bias is None or layer.bias.trainable)):
             return None
-        a = _tokens(capture["a"])
-        g = _tokens(deltas[0])
-        return mirrored_factors(layer, a, g, sink, strategy=strategy)
+        return _tokens(capture["a"]), _tokens(deltas[0]), layer.bias is not None
+
+    def mirrored(self, layer, capture, deltas, sink, *, strategy):
+        found = self.factors(layer, capture, deltas)
+        return None if found is None else mirrored_factors(layer, *found[:2], sink, strategy=strategy)
 
     def gram_and_grads(self, layer, capture, deltas):
         a = _tokens(capture["a"])

@@ -22,6 +22,7 @@ class EmbeddingRule(LayerRule):
     (``tf.unique`` + segment sums, never V-sized per sample)."""
 
     name = "embedding"
+    batch_major = True
 
     def supports(self, layer):
         return _plain(layer)

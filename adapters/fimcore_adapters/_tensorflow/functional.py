@@ -69,7 +69,8 @@ def check_loss_reduction(loss_fn, loss_reduction: str) -> None:
 
 
 def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", training: bool = True,
-                    params=None, strategy="auto", dtype=None, layers=None,
+                    params=None, strategy="auto", dtype=None, memory_budget: int | None = None,
+                    layers=None,
                     mode: str | None = None, fisher: str = "empirical", mc_samples: int = 1,
                     seed=None) -> np.ndarray:
     r"""The (B, B) Gram ``G = J Jᵀ`` of one batch's per-sample gradients, as a NumPy array.
@@ -95,6 +96,7 @@ def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", train
             (per-layer jacobian reference path) or a dict by layer name (see :class:`GramTape`).
         dtype: dtype in which the Gram is formed; default the gradients' dtype (its dtype is
             then the ``grad_dtype`` to give :class:`fimcore.MeasureTracker`).
+        memory_budget: None or bytes: cap on each layer's Gram temporaries (see :class:`GramTape`).
         layers, mode: deprecated spellings of ``params`` and ``strategy``.
         fisher, mc_samples, seed: ``fisher="sampled"`` gives the Gram at labels drawn from the
             model (likelihood read from ``loss_fn``; see :meth:`GramTape.gradient_and_gram`).
@@ -134,7 +136,8 @@ def per_sample_gram(model, loss_fn, x, y, *, loss_reduction: str = "mean", train
         )
     state = [(v, tf.identity(v.value)) for v in model.non_trainable_variables]
     try:
-        with GramTape(model, params=params, strategy=strategy, dtype=dtype) as tape:
+        with GramTape(model, params=params, strategy=strategy, dtype=dtype,
+                      memory_budget=memory_budget) as tape:
             y_pred = model(x, training=training)
             loss = loss_fn(y, y_pred)
         _, gram = tape.gradient_and_gram(loss, loss_reduction=loss_reduction, check=True,

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from .functional import _KERAS_REDUCTIONS
-from .recorder import GramTape, resolve_options
+from .recorder import GramTape, check_memory_budget, resolve_options
 
 GRAM_KEYS = ("fimcore_gram", "fimcore_measured", "fimcore_lr", "fimcore_blocks")
 
@@ -34,15 +34,18 @@ class GramStepMixin:
     gram_every = 1
     gram_params = None
     gram_dtype = None
+    gram_memory_budget = None
     gram_strategy = "auto"
     gram_keep_blocks = False
     gram_fisher = "empirical"
 
     def set_gram_options(self, *, every: int = 1, params=None, strategy="auto", dtype=None,
+                         memory_budget: int | None = None,
                          layers=None, mode: str | None = None, keep_blocks: bool = False,
                          fisher: str = "empirical", mc_samples: int = 1, seed: int | None = None,
                          likelihood=None):
-        """Measure every ``every`` steps over ``params`` with ``strategy`` (see :class:`GramTape`;
+        """Measure every ``every`` steps over ``params`` with ``strategy`` and ``memory_budget``
+        (see :class:`GramTape`;
         ``layers`` and ``mode`` are their deprecated spellings); with
         ``keep_blocks`` the step also logs the per-layer Grams (``fimcore_blocks``, (n, B, B)),
         which the ``per_layer`` statistic of :class:`GramMeasureCallback` reads.
@@ -73,6 +76,7 @@ class GramStepMixin:
         object.__setattr__(self, "gram_every", every)
         object.__setattr__(self, "gram_params", params)
         object.__setattr__(self, "gram_dtype", dtype)
+        object.__setattr__(self, "gram_memory_budget", check_memory_budget(memory_budget))
         object.__setattr__(self, "gram_strategy", strategy)
         return self
 
@@ -95,7 +99,8 @@ class GramStepMixin:
     def _one_step(self, x, y, sample_weight, with_gram: bool):
         variables = self.trainable_variables
         split = type(self).compute_loss is keras.Model.compute_loss and self._compile_loss is not None
-        context = (GramTape(self, params=self.gram_params, dtype=self.gram_dtype, strategy=self.gram_strategy)
+        context = (GramTape(self, params=self.gram_params, dtype=self.gram_dtype,
+                            strategy=self.gram_strategy, memory_budget=self.gram_memory_budget)
                    if with_gram else tf.GradientTape())
         with context as tape:
             y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
@@ -186,8 +191,8 @@ class GramModel(GramStepMixin, keras.Model):
     Args:
         model: the built model to train (its layers and variables are used as they are).
         every: measure the within-epoch steps n with n % every == 0.
-        params, strategy, dtype: as for :class:`GramTape` (``layers``, ``mode``: their
-            deprecated spellings).
+        params, strategy, dtype, memory_budget: as for :class:`GramTape` (``layers``,
+            ``mode``: their deprecated spellings).
         keep_blocks, fisher, mc_samples, seed, likelihood: see :meth:`set_gram_options`.
 
     Under ``strategy.scope()`` of a multi-replica ``tf.distribute`` strategy, ``fit`` runs the
@@ -209,6 +214,7 @@ class GramModel(GramStepMixin, keras.Model):
     """
 
     def __init__(self, model, *, every: int = 1, params=None, strategy="auto", dtype=None,
+                 memory_budget: int | None = None,
                  layers=None, mode: str | None = None, keep_blocks: bool = False,
                  fisher: str = "empirical", mc_samples: int = 1, seed: int | None = None,
                  likelihood=None, **kwargs):
@@ -220,7 +226,7 @@ class GramModel(GramStepMixin, keras.Model):
             )
         self.inner = model
         self.set_gram_options(every=every, params=params, strategy=strategy, dtype=dtype,
-                              layers=layers, mode=mode, keep_blocks=keep_blocks, fisher=fisher,
+                              memory_budget=memory_budget, layers=layers, mode=mode, keep_blocks=keep_blocks, fisher=fisher,
                               mc_samples=mc_samples, seed=seed, likelihood=likelihood)
         self.built = True
 

@@ -51,3 +51,50 @@ def per_sample_outer(a, g):
     if a.shape.rank == 2:
         return a[:, :, None] * g[:, None, :]
     return tf.matmul(a, g, transpose_a=True)
+
+
+# --------------------------------------------------------------------------- memory_budget
+
+
+def row_blocks(batch, size, block, dtype):
+    """The (B, ·) matrix stacked from ``block(i0, i1)`` (rows i0:i1) over chunks of ``size``
+    samples, in a ``tf.while_loop`` (so ``batch`` may be known only at run time)."""
+    count = (batch + size - 1) // size
+    parts = tf.TensorArray(dtype, size=count, infer_shape=False)
+
+    def body(c, parts):
+        i0 = c * size
+        return c + 1, parts.write(c, block(i0, tf.minimum(i0 + size, batch)))
+
+    _, parts = tf.while_loop(lambda c, _: c < count, body, (tf.constant(0, batch.dtype), parts))
+    return parts.concat()
+
+
+def factored_gram_chunked(a, g, *, bias: bool, size):
+    r""":func:`factored_gram` in row chunks of ``size`` samples: for rows i0:i1 only the
+    (n, B, T, T) products are alive (n·B·T² entries each for a and g, instead of B²T²)."""
+    batch = tf.shape(a)[0]
+
+    def block(i0, i1):
+        if a.shape.rank == 2:
+            aa = tf.matmul(a[i0:i1], a, transpose_b=True)
+            gg = tf.matmul(g[i0:i1], g, transpose_b=True)
+            return (aa + 1.0) * gg if bias else aa * gg
+        aa = tf.einsum("itd,jsd->ijts", a[i0:i1], a)
+        gg = tf.einsum("ito,jso->ijts", g[i0:i1], g)
+        return tf.reduce_sum((aa + 1.0 if bias else aa) * gg, axis=[2, 3])
+
+    return row_blocks(batch, size, block, a.dtype)
+
+
+def rows_gram_chunked(batch, size, rows, dtype):
+    r""":math:`J_l J_l^\top` from ``rows(i0, i1)`` (the (n, P_l) rows of samples i0:i1), two
+    chunks alive at a time: block (I, J) is :math:`R_I R_J^\top`, every chunk's rows recomputed
+    for each row chunk (k² calls of ``rows`` for k chunks: memory traded for time)."""
+    def block(i0, i1):
+        mine = rows(i0, i1)
+        other = row_blocks(batch, size, lambda j0, j1: tf.matmul(rows(j0, j1), mine,
+                                                                 transpose_b=True), dtype)
+        return tf.transpose(other)       # (n_I, B)
+
+    return row_blocks(batch, size, block, dtype)

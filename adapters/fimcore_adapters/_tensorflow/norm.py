@@ -17,6 +17,8 @@ class _AffineNormRule(LayerRule):
     over every axis except the batch and the parameter axes, with :math:`\hat x` the input
     normalised by the statistics the layer used (recomputed from its input; no gradient)."""
 
+    batch_major = True
+
     def variables(self, layer):
         return _present(getattr(layer, "gamma", None), getattr(layer, "beta", None))
 

@@ -20,7 +20,7 @@ from fimcore.layers import LayerRecord, PerLayerSink, Report, check_strategy
 
 from .._compat import LegacyReportList, deprecated
 from .._fisher import check_fisher_options
-from . import conv, dense, embedding, generic, kernels, mirrored, norm, registry, sampled  # noqa: F401  (rules register on import)
+from . import conv, cost, dense, embedding, generic, kernels, mirrored, norm, registry, sampled  # noqa: F401  (rules register on import)
 from .generic import GENERIC, generic_capture
 from .norm import _AffineNormRule
 
@@ -49,6 +49,15 @@ def resolve_options(params, strategy, layers, mode, *, where: str):
     return params, strategy
 
 
+
+
+def check_memory_budget(memory_budget):
+    """``memory_budget`` if it is None or a positive int of bytes, else ValueError."""
+    if memory_budget is not None and (isinstance(memory_budget, bool)
+                                      or not isinstance(memory_budget, int) or memory_budget <= 0):
+        raise ValueError(f"memory_budget must be None or a positive number of bytes; received "
+                         f"{memory_budget!r}")
+    return memory_budget
 
 
 def check_built(model) -> None:
@@ -179,6 +188,14 @@ class GramTape:
             (:meth:`blocks`, :meth:`result`); G is then their sum, so they add up to it exactly.
         dtype: dtype of the Gram (factors are cast before the products); default the
             per-sample gradients' dtype.
+        memory_budget: None or bytes: the cap on each layer's Gram temporaries. Factored
+            layers form G in row chunks of n samples (2·n·B·T² entries alive);
+            materialised layers in chunks of n samples' rows, two chunks alive (2·n·P_l
+            entries), each chunk's rows recomputed per row chunk; ``"auto"`` keeps the cost
+            model's form when it fits, else the other. A layer for which no form fits with
+            n = 1, or a generic-path layer whose (B, P_l) rows exceed it (the generic
+            Jacobian is not chunked), is refused naming the layer and the bytes it needs.
+            Not applied under a multi-replica strategy (refused there).
         layers: deprecated spelling of ``params``.
         mode: deprecated spelling of ``strategy`` (``"registry"`` is ``"auto"``).
 
@@ -212,8 +229,10 @@ class GramTape:
     """
 
     def __init__(self, model, *, params=None, strategy="auto", keep_blocks: bool = False,
-                 dtype=None, layers=None, mode: str | None = None) -> None:
+                 dtype=None, memory_budget: int | None = None, layers=None,
+                 mode: str | None = None) -> None:
         check_built(model)
+        self.memory_budget = check_memory_budget(memory_budget)
         params, strategy = resolve_options(params, strategy, layers, mode, where="GramTape")
         if not isinstance(keep_blocks, bool):
             raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}.")
@@ -544,6 +563,11 @@ class GramTape:
         ``context``: the replica context of a multi-replica step, whose global blocks are formed
         from operands gathered by a :class:`.mirrored.MirroredSink`)."""
         sink = None if context is None else mirrored.MirroredSink(context)
+        self._notes = {}
+        if sink is not None and self.memory_budget is not None:
+            raise ValueError(f"memory_budget applies to one replica's step; received "
+                             f"memory_budget={self.memory_budget} under a strategy with "
+                             f"{sink.replicas} replicas. Drop memory_budget under the strategy.")
         grads_by_id: dict[int, Any] = {}
         gram = None
         rows, layer_grams, records = [], {}, []
@@ -554,7 +578,9 @@ class GramTape:
                 n = len(capture["watch"])
                 per_call.append((self._cast(capture), [self._cast_t(d) for d in deltas[start:start + n]]))
             with tf.name_scope(f"fimcore_{rule.name}"):
-                if id(layer) in self._partial:
+                if self.memory_budget is not None:
+                    contribution, grads, path = self._layer_budget(layer, rule, calls, per_call)
+                elif id(layer) in self._partial:
                     contribution, grads, path = self._layer_partial(layer, rule, calls, per_call,
                                                                     sink)
                 elif sink is None:
@@ -567,6 +593,8 @@ class GramTape:
                       else _PATHS.get(path, path))
             reason = (f"{rule.name} rule: {path}" if rule is not GENERIC else
                       "GradientTape.jacobian of the layer's own outputs")
+            if layer.name in self._notes:
+                reason += "; " + self._notes[layer.name]
             if sink is not None:
                 what = "factors" if path == "factored" else "rows"
                 per = sink.bytes_per_sample.get(layer.name)
@@ -581,6 +609,85 @@ class GramTape:
                 grads_by_id[id(v)] = tf.cast(g, v.dtype)
         self._gathered = None if sink is None else dict(sink.bytes_per_sample)
         return gram, grads_by_id, rows, layer_grams, records
+
+    def _layer_budget(self, layer, rule, calls, per_call):
+        """One layer's Gram with its temporaries under ``memory_budget`` bytes (see the class
+        docstring): factored in row chunks, or materialised rows two chunks at a time."""
+        budget, label = self.memory_budget, f"{layer.name!r} ({type(layer).__name__})"
+        capture0, deltas0 = per_call[0]
+        dtype = deltas0[0].dtype
+        item = dtype.size
+        batch = tf.shape(deltas0[0])[0]
+        static_b = deltas0[0].shape[0]
+        keep = self._partial.get(id(layer))
+        variables = rule.variables(layer) if rule is not GENERIC else registry.own_trainable_variables(layer)
+        p_l = sum(int(np.prod(v.shape)) for v in variables if keep is None or id(v) in keep)
+        if rule is GENERIC:
+            if static_b is None or static_b * p_l * item > budget:
+                need = "?" if static_b is None else static_b * p_l * item
+                raise ValueError(
+                    f"memory_budget={budget} bytes cannot hold the generic path's per-sample rows of "
+                    f"layer {label}: (B, P_l) = ({static_b}, {p_l}) need {need} bytes at once (the "
+                    "generic Jacobian is not chunked). Raise memory_budget, register a rule for "
+                    "this layer type (register_layer_rule), or leave it out with params=...")
+            return generic.gram_and_grads(self._tape, layer, calls, per_call, self._cast_t) if keep is None \
+                else self._layer_partial(layer, rule, calls, per_call, None)
+        strategy = self._strategy(layer.name)
+        found = (rule.factors(layer, capture0, deltas0)
+                 if len(per_call) == 1 and keep is None and strategy != "materialize" else None)
+        row_bytes = 2 * p_l * item                 # two chunks of rows alive, per sample
+        fits_rows = row_bytes <= budget and rule.batch_major
+        if found is not None:
+            a, g, bias = found
+            positions = 1 if a.shape.rank == 2 else a.shape[1]
+            per_row = None if static_b is None or positions is None else 2 * static_b * positions ** 2 * item
+            fits_factors = per_row is None or per_row <= budget
+            b_cost = static_b or 128
+            prefer = strategy == "factored" or (positions is not None and (positions == 1 or cost.factored_cost(
+                b_cost, positions, a.shape[-1], g.shape[-1]) < cost.materialised_cost(
+                b_cost, positions, a.shape[-1], g.shape[-1])))
+            if fits_factors and (prefer or not fits_rows or strategy == "factored"):
+                t2 = 1 if positions is None else positions ** 2
+                size = tf.maximum(tf.constant(budget, batch.dtype) // (2 * batch * t2 * item), 1)
+                self._notes[layer.name] = (f"memory_budget: factored rows in chunks of "
+                                           f"{'?' if per_row is None else max(1, budget // per_row)} samples")
+                gram = kernels.factored_gram_chunked(a, g, bias=bias, size=size)
+                return gram, dense.factor_grads(layer, a, g), "factored"
+        if not fits_rows:
+            need = [f"{row_bytes} bytes for materialised rows" if rule.batch_major else
+                    "materialised rows (not offered: the rule's capture is not batch-major)"]
+            if found is not None:
+                need.append(f"{per_row} bytes for one factored row")
+            raise ValueError(
+                f"memory_budget={budget} bytes is too small for layer {label}: with one sample per "
+                f"chunk it needs {' or '.join(need)}. Raise memory_budget (or leave the layer "
+                "out with params=...).")
+        size = max(1, budget // row_bytes)
+        self._notes[layer.name] = f"memory_budget: rows in chunks of {size} samples, two alive"
+
+        def sliced(i0, i1):
+            out = []
+            for capture, ds in per_call:
+                cut = {k: (v[i0:i1] if isinstance(v, tf.Tensor) and k != "watch" else v)
+                       for k, v in capture.items()}
+                out.append(rule.per_sample(layer, cut, [d[i0:i1] for d in ds]))
+            return [tf.add_n(list(group)) for group in zip(*out)]
+
+        def rows(i0, i1):
+            blocks = sliced(i0, i1)
+            return tf.concat([kernels.flat_rows(b) for v, b in zip(variables, blocks)
+                              if keep is None or id(v) in keep], axis=1)
+
+        gram = kernels.rows_gram_chunked(batch, size, rows, dtype)
+        count = (batch + size - 1) // size
+
+        def body(c, sums):
+            blocks = sliced(c * size, tf.minimum(c * size + size, batch))
+            return c + 1, tuple(s + tf.reduce_sum(b, 0) for s, b in zip(sums, blocks))
+
+        zeros = tuple(tf.zeros(v.shape, dtype) for v in variables)
+        _, grads = tf.while_loop(lambda c, _: c < count, body, (tf.constant(0, batch.dtype), zeros))
+        return gram, list(grads), "materialised"
 
     def _layer_partial(self, layer, rule, calls, per_call, sink):
         """A layer with only some of its variables in ``params``: its per-sample blocks, the

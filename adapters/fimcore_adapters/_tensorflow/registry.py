@@ -36,6 +36,10 @@ class LayerRule:
     #: name used in path reports
     name = "rule"
 
+    #: every tensor of :meth:`forward`'s capture (except ``"watch"``) has the batch on axis 0, so
+    #: :meth:`per_sample` may run on a slice of the batch (needed for ``memory_budget``)
+    batch_major = False
+
     def supports(self, layer: keras.layers.Layer) -> bool:
         """Whether this rule is exact for ``layer`` (else the generic path is taken)."""
         return True
@@ -59,6 +63,12 @@ class LayerRule:
     def factored(self, layer, capture: dict, deltas: list):
         """The factored form ``(gram, batch gradients, "factored")`` of one call, or None where
         the rule has none (``strategy="factored"`` then takes :meth:`gram_and_grads`)."""
+        return None
+
+    def factors(self, layer, capture: dict, deltas: list):
+        """``(a, g, bias)`` with a (B, [T,] d_a), g (B, [T,] d_g) when the call's Gram is the
+        factored form of :func:`.kernels.factored_gram` (and its batch gradients those of
+        :func:`.dense.factor_grads`), else None."""
         return None
 
     def mirrored(self, layer, capture: dict, deltas: list, sink, *, strategy: str):
