@@ -69,7 +69,8 @@ class EmbeddingRule(LayerRule):
         ids, g = self._flat(capture["ids"], deltas[0])
         if None not in capture["ids"].shape[1:]:       # static T for the gathered-bytes count
             positions = math.prod(capture["ids"].shape[1:])
-            ids, g = tf.ensure_shape(ids, [None, positions]), tf.ensure_shape(g, [None, positions, g.shape[-1]])
+            ids = tf.ensure_shape(ids, [None, positions])
+            g = tf.ensure_shape(g, [None, positions, g.shape[-1]])
         flat_g = tf.reshape(g, [-1, g.shape[-1]])
         grad = tf.math.unsorted_segment_sum(flat_g, tf.reshape(ids, [-1]), layer.input_dim)
         return sink.add_matched(layer.name, ids, g), [grad], "factored"

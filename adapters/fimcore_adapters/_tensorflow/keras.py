@@ -226,7 +226,8 @@ class GramModel(GramStepMixin, keras.Model):
             )
         self.inner = model
         self.set_gram_options(every=every, params=params, strategy=strategy, dtype=dtype,
-                              memory_budget=memory_budget, layers=layers, mode=mode, keep_blocks=keep_blocks, fisher=fisher,
+                              memory_budget=memory_budget, layers=layers, mode=mode,
+                              keep_blocks=keep_blocks, fisher=fisher,
                               mc_samples=mc_samples, seed=seed, likelihood=likelihood)
         self.built = True
 

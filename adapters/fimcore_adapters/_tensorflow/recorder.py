@@ -10,7 +10,7 @@ the batch weight gradient (the weight gradient is never computed twice).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import keras
 import numpy as np
@@ -20,7 +20,11 @@ from fimcore.layers import LayerRecord, PerLayerSink, Report, check_strategy
 
 from .._compat import LegacyReportList, deprecated
 from .._fisher import check_fisher_options
-from . import conv, cost, dense, embedding, generic, kernels, mirrored, norm, registry, sampled  # noqa: F401  (rules register on import)
+# the rule modules register their layer types on import
+from . import (budget, conv, dense, embedding, generic, kernels, mirrored, norm,  # noqa: F401
+               registry, sampled)
+from .budget import check_memory_budget
+from .select import resolve_params
 from .generic import GENERIC, generic_capture
 from .norm import _AffineNormRule
 
@@ -49,15 +53,6 @@ def resolve_options(params, strategy, layers, mode, *, where: str):
     return params, strategy
 
 
-
-
-def check_memory_budget(memory_budget):
-    """``memory_budget`` if it is None or a positive int of bytes, else ValueError."""
-    if memory_budget is not None and (isinstance(memory_budget, bool)
-                                      or not isinstance(memory_budget, int) or memory_budget <= 0):
-        raise ValueError(f"memory_budget must be None or a positive number of bytes; received "
-                         f"{memory_budget!r}")
-    return memory_budget
 
 
 def check_built(model) -> None:
@@ -108,58 +103,6 @@ def loss_target(loss, loss_reduction: str):
             "loss_reduction='none' to hand over per-sample losses."
         )
     return loss
-
-
-def _variable_path(v) -> str:
-    return getattr(v, "path", None) or v.name
-
-
-def resolve_params(model, params):
-    """``(layer predicate, ids of single variables selected)`` from ``params``: None (every
-    trainable variable), a predicate ``layer -> bool``, or an iterable of layers, layer names,
-    ``tf.Variable`` objects and variable paths (``variable.path``, e.g. ``"dense/kernel"``).
-
-    Raises:
-        ValueError: an entry that is neither a layer nor a trainable variable of ``model``
-            (named, with the names that would be accepted).
-    """
-    if params is None:
-        return (lambda layer: True), set()
-    if callable(params) and not isinstance(params, (keras.layers.Layer, tf.Variable)):
-        return params, set()
-    if isinstance(params, (str, keras.layers.Layer, tf.Variable)) or not hasattr(params, "__iter__"):
-        params = [params]
-    layers = list(model._flatten_layers(include_self=True, recursive=True))
-    variables = {}
-    for layer in layers:
-        for v in registry.own_trainable_variables(layer):
-            variables[id(v)] = v
-    by_path = {_variable_path(v): v for v in variables.values()}
-    layer_names = {layer.name for layer in layers}
-    layer_ids = {id(layer) for layer in layers}
-    names, ids, chosen, unknown = set(), set(), set(), []
-    for entry in params:
-        if isinstance(entry, str):
-            if entry in layer_names:
-                names.add(entry)
-            elif entry in by_path:
-                chosen.add(id(by_path[entry]))
-            else:
-                unknown.append(entry)
-        elif isinstance(entry, keras.layers.Layer) and id(entry) in layer_ids:
-            ids.add(id(entry))
-        elif id(entry) in variables:
-            chosen.add(id(entry))
-        else:
-            unknown.append(getattr(entry, "path", None) or getattr(entry, "name", None)
-                           or type(entry).__name__)
-    if unknown:
-        raise ValueError(
-            f"params must name layers or trainable variables of model {model.name!r}; received "
-            f"{unknown}, which are neither. Layers: {sorted(layer_names)}; variables (by path): "
-            f"{sorted(by_path)}. Pass layers, layer names, tf.Variable objects of the model or "
-            "their .path.")
-    return (lambda layer: layer.name in names or id(layer) in ids), chosen
 
 
 class GramTape:
@@ -579,7 +522,8 @@ class GramTape:
                 per_call.append((self._cast(capture), [self._cast_t(d) for d in deltas[start:start + n]]))
             with tf.name_scope(f"fimcore_{rule.name}"):
                 if self.memory_budget is not None:
-                    contribution, grads, path = self._layer_budget(layer, rule, calls, per_call)
+                    contribution, grads, path = budget.gram_and_grads(self, layer, rule, calls,
+                                                                      per_call)
                 elif id(layer) in self._partial:
                     contribution, grads, path = self._layer_partial(layer, rule, calls, per_call,
                                                                     sink)
@@ -609,85 +553,6 @@ class GramTape:
                 grads_by_id[id(v)] = tf.cast(g, v.dtype)
         self._gathered = None if sink is None else dict(sink.bytes_per_sample)
         return gram, grads_by_id, rows, layer_grams, records
-
-    def _layer_budget(self, layer, rule, calls, per_call):
-        """One layer's Gram with its temporaries under ``memory_budget`` bytes (see the class
-        docstring): factored in row chunks, or materialised rows two chunks at a time."""
-        budget, label = self.memory_budget, f"{layer.name!r} ({type(layer).__name__})"
-        capture0, deltas0 = per_call[0]
-        dtype = deltas0[0].dtype
-        item = dtype.size
-        batch = tf.shape(deltas0[0])[0]
-        static_b = deltas0[0].shape[0]
-        keep = self._partial.get(id(layer))
-        variables = rule.variables(layer) if rule is not GENERIC else registry.own_trainable_variables(layer)
-        p_l = sum(int(np.prod(v.shape)) for v in variables if keep is None or id(v) in keep)
-        if rule is GENERIC:
-            if static_b is None or static_b * p_l * item > budget:
-                need = "?" if static_b is None else static_b * p_l * item
-                raise ValueError(
-                    f"memory_budget={budget} bytes cannot hold the generic path's per-sample rows of "
-                    f"layer {label}: (B, P_l) = ({static_b}, {p_l}) need {need} bytes at once (the "
-                    "generic Jacobian is not chunked). Raise memory_budget, register a rule for "
-                    "this layer type (register_layer_rule), or leave it out with params=...")
-            return generic.gram_and_grads(self._tape, layer, calls, per_call, self._cast_t) if keep is None \
-                else self._layer_partial(layer, rule, calls, per_call, None)
-        strategy = self._strategy(layer.name)
-        found = (rule.factors(layer, capture0, deltas0)
-                 if len(per_call) == 1 and keep is None and strategy != "materialize" else None)
-        row_bytes = 2 * p_l * item                 # two chunks of rows alive, per sample
-        fits_rows = row_bytes <= budget and rule.batch_major
-        if found is not None:
-            a, g, bias = found
-            positions = 1 if a.shape.rank == 2 else a.shape[1]
-            per_row = None if static_b is None or positions is None else 2 * static_b * positions ** 2 * item
-            fits_factors = per_row is None or per_row <= budget
-            b_cost = static_b or 128
-            prefer = strategy == "factored" or (positions is not None and (positions == 1 or cost.factored_cost(
-                b_cost, positions, a.shape[-1], g.shape[-1]) < cost.materialised_cost(
-                b_cost, positions, a.shape[-1], g.shape[-1])))
-            if fits_factors and (prefer or not fits_rows or strategy == "factored"):
-                t2 = 1 if positions is None else positions ** 2
-                size = tf.maximum(tf.constant(budget, batch.dtype) // (2 * batch * t2 * item), 1)
-                self._notes[layer.name] = (f"memory_budget: factored rows in chunks of "
-                                           f"{'?' if per_row is None else max(1, budget // per_row)} samples")
-                gram = kernels.factored_gram_chunked(a, g, bias=bias, size=size)
-                return gram, dense.factor_grads(layer, a, g), "factored"
-        if not fits_rows:
-            need = [f"{row_bytes} bytes for materialised rows" if rule.batch_major else
-                    "materialised rows (not offered: the rule's capture is not batch-major)"]
-            if found is not None:
-                need.append(f"{per_row} bytes for one factored row")
-            raise ValueError(
-                f"memory_budget={budget} bytes is too small for layer {label}: with one sample per "
-                f"chunk it needs {' or '.join(need)}. Raise memory_budget (or leave the layer "
-                "out with params=...).")
-        size = max(1, budget // row_bytes)
-        self._notes[layer.name] = f"memory_budget: rows in chunks of {size} samples, two alive"
-
-        def sliced(i0, i1):
-            out = []
-            for capture, ds in per_call:
-                cut = {k: (v[i0:i1] if isinstance(v, tf.Tensor) and k != "watch" else v)
-                       for k, v in capture.items()}
-                out.append(rule.per_sample(layer, cut, [d[i0:i1] for d in ds]))
-            return [tf.add_n(list(group)) for group in zip(*out)]
-
-        def rows(i0, i1):
-            blocks = sliced(i0, i1)
-            return tf.concat([kernels.flat_rows(b) for v, b in zip(variables, blocks)
-                              if keep is None or id(v) in keep], axis=1)
-
-        gram = kernels.rows_gram_chunked(batch, size, rows, dtype)
-        count = (batch + size - 1) // size
-
-        def body(c, sums):
-            blocks = sliced(c * size, tf.minimum(c * size + size, batch))
-            return c + 1, tuple(s + tf.reduce_sum(b, 0) for s, b in zip(sums, blocks))
-
-        zeros = tuple(tf.zeros(v.shape, dtype) for v in variables)
-        _, grads = tf.while_loop(lambda c, _: c < count, body, (tf.constant(0, batch.dtype), zeros))
-        return gram, list(grads), "materialised"
 
     def _layer_partial(self, layer, rule, calls, per_call, sink):
         """A layer with only some of its variables in ``params``: its per-sample blocks, the
