@@ -111,7 +111,8 @@ def tape_case(kind):
             with tf.GradientTape() as plain:   # the step the strategy would run without the tape
                 loss = tf.nn.compute_average_loss(PER_SAMPLE(yl, model(xl, training=True)),
                                                   global_batch_size=B)
-            return gram, grads, [tf.convert_to_tensor(g) for g in plain.gradient(loss, model.trainable_variables)]
+            plain = plain.gradient(loss, model.trainable_variables)
+            return gram, grads, [tf.convert_to_tensor(g) for g in plain]
         gram, grads, plain = STRATEGY.run(replica, args=(xs, ys))
         # what apply_gradients aggregates: the sum over replicas
         summed = [STRATEGY.reduce("SUM", g, axis=None) for g in grads]
@@ -140,6 +141,34 @@ def tape_case(kind):
         "paths": report.paths(),
         "reasons": [r.reason for r in report],
     }
+
+
+def uneven_case():
+    """Replicas holding different numbers of samples (R = 2: 5 and 2 of B = 7)."""
+    rng = np.random.default_rng(4)
+    n = 7
+    cuts = [0, 5, 7]
+    with STRATEGY.scope():
+        model = mlp()
+    x, y = data("mlp", rng, n)
+
+    def part(arr):
+        return STRATEGY.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(arr[cuts[ctx.replica_id_in_sync_group]:
+                                        cuts[ctx.replica_id_in_sync_group + 1]]))
+
+    @tf.function
+    def step(xs, ys):
+        def replica(xl, yl):
+            with GramTape(model) as tape:
+                loss = tf.nn.compute_average_loss(PER_SAMPLE(yl, model(xl, training=True)),
+                                                  global_batch_size=n)
+            return tape.gradient_and_gram(loss)[1]
+        return STRATEGY.experimental_local_results(STRATEGY.run(replica, args=(xs, ys)))
+
+    grams = [g.numpy() for g in step(part(x), part(y))]
+    J = loop(model, x, y)
+    OUT["uneven"] = {"shape": list(grams[0].shape), "vs_loop": max(rel(g, J @ J.T) for g in grams)}
 
 
 def fit_case():
@@ -189,6 +218,8 @@ def fit_case():
 for case in sys.argv[2].split(","):
     if case == "fit":
         fit_case()
+    elif case == "uneven":
+        uneven_case()
     else:
         tape_case(case)
 print("RESULT " + json.dumps(OUT))

@@ -47,7 +47,7 @@ def _result(proc: subprocess.Popen) -> dict:
 @pytest.fixture(scope="module")
 def runs():
     """Both device counts at once (one process each)."""
-    procs = {"two": _start(2, "mlp,cnn,embed,fit"), "four": _start(4, "mlp,cnn")}
+    procs = {"two": _start(2, "mlp,cnn,embed,uneven,fit"), "four": _start(4, "mlp,cnn")}
     return {name: _result(proc) for name, proc in procs.items()}
 
 
@@ -73,6 +73,12 @@ def test_global_gram_equals_the_per_sample_loop_and_the_single_replica_tape(repl
     assert out["vs_loop"] <= TOL
     assert out["vs_single"] <= TOL
     assert out["replicas_agree"] == 0.0
+
+
+def test_replicas_with_different_local_batches(two):
+    """5 + 2 samples: the gathered Gram is still the (7, 7) Gram of the global batch."""
+    assert two["uneven"]["shape"] == [7, 7]
+    assert two["uneven"]["vs_loop"] <= TOL
 
 
 @pytest.mark.parametrize("replicas,model", CASES)
