@@ -21,6 +21,13 @@ Per layer the Gram contribution is exact: factored ``(A Aᵀ) ⊙ (Gₒ Gₒᵀ)
 materialised per-layer per-sample gradients for convolutions, affine rows for norm layers,
 and an exact ``GradientTape.jacobian`` path for layers without a rule (:class:`LayerRule`,
 :func:`register_layer_rule`). ``GramTape.report`` says which path each layer took.
+``params=`` selects the columns of J by layer, layer name, ``tf.Variable`` or variable path;
+``memory_budget=`` caps each layer's Gram temporaries (bytes).
+
+Data-parallel: under ``tf.distribute.MirroredStrategy`` (``GramTape`` inside ``strategy.run``,
+``GramModel`` fitted under ``strategy.scope()``) the Gram is that of the global batch, each
+layer's factors or rows all-gathered across replicas before the products (tested on logical
+CPU devices; untested on GPUs/TPUs).
 """
 
 from __future__ import annotations

@@ -373,7 +373,10 @@ class GramTape:
             variables: variables to return gradients for (default the model's trainable
                 variables), in this order; None where a variable does not affect the loss.
             loss_reduction: how ``loss`` reduces the batch; rows of J are scaled by B for
-                ``"mean"`` so that they are per-sample gradients, not 1/B of them.
+                ``"mean"`` so that they are per-sample gradients, not 1/B of them. Under a
+                multi-replica strategy ``"mean"`` is the mean over the global batch (each
+                replica's loss summed over its samples and divided by the global B, as
+                ``tf.nn.compute_average_loss`` and Keras losses do) and the scale is that B.
             extra_loss: a scalar added to the loss for the gradients only (e.g. Keras
                 regularisation losses); like weight decay it is not part of J.
             check: also run the ordinary backward and verify that the rows sum to it
@@ -403,7 +406,9 @@ class GramTape:
             ValueError: on a loss whose shape does not match ``loss_reduction``, when no
                 layer was recorded, or when a variable that should enter G is read outside
                 the ``call`` of the layer that owns it (the Gram would miss it; for variables
-                that a rule covers this is detected with ``check=True``, eagerly).
+                that a rule covers this is detected with ``check=True``, eagerly); with a
+                ``memory_budget`` too small for a layer (named, with the bytes it needs) or
+                given under a multi-replica strategy.
             TypeError: on a non-floating loss.
         """
         check_fisher_options(fisher, mc_samples,
