@@ -188,21 +188,25 @@ def fit_case():
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     ref = mlp()                                   # plain SGD on the global batch, per-sample loop
     ref.set_weights(net.get_weights())
-    refs = []
+    refs, losses = [], []
     for k in range(2):
-        J = loop(ref, x[k * B:(k + 1) * B], y[k * B:(k + 1) * B])
+        xk, yk = x[k * B:(k + 1) * B], y[k * B:(k + 1) * B]
+        losses.append(float(np.mean(PER_SAMPLE(yk, ref(xk, training=True)).numpy())))
+        J = loop(ref, xk, yk)
         refs.append(J @ J.T)
         flat, start = J.mean(axis=0), 0
         for v in ref.trainable_variables:
             n = int(np.prod(v.shape))
             v.assign(v - lr * flat[start:start + n].reshape(v.shape))
             start += n
-    model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=[Grab()])
+    history = model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0,
+                        callbacks=[Grab()])
     OUT["fit"] = {
         "steps": len(grams),
         "shape": list(grams[0].shape),
         "vs_loop": max(rel(g, r) for g, r in zip(grams, refs)),
         "weights": max(rel(a, b) for a, b in zip(net.get_weights(), ref.get_weights())),
+        "loss": rel(history.history["loss"][0], np.mean(losses)),
     }
     with STRATEGY.scope():
         every2 = GramModel(mlp(), every=2)

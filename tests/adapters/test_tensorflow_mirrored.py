@@ -114,6 +114,7 @@ def test_gram_model_fit_under_the_strategy_logs_the_global_gram(two):
     assert fit["steps"] == 2 and fit["shape"] == [8, 8]
     assert fit["vs_loop"] <= TOL
     assert fit["weights"] <= TOL
+    assert fit["loss"] <= TOL      # the logged loss is the global mean, not 1/R of it
 
 
 def test_gram_model_every_n_is_refused_under_the_strategy(two):
