@@ -136,6 +136,7 @@ class GlobalGather:
         self._acc: torch.Tensor | None = None
         self._marks: list = []
         self._rec = None
+        self.agreed: dict[str, str] = {}
 
     # ---------------------------------------------------------------- per step
     def begin(self, rec, synced: bool) -> None:
@@ -156,6 +157,14 @@ class GlobalGather:
         out = [torch.empty_like(t) for _ in range(self.world)]
         self._wait(dist.all_gather(out, t, group=self.group, async_op=True), "the batch sizes")
         self.sizes = [int(v) for v in torch.cat(out).tolist()]
+
+    def agree(self, choice: str, options) -> str:
+        """Rank 0's ``choice`` (one of ``options``) on every rank (blocking broadcast)."""
+        t = torch.tensor([list(options).index(choice)], dtype=torch.int64,
+                         device="cuda" if dist.get_backend(self.group) == "nccl" else "cpu")
+        self._wait(dist.broadcast(t, src=self.ranks[0], group=self.group, async_op=True),
+                   "the per-sample convolution method")
+        return list(options)[int(t.item())]
 
     @property
     def total(self) -> int:
