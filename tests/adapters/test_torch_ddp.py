@@ -10,218 +10,16 @@ rank's own batch forward (per-rank BatchNorm couples a sample with its own rank'
 
 from __future__ import annotations
 
-import datetime
-import os
-import signal
-import socket
-import tempfile
-import time
-import traceback
-
 import pytest
 
-from tests.adapters._torch_reference import contribution_gram, loop_gram
 from tests.conftest import import_backend
 
 torch = import_backend("torch")
-mp = torch.multiprocessing
-nn = torch.nn
 F = torch.nn.functional
+nn = torch.nn
 
-_TIMEOUT = 120.0      # hard limit of one spawn (seconds); the processes are killed after it
-
-
-# ---------------------------------------------------------------------------------- models
-class TiedMLP(nn.Module):
-    """The same Linear applied twice (tied weights)."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(5, 4)
-        self.hid = nn.Linear(4, 4)
-        self.out = nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.inp(x))
-        h = torch.tanh(self.hid(h))
-        h = torch.tanh(self.hid(h))
-        return self.out(h)
-
-
-def make_model(kind: str) -> nn.Module:
-    torch.manual_seed(1234)
-    if kind == "mlp":
-        m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
-    elif kind == "bn":
-        m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
-                          nn.Conv2d(3, 4, 3, stride=2, groups=1), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
-    elif kind == "tied":
-        m = TiedMLP()
-    else:
-        raise ValueError(kind)
-    return m.double()
-
-
-def make_data(kind: str, n: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    shape = (n, 5) if kind in ("mlp", "tied") else (n, 2, 6, 6)
-    x = torch.randn(*shape, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return x, y
-
-
-# name -> (model, sizes per rank for world 2 / world 4, reduction, scope, recorder options)
-CASES = {
-    "mlp": ("mlp", {2: [4, 4], 4: [3, 3, 3, 3]}, "mean", "global", {}),
-    "mlp_sum": ("mlp", {2: [4, 4], 4: [2, 2, 2, 2]}, "sum", "global", {}),
-    "uneven": ("mlp", {2: [5, 2], 4: [4, 4, 3, 1]}, "mean", "global", {}),
-    "uneven_sum": ("mlp", {2: [5, 2], 4: [4, 4, 3, 1]}, "sum", "global", {}),
-    "bn": ("bn", {2: [4, 3], 4: [3, 3, 2, 2]}, "mean", "global", {"keep_blocks": True}),
-    "bn_factored": ("bn", {2: [3, 3]}, "mean", "global", {"strategy": "factored"}),
-    "tied": ("tied", {2: [3, 4], 4: [2, 2, 2, 1]}, "mean", "global", {}),
-    "local": ("bn", {2: [4, 3], 4: [3, 3, 2, 2]}, "mean", "local", {}),
-    "default": ("mlp", {2: [3, 3]}, "mean", None, {}),
-    "plain_module": ("mlp", {2: [3, 2]}, "mean", "global", {}),
-}
-
-
-def _loss(out, y, reduction):
-    return F.cross_entropy(out, y, reduction=reduction)
-
-
-# ---------------------------------------------------------------------------------- ranks
-def _case(name, rank, world):
-    kind, sizes, red, scope, opts = CASES[name]
-    sizes = sizes[world]
-    x, y = make_data(kind, sum(sizes), seed=len(name))
-    lo = sum(sizes[:rank])
-    xl, yl = x[lo:lo + sizes[rank]], y[lo:lo + sizes[rank]]
-    DDP = nn.parallel.DistributedDataParallel
-    from fimcore_adapters.torch import GramRecorder
-
-    # plain DDP step: the gradient the recorder must not change
-    plain = DDP(make_model(kind), broadcast_buffers=False)
-    _loss(plain(xl), yl, red).backward()
-    plain_grads = [p.grad.clone() for p in plain.module.parameters()]
-
-    model = make_model(kind)
-    wrapped = model if name == "plain_module" else DDP(model, broadcast_buffers=False)
-    rec = GramRecorder(wrapped, loss_reduction=red, scope=scope, timeout=60, **opts)
-    with rec:
-        _loss(wrapped(xl), yl, red).backward()
-    res = {"G": rec.gram().clone(), "grads": [p.grad.clone() for p in model.parameters()],
-           "plain_grads": plain_grads, "scope": rec.scope, "report": rec.report().communication,
-           "gathered": {r.name: r.gathered for r in rec.report()}}
-    if opts.get("keep_blocks"):
-        res["blocks"] = {k: v.clone() for k, v in rec.blocks().items()}
-    return res
-
-
-def _no_sync(rank, world):
-    """Two micro-batches: the first under no_sync (DDP does not all-reduce), then a synced one."""
-    DDP = nn.parallel.DistributedDataParallel
-    from fimcore_adapters.torch import GramRecorder
-
-    sizes = [3] * world
-    x, y = make_data("mlp", 2 * sum(sizes), seed=99)
-    n = sum(sizes)
-    parts = [(x[:n], y[:n]), (x[n:], y[n:])]
-    local = [(a[rank * 3:rank * 3 + 3], b[rank * 3:rank * 3 + 3]) for a, b in parts]
-    plain = DDP(make_model("mlp"))
-    with plain.no_sync():
-        _loss(plain(local[0][0]), local[0][1], "mean").backward()
-    plain_mid = [p.grad.clone() for p in plain.module.parameters()]
-    _loss(plain(local[1][0]), local[1][1], "mean").backward()
-    plain_end = [p.grad.clone() for p in plain.module.parameters()]
-
-    ddp = DDP(make_model("mlp"))
-    rec = GramRecorder(ddp, scope="global", timeout=60)
-    with ddp.no_sync(), rec:
-        _loss(ddp(local[0][0]), local[0][1], "mean").backward()
-    G0, synced0 = rec.gram().clone(), rec.report().communication["synced"]
-    mid = [p.grad.clone() for p in ddp.module.parameters()]
-    with rec:
-        _loss(ddp(local[1][0]), local[1][1], "mean").backward()
-    return {"G0": G0, "G1": rec.gram().clone(), "synced0": synced0,
-            "synced1": rec.report().communication["synced"], "mid": mid, "end":
-            [p.grad.clone() for p in ddp.module.parameters()], "plain_mid": plain_mid,
-            "plain_end": plain_end}
-
-
-def _worker(rank, world, port, outdir, die):
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    out = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=60))
-        times = {"start": time.monotonic()}
-        for name, case in CASES.items():
-            if world in case[1]:
-                out[name] = _case(name, rank, world)
-                times[name] = time.monotonic()
-        out["no_sync"] = _no_sync(rank, world)
-        from fimcore_adapters.torch import GramRecorder, mean_over_ranks
-        out["mean"] = mean_over_ranks({"b": 2.0 * rank, "a": 1.0})
-        times["rest"] = time.monotonic()
-        out["times"] = times
-        if die:
-            # last: rank 1 stops before a measured step; the others must fail, not hang
-            ddp = nn.parallel.DistributedDataParallel(make_model("mlp"), broadcast_buffers=False)
-            rec = GramRecorder(ddp, timeout=5)
-            x, y = make_data("mlp", 4, seed=0)
-            torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-            if rank == 1:
-                os._exit(3)
-            t0 = time.monotonic()
-            try:
-                with rec:
-                    _loss(ddp(x), y, "mean").backward()
-                out["error"] = None
-            except RuntimeError as exc:
-                out["error"] = str(exc)
-            out["seconds"] = time.monotonic() - t0
-        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    os._exit(0)                               # skip teardown of a group with a dead peer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world: int, die: bool) -> dict:
-    """Run ``_worker`` on ``world`` ranks; return ``{rank: saved dict}``; kill all after the
-    hard timeout."""
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as outdir:
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, outdir, die), daemon=True)
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + _TIMEOUT
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [p for p in procs if p.is_alive()]
-        for p in hung:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.join(5)
-        errs = {r: open(os.path.join(outdir, f"rank{r}.err")).read() for r in range(world)
-                if os.path.exists(os.path.join(outdir, f"rank{r}.err"))}
-        assert not hung, f"ranks {[procs.index(p) for p in hung]} hung past {_TIMEOUT} s; errors: {errs}"
-        assert not errs, "\n".join(f"rank {r}:\n{e}" for r, e in errs.items())
-        return {r: torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
-                for r in range(world)}
+from tests.adapters._ddp_worker import CASES, _loss, _spawn, make_data, make_model  # noqa: E402
+from tests.adapters._torch_reference import contribution_gram, loop_gram  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- references
@@ -262,9 +60,15 @@ def _rel(a, b):
 
 
 # ---------------------------------------------------------------------------------- tests
+_RUNS: dict = {}      # one spawn per world size for the whole module
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
 def world_results(request):
-    return request.param, _spawn(request.param, die=request.param == 2)
+    w = request.param
+    if w not in _RUNS:
+        _RUNS[w] = _spawn(w, die=w == 2)
+    return w, _RUNS[w]
 
 
 def test_global_gram_equals_concatenated_batch_per_sample_loop(world_results):
@@ -344,10 +148,9 @@ def test_local_scope_is_each_ranks_own_gram(world_results):
         assert _rel(G, locals_[r] @ locals_[r].T) <= 1e-12, r
 
 
+@pytest.mark.parametrize("world_results", [2], indirect=True, ids=["world2"])
 def test_default_scope_under_ddp_is_global_and_report_counts_bytes(world_results):
     world, res = world_results
-    if world != 2:
-        pytest.skip("checked once")
     case = res[0]["default"]
     assert case["scope"] == "global" and case["G"].shape == (6, 6)
     comm = case["report"]
@@ -395,10 +198,10 @@ def test_mean_over_ranks(world_results):
         assert res[r]["mean"] == pytest.approx(want, rel=1e-15)
 
 
+@pytest.mark.parametrize("world_results", [2], indirect=True, ids=["world2"])
 def test_a_rank_dying_mid_step_fails_the_others_with_a_clear_error(world_results):
+    """The 2-process run ends with rank 1 exiting before a measured step (a 5 s timeout)."""
     world, res = world_results
-    if world != 2:
-        pytest.skip("checked on the 2-process run")
     err = res[0]["error"]
     assert err is not None and "dedicated process group" in err, err
     assert res[0]["seconds"] < 60
