@@ -328,12 +328,19 @@ def mean_over_ranks(values: Mapping[str, float], group=None) -> dict[str, float]
 
     With ``scope="local"`` every rank measures its own Gram; a loop averages what it logs::
 
-        res = recorder.result()
-        rec = tracker.update(res, lr=lr)                      # MeasureTracker record: c_k, I_k
-        avg = mean_over_ranks({"c_k": rec.c, "I_k": rec.I})  # the same dict on every rank
+        m = tracker.update(recorder.result(), lr=lr)          # this rank's Measurement
+        c, I = m.values["condition"]["c_k"], m.values["energy"]["I_k"]
+        avg = mean_over_ranks({"c_k": c, "I_k": I})           # the same dict on every rank
 
-    Every rank must pass the same keys (they are sorted, so the order does not matter). A NaN
-    (an undefined c_k) makes the mean NaN; pass only defined values, or count them separately.
+    Every rank must pass the same keys (they are sorted, so the order does not matter), since it
+    is one collective. A NaN makes the mean NaN: an undefined c_k (None) must be replaced by the
+    caller (e.g. ``float("nan")`` and a separate count of defined steps). Averaging c_k over
+    ranks is a mean of B_r-sample condition numbers, not the condition number of the global
+    Gram; ``scope="global"`` gives the latter.
+
+    Example:
+        >>> mean_over_ranks({"c_k": 12.5, "I_k": 0.25})      # not distributed: the identity
+        {'I_k': 0.25, 'c_k': 12.5}
 
     Raises:
         ValueError: a value that is not a real number.
