@@ -159,6 +159,12 @@ def _worker(rank, world, port, outdir, die):
         out["no_sync"] = _no_sync(rank, world)
         from fimcore_adapters.torch import GramRecorder, mean_over_ranks
         out["mean"] = mean_over_ranks({"b": 2.0 * rank, "a": 1.0})
+        try:
+            GramRecorder(nn.parallel.DistributedDataParallel(make_model("mlp")), fisher="sampled",
+                         loss="cross_entropy")
+            out["sampled"] = None
+        except ValueError as exc:
+            out["sampled"] = str(exc)
         times["rest"] = time.monotonic()
         out["times"] = times
         if die:

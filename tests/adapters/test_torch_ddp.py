@@ -191,6 +191,11 @@ def test_no_sync_micro_batch_gets_its_global_gram_and_ddp_gradients(world_result
     assert not torch.allclose(_flat(res[0]["no_sync"]["mid"]), _flat(res[1]["no_sync"]["mid"]))
 
 
+def test_sampled_fisher_is_refused_under_global_scope(world_results):
+    world, res = world_results
+    assert "fisher='sampled' is not supported with scope='global'" in res[0]["sampled"]
+
+
 def test_mean_over_ranks(world_results):
     world, res = world_results
     want = {"a": 1.0, "b": float(world - 1)}
@@ -222,3 +227,7 @@ def test_global_scope_without_distributed_is_refused():
         GramRecorder(nn.Linear(2, 2), scope="global")
     with pytest.raises(ValueError, match="scope must be one of"):
         GramRecorder(nn.Linear(2, 2), scope="world")
+    with pytest.raises(ValueError, match="process_group is used by scope='global' only"):
+        GramRecorder(nn.Linear(2, 2), scope="local", process_group=object())
+    with pytest.raises(ValueError, match="timeout must be None or a positive number"):
+        GramRecorder(nn.Linear(2, 2), timeout=-1)
