@@ -103,7 +103,8 @@ def _case(name, rank, world):
         _loss(wrapped(xl), yl, red).backward()
     res = {"G": rec.gram().clone(), "grads": [p.grad.clone() for p in model.parameters()],
            "plain_grads": plain_grads, "scope": rec.scope, "report": rec.report().communication,
-           "gathered": {r.name: r.gathered for r in rec.report()}}
+           "gathered": {r.name: r.gathered for r in rec.report()},
+           "trace_sum": sum(r.trace for r in rec.report() if r.trace is not None)}
     if opts.get("keep_blocks"):
         res["blocks"] = {k: v.clone() for k, v in rec.blocks().items()}
     return res

@@ -83,6 +83,8 @@ def test_global_gram_equals_concatenated_batch_per_sample_loop(world_results):
             G = res[r][name]["G"]
             assert G.shape == (sum(sizes), sum(sizes)), (name, G.shape)
             assert _rel(G, G_ref) <= 1e-12, (name, r, _rel(G, G_ref))
+        # the report's per-layer shares of Tr G add up to it
+        assert abs(res[0][name]["trace_sum"] - float(G_ref.trace())) <= 1e-12 * float(G_ref.trace()), name
         if name == "plain_module":      # no DDP: .grad is the rank's own, not averaged
             continue
         # the invariant with the DDP gradient: 1ᵀG1 = N²‖∇L‖² (mean), ‖∇L‖² (sum)

@@ -167,6 +167,8 @@ class GramRecorder:
         ValueError: no trainable parameter selected, an unknown ``params`` entry, a bad option,
             a module owning parameters beside parameterised submodules, ``scope="global"``
             without an initialised process group, or with ``fisher="sampled"``.
+        RuntimeError: (in the ``with`` block, ``scope="global"``) a Gram gather on the dedicated
+            group failed: another rank stopped or did not reach it within ``timeout``.
 
     Example:
         >>> import torch
