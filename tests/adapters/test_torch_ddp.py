@@ -206,8 +206,9 @@ def test_mean_over_ranks(world_results):
 
 
 @pytest.mark.parametrize("world_results", [2], indirect=True, ids=["world2"])
-def test_a_rank_dying_mid_step_fails_the_others_with_a_clear_error(world_results):
-    """The 2-process run ends with rank 1 exiting before a measured step (a 5 s timeout)."""
+def test_a_rank_that_stopped_makes_the_others_fail_with_a_clear_error_not_hang(world_results):
+    """The 2-process run ends with rank 1 exiting just before a measured step (the recorder has
+    timeout=5): rank 0 raises at its first Gram collective, naming the dedicated group."""
     world, res = world_results
     err = res[0]["error"]
     assert err is not None and "dedicated process group" in err, err
