@@ -142,6 +142,11 @@ def _no_sync(rank, world):
 
 
 def _worker(rank, world, port, outdir, die):
+    import warnings
+
+    # torch 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers, whose False still
+    # syncs at construction; the tests want rank-local buffers, which only broadcast_buffers gives
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
