@@ -58,8 +58,8 @@ import jax  # noqa: F401  (the framework import is the opt-in)
 
 from ._jax._checks import gradient_dtype
 from ._jax.diagonal import diagonal_fisher
-from ._jax.flax_gram import FlaxGram, flax_per_sample_gram, flax_value_grad_and_gram
-from ._jax.flax_rules import LayerRule, register_layer_rule
+from ._jax.recorder import FlaxGram, flax_per_sample_gram, flax_value_grad_and_gram
+from ._jax.registry import LayerRule, register_layer_rule
 from ._jax.generic import per_sample_gram, value_grad_and_gram
 from ._jax.mbf import MBFState, MBFTransformation, mbf, mbf_partition
 from ._jax.sampled import OutputLoss, output_jacobian_gram, output_loss, sample_labels

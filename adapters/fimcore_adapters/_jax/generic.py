@@ -28,7 +28,7 @@ from ._checks import (
     check_params,
     gradient_dtype,
 )
-from .result import StepInfo, leaf_groups
+from .report import StepInfo, leaf_groups
 
 __all__ = ["per_sample_gram", "value_grad_and_gram"]
 

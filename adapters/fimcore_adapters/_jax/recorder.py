@@ -12,12 +12,16 @@ import numpy as np
 from fimcore.layers import LayerRecord, PerLayerSink, check_strategy
 
 from .._compat import LegacyReportDict, deprecated
-from . import flax_layers as layers
 from ._checks import (accumulation_dtype, batch_size, check_finite_if_concrete, check_params,
                       gradient_dtype)
-from .flax_capture import Recorder
-from .flax_fallback import fallback_rows
-from .result import StepInfo
+from .capture import Recorder
+from .convps import conv_kernel_per_sample
+from .cost import choose_dense_form, choose_embed_form
+from .dense import dense_block, materialised_block
+from .embedding import embed_block
+from .fallback import fallback_rows
+from .norm import norm_rows
+from .report import StepInfo
 
 #: ``strategy`` value -> the dense/embedding form it forces
 _FORMS = {"auto": "auto", "factored": "factored", "materialize": "materialised"}
@@ -287,7 +291,7 @@ class FlaxGram:
                 forms.add(form or c.kind)
                 for k, v in ps.items():
                     per_sample[k] = v if k not in per_sample else per_sample[k] + v
-            block, grads = layers.materialised_block(per_sample, acc)
+            block, grads = materialised_block(per_sample, acc)
             methods = sorted({c.method for c, _, _ in items})
             return block, grads, ("tied: materialised per-sample gradients summed over the calls "
                                   f"through {', '.join(methods)} ({'; '.join(sorted(forms))})")
@@ -298,16 +302,15 @@ class FlaxGram:
                 a_parts.append(x2)
                 g_parts.append(d2)
             a, g = jnp.concatenate(a_parts, 1), jnp.concatenate(g_parts, 1)
-            form = layers.choose_dense_form(size, a.shape[1], a.shape[2], g.shape[2], form_of)
-            block, grads = layers.dense_block(a, g, has_bias=module.use_bias, form=form, dtype=acc)
+            form = choose_dense_form(size, a.shape[1], a.shape[2], g.shape[2], form_of)
+            block, grads = dense_block(a, g, has_bias=module.use_bias, form=form, dtype=acc)
             return block, grads, f"{kind.split('_')[0] if kind == 'dense' else kind}: {form} (T={a.shape[1]})"
         if kind == "embed":
             ids = jnp.concatenate([x.reshape(size, -1) for _, x, _ in items], 1)
             g = jnp.concatenate([d.reshape(size, -1, module.features) for _, _, (d,) in items], 1)
             t, v, f = ids.shape[1], module.num_embeddings, module.features
-            form = form_of if form_of != "auto" else (
-                "factored" if size * t * t * (f + 1) <= t * v * f + size * v * f else "materialised")
-            block, grads = layers.embed_block(ids, g, num_embeddings=v, form=form, dtype=acc,
+            form = choose_embed_form(size, t, v, f, form_of)
+            block, grads = embed_block(ids, g, num_embeddings=v, form=form, dtype=acc,
                                               param_dtype=module.param_dtype)
             return block, grads, f"embed: {form} (T={t})"
         per_sample, forms = None, set()
@@ -315,7 +318,7 @@ class FlaxGram:
             ps, form = _per_sample(c, captured, d, size)
             forms.add(form)
             per_sample = ps if per_sample is None else jax.tree_util.tree_map(jnp.add, per_sample, ps)
-        block, grads = layers.materialised_block(per_sample, acc)
+        block, grads = materialised_block(per_sample, acc)
         if kind == "conv":
             return block, grads, "conv: materialised per-sample kernel gradients by " + " and ".join(sorted(forms))
         if kind == "user":
@@ -390,19 +393,11 @@ def _per_sample(call, captured, deltas, size):
     if call.kind == "user":
         return _user_rows(call, captured, deltas, size), None
     if call.kind == "norm":
-        (d,) = deltas
-        axes = call.static["feature_axes"]
-        reduce = tuple(ax for ax in range(1, d.ndim) if ax not in axes)
-        out = {}
-        if module.use_scale:
-            out["scale"] = jnp.sum(captured.astype(d.dtype) * d, axis=reduce)
-        if getattr(module, "use_bias", False):
-            out["bias"] = jnp.sum(d, axis=reduce)
-        return out, None
+        return norm_rows(module, captured, deltas[0], call.static["feature_axes"]), None
     if call.kind == "conv":
         (d,) = deltas
         kernel = nn.meta.unbox(module.variables["params"]["kernel"])
-        per_sample = layers.conv_kernel_per_sample(module, captured, d)
+        per_sample = conv_kernel_per_sample(module, captured, d)
         form = "patches (lax.map)"
         if per_sample is None:
             form = "vmap of the convolution VJP"
