@@ -105,9 +105,11 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             gradients' dtype (float32). Per-sample gradients are cast to it before the products.
         check_finite: outside ``jit``, raise if a parameter is NaN/Inf (one host sync).
         keep_blocks: also return ``{layer: (B, B) block}`` summing to the Gram.
-        memory_budget: None or bytes for the per-sample gradients alive at once: sets
-            ``chunk_size = max(1, memory_budget // (2·P·itemsize))`` (two chunks of P-sized
-            gradients are alive for an off-diagonal block); exclusive with ``chunk_size``.
+        memory_budget: None or bytes for the per-sample gradients alive at once (the PyTorch
+            ``GramRecorder`` option): sets ``chunk_size = memory_budget // (2·P·itemsize)`` (two
+            chunks of P-sized gradients are alive for an off-diagonal block; with
+            ``fisher="sampled"`` each sample holds K of them, ``// (2·K·P·itemsize)``); a budget
+            below two samples' gradients is refused. Exclusive with ``chunk_size``.
         fisher: ``"empirical"`` (rows at the data labels) or ``"sampled"``: the Gram's rows are
             ``∇_θ ℓ(h_i, ŷ_i)`` at labels drawn from the model (ŷ ~ softmax(h) or the Gaussian of
             the MSE), the Monte-Carlo ("true") Fisher's Gram; loss, gradient stay the data-label
@@ -126,7 +128,8 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
     Raises:
         TypeError: integer (non-float) parameter leaves; ``has_aux`` mismatch; non-float dtype.
         ValueError: non-scalar per-example loss, batch leaves with different leading sizes,
-            non-positive ``chunk_size`` or ``memory_budget``, both given, float64 requested with x64 off, non-finite parameters
+            non-positive ``chunk_size`` or ``memory_budget``, both given, a ``memory_budget``
+            smaller than two samples' gradients (the error gives the bytes needed), float64 requested with x64 off, non-finite parameters
             (outside ``jit``).
 
     Example:
@@ -156,10 +159,11 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
                              f"{chunk_size!r} and memory_budget={memory_budget!r}.")
     check_fisher_options(fisher, mc_samples, seed)
     if fisher == "sampled":
-        if keep_blocks or memory_budget is not None:
-            raise ValueError("fisher='sampled' takes neither keep_blocks nor memory_budget; received "
-                             f"keep_blocks={keep_blocks!r}, memory_budget={memory_budget!r}. Drop them")
-        return _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, mc_samples, seed)
+        if keep_blocks:
+            raise ValueError("fisher='sampled' does not take keep_blocks; received "
+                             f"keep_blocks={keep_blocks!r}. Drop it")
+        return _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, mc_samples, seed,
+                             memory_budget)
     per_example = jax.value_and_grad(loss_fn, has_aux=has_aux)
     info = StepInfo()
 
@@ -182,8 +186,7 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             lambda a, b: _leaf_gram(a, b, acc))
         chunk = chunk_size
         if memory_budget is not None:
-            per_sample = sum(int(np.size(x)) * jnp.dtype(jnp.result_type(x)).itemsize for x in leaves)
-            chunk = max(1, memory_budget // (2 * per_sample))
+            chunk = _budget_chunk(memory_budget, leaves, 1, "its per-sample gradients")
         if chunk is None or chunk >= size:
             out, grads = jax.vmap(per_example, in_axes=(None,) + (0,) * len(batch))(params, *batch)
             gram = form(grads, grads)
@@ -209,7 +212,18 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
     return step
 
 
-def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed):
+def _budget_chunk(budget, leaves, copies, what):
+    """Samples per chunk under ``memory_budget``: two chunks of ``copies`` P-sized gradients each."""
+    per_sample = copies * sum(int(np.size(x)) * jnp.dtype(jnp.result_type(x)).itemsize for x in leaves)
+    if 2 * per_sample > budget:
+        raise ValueError(
+            f"memory_budget must hold two samples' worth of {what} (two chunks are alive for an "
+            f"off-diagonal block): 2 × {per_sample} = {2 * per_sample} bytes; received "
+            f"memory_budget={budget!r}. Raise memory_budget to at least {2 * per_sample}, or pass None")
+    return int(budget // (2 * per_sample))
+
+
+def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed, memory_budget=None):
     if not isinstance(loss_fn, OutputLoss):
         raise TypeError(
             "fisher='sampled' needs the model output and the likelihood to draw labels from; "
@@ -218,8 +232,21 @@ def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed):
             "output_loss(predict, 'mse') (predict(params, x) -> logits or mean of one example), "
             "or use fisher='empirical'")
     if has_aux or chunk_size is not None:
-        raise ValueError("fisher='sampled' takes neither has_aux nor chunk_size; received "
-                         f"has_aux={has_aux!r}, chunk_size={chunk_size!r}. Drop them")
+        raise ValueError("fisher='sampled' takes neither has_aux nor chunk_size (use memory_budget "
+                         f"to bound memory); received has_aux={has_aux!r}, chunk_size={chunk_size!r}. "
+                         "Drop them")
+
+    def per_example(params, xi, yi, ki):
+        value, grad, sampled = sampled_grads(loss_fn, params, xi, yi, ki, K)
+        return value, (grad, sampled)
+
+    def form(a, b):
+        # sampled leaves are (c, K, …): Gram of draw k, averaged over k
+        sa = jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 1, 0), a[1])
+        sb = jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 1, 0), b[1])
+        return jax.vmap(lambda x, y: _leaf_gram(x, y, acc_of[0]))(sa, sb).mean(axis=0)
+
+    acc_of = [None]
 
     def step(params, x, y, *, key=None):
         check_params(params)
@@ -228,6 +255,14 @@ def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed):
         size = batch_size((x, y))
         acc = accumulation_dtype(dtype, params)
         keys = jax.random.split(jax.random.key(seed) if key is None else key, size)
+        acc_of[0] = acc
+        if memory_budget is not None:
+            chunk = _budget_chunk(memory_budget, jax.tree_util.tree_leaves(params), K,
+                                  f"its K = {K} sampled-label gradients")
+            if chunk < size:
+                values, mean_grad, gram = _chunked(per_example, params, (x, y, keys), size, chunk,
+                                                   acc, form, mean=lambda g: g[0])
+                return jnp.mean(values), mean_grad, gram
         values, grads, sampled = jax.vmap(
             lambda xi, yi, ki: sampled_grads(loss_fn, params, xi, yi, ki, K))(x, y, keys)
         # sampled leaves are (B, K, …): Gram of draw k, averaged over k
@@ -239,7 +274,12 @@ def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed):
     return step
 
 
-def _chunked(per_example, params, batch, size, chunk, acc, form):
+def _chunked(per_example, params, batch, size, chunk, acc, form, mean=lambda g: g):
+    """Outputs, mean gradient and ``form``-Gram in chunks of ``chunk`` samples (exact).
+
+    ``per_example(params, *example) -> (out, grads)``; ``mean(grads)`` is the part averaged into
+    the mean gradient (all of it for the empirical Gram, the data-label gradient for the sampled
+    one)."""
     n = -(-size // chunk)
     padded = n * chunk
     index = jnp.minimum(jnp.arange(padded), size - 1)  # pad with copies of the last sample
@@ -259,6 +299,7 @@ def _chunked(per_example, params, batch, size, chunk, acc, form):
         return out, grads
 
     zero_grad = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.result_type(p)), params)
+    grad_shapes = jax.eval_shape(lambda k: chunk_grads(k)[1], 0)
 
     def outer(carry, a):
         gram, grad_sum = carry
@@ -274,11 +315,10 @@ def _chunked(per_example, params, batch, size, chunk, acc, form):
             return put(g, jax.tree_util.tree_map(lambda x: x.T, block), (b * chunk, a * chunk))
 
         gram = lax.fori_loop(0, a, inner, gram)
-        grad_sum = jax.tree_util.tree_map(lambda s, g: s + jnp.sum(g, axis=0), grad_sum, ja)
+        grad_sum = jax.tree_util.tree_map(lambda s, g: s + jnp.sum(g, axis=0), grad_sum, mean(ja))
         return (gram, grad_sum), out
 
-    shape = jax.eval_shape(lambda p: form(p, p), jax.tree_util.tree_map(
-        lambda p: jax.ShapeDtypeStruct((chunk,) + jnp.shape(p), jnp.result_type(p)), params))
+    shape = jax.eval_shape(lambda g: form(g, g), grad_shapes)
     zeros = jax.tree_util.tree_map(lambda _: jnp.zeros((padded, padded), acc), shape)
     init = (zeros, zero_grad)
     (gram, grad_sum), outs = lax.scan(outer, init, jnp.arange(n))

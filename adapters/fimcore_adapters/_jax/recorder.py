@@ -17,7 +17,7 @@ from ._checks import (accumulation_dtype, batch_size, check_finite_if_concrete, 
 from .capture import Recorder
 from .convps import conv_kernel_per_sample
 from .cost import choose_dense_form, choose_embed_form
-from .dense import dense_block, materialised_block
+from .dense import budget_chunk, chunked_gram, dense_block, materialised_block
 from .embedding import embed_block
 from .fallback import fallback_rows
 from .norm import norm_rows
@@ -90,6 +90,17 @@ class FlaxGram:
             of the module: per sample, or masked batch VJPs when it couples samples) or
             ``"error"``.
         check_finite: outside ``jit``, raise if a parameter is NaN/Inf.
+        memory_budget: None or bytes: the largest per-layer temporaries of the Gram (the PyTorch
+            ``GramRecorder`` option). A layer whose temporaries exceed it is processed in chunks
+            of c samples (exact): a factored dense/embedding layer builds c rows of its
+            ``A Aᵀ``/``Gₒ Gₒᵀ`` factors at a time (``2·c·B·T²`` entries of the Gram dtype), a
+            materialised one (dense, embedding, conv, norm) holds two chunks of per-sample
+            gradients (``2·c·P_l`` entries; off-diagonal chunk blocks recomputed). With
+            ``strategy="auto"`` a layer whose cheaper form cannot hold one sample within the
+            budget takes the other form if that one can. Not counted: the captured layer
+            inputs and cotangents (the forward's own memory) and the (B, B) Gram. Fallback
+            modules and registered layer rules form all B rows at once, so the budget must
+            hold ``B·P_l`` entries for them.
 
     Raises:
         TypeError: integer parameters; non-float ``dtype``.
@@ -97,7 +108,8 @@ class FlaxGram:
             leading sizes; a layer not receiving the batch on axis 0, or an unrecognised
             module returning an output without it that the loss uses; non-finite parameters
             (outside ``jit``); bad ``strategy``/``fallback``; a ``strategy`` dict naming no
-            parameterised module.
+            parameterised module; a ``memory_budget`` that cannot hold one sample's temporaries
+            of some layer (the error names the layer and the bytes it needs).
         NotImplementedError: unrecognised parameterised module with ``fallback="error"``, or
             one that draws random numbers; with ``fallback="error"``, a recognised layer used
             through another method (tied embeddings).
@@ -118,7 +130,7 @@ class FlaxGram:
 
     def __init__(self, model, loss_fn, *, mutable=False, apply_kwargs=None, dtype=None,
                  strategy="auto", keep_blocks=False, params=None, fallback="vmap",
-                 check_finite=True, dense_form=None):
+                 check_finite=True, dense_form=None, memory_budget=None):
         if dense_form is not None:
             deprecated("FlaxGram(dense_form=...)", "FlaxGram(strategy=...) with 'auto', "
                        "'factored' or 'materialize'")
@@ -131,6 +143,11 @@ class FlaxGram:
                                  f"strategy={strategy!r} and dense_form={dense_form!r}.")
             strategy = {"materialised": "materialize"}.get(dense_form, dense_form)
         self._default, self._strategies = check_strategy(strategy)
+        if memory_budget is not None and (isinstance(memory_budget, bool)
+                                          or not isinstance(memory_budget, int) or memory_budget <= 0):
+            raise ValueError(f"memory_budget must be None or a positive number of bytes; received "
+                             f"{memory_budget!r}")
+        self.memory_budget = memory_budget
         if not isinstance(keep_blocks, bool):
             raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}.")
         if params is not None:
@@ -284,7 +301,29 @@ class FlaxGram:
         call = items[0][0]
         module, kind = call.module, call.kind
         form_of = _FORMS.get(strategy, "auto")
+        label = "/".join(call.path) or "<root>"
+        where = f"layer {label!r} ({type(module).__name__})"
+        budget, itemsize = self.memory_budget, jnp.dtype(acc).itemsize
+        n_params = sum(int(np.size(nn.meta.unbox(v))) for v in
+                       module.variables.get("params", {}).values() if not hasattr(v, "items"))
+
+        def pick(form, need, auto):
+            """The form to take under the budget and the samples per chunk (None: all at once)."""
+            other = {"factored": "materialised", "materialised": "factored"}[form]
+            if auto and budget is not None and need[form] > budget and need[other] <= budget:
+                form = other
+            return form, budget_chunk(budget, need[form], size, f"{where} on the {form} form")
+
+        def whole_batch(what):
+            need = size * n_params * itemsize
+            if budget is not None and need > budget:
+                raise ValueError(
+                    f"memory_budget must hold the per-sample gradients of all B = {size} samples of "
+                    f"{where} at once ({what} forms them for the whole batch): {need} bytes; received "
+                    f"memory_budget={budget!r}. Raise memory_budget to at least {need}, or pass None")
+
         if len({c.kind for c, _, _ in items}) > 1:   # parameters used through several methods
+            whole_batch("a layer used through several methods")
             per_sample, forms = {}, set()
             for c, captured, d in items:
                 ps, form = _call_rows(c, captured, d, size)
@@ -302,17 +341,50 @@ class FlaxGram:
                 a_parts.append(x2)
                 g_parts.append(d2)
             a, g = jnp.concatenate(a_parts, 1), jnp.concatenate(g_parts, 1)
-            form = choose_dense_form(size, a.shape[1], a.shape[2], g.shape[2], form_of)
-            block, grads = dense_block(a, g, has_bias=module.use_bias, form=form, dtype=acc)
-            return block, grads, f"{kind.split('_')[0] if kind == 'dense' else kind}: {form} (T={a.shape[1]})"
+            t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+            form = choose_dense_form(size, t, d_in, d_out, form_of)
+            need = {"factored": (2 * size * t * t + size) * itemsize,
+                    "materialised": 2 * (d_in * d_out + d_out) * itemsize}
+            form, chunk = pick(form, need, form_of == "auto")
+            block, grads = dense_block(a, g, has_bias=module.use_bias, form=form, dtype=acc, chunk=chunk)
+            return block, grads, (f"{kind.split('_')[0] if kind == 'dense' else kind}: {form} (T={t})"
+                                  + _chunked_note(chunk))
         if kind == "embed":
             ids = jnp.concatenate([x.reshape(size, -1) for _, x, _ in items], 1)
             g = jnp.concatenate([d.reshape(size, -1, module.features) for _, _, (d,) in items], 1)
             t, v, f = ids.shape[1], module.num_embeddings, module.features
             form = choose_embed_form(size, t, v, f, form_of)
+            need = {"factored": 2 * size * t * t * itemsize, "materialised": 2 * v * f * itemsize}
+            form, chunk = pick(form, need, form_of == "auto")
             block, grads = embed_block(ids, g, num_embeddings=v, form=form, dtype=acc,
-                                              param_dtype=module.param_dtype)
-            return block, grads, f"embed: {form} (T={t})"
+                                       param_dtype=module.param_dtype, chunk=chunk)
+            return block, grads, f"embed: {form} (T={t})" + _chunked_note(chunk)
+        chunk = None
+        if kind in ("conv", "norm"):
+            chunk = budget_chunk(budget, 2 * n_params * itemsize, size,
+                                 f"{where} (two samples' per-sample gradients)")
+        else:
+            whole_batch("the registered layer rule" if kind == "user" else "the fallback")
+        if chunk is not None:
+            forms = set()
+
+            def rows(ops):
+                total = None
+                for (c, _, _), (captured, d) in zip(items, ops):
+                    ps, form = _per_sample(c, captured, d, chunk)
+                    forms.add(form)
+                    total = ps if total is None else jax.tree_util.tree_map(jnp.add, total, ps)
+                return total
+
+            block, grads = chunked_gram(rows, [(captured, d) for _, captured, d in items], size,
+                                        chunk, acc)
+            note = _chunked_note(chunk)
+            if kind == "conv":
+                grads = {k: v.astype(nn.meta.unbox(module.variables["params"][k]).dtype)
+                         for k, v in grads.items()}
+                return block, grads, ("conv: materialised per-sample kernel gradients by "
+                                      + " and ".join(sorted(forms)) + note)
+            return block, grads, "norm: per-sample affine" + note
         per_sample, forms = None, set()
         for c, captured, d in items:
             ps, form = _per_sample(c, captured, d, size)
@@ -326,6 +398,10 @@ class FlaxGram:
         if kind == "fallback":
             return block, grads, "; ".join(sorted(forms))
         return block, grads, "norm: per-sample affine"
+
+
+def _chunked_note(chunk) -> str:
+    return "" if chunk is None else f", in chunks of {chunk} sample(s) (memory_budget)"
 
 
 def _path_of(how: str) -> str:
