@@ -73,7 +73,7 @@ def _check_loss_shape(per_example, params, batch, has_aux):
 
 def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, check_finite=True,
                         keep_blocks=False, memory_budget=None, fisher="empirical", mc_samples=1,
-                        seed=0):
+                        seed=0, axis_name=None):
     """Transform a per-example loss into ``(params, *batch) -> (mean loss, mean gradient, Gram)``.
 
     ``loss_fn(params, *example)`` is the loss ℓ_i of ONE example (the
@@ -121,6 +121,18 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
         seed: with ``fisher="sampled"``, the step takes a keyword ``key=`` (a ``jax.random`` key;
             pass a fresh one every step); without it ``jax.random.key(seed)`` is used.
             :func:`sample_labels` gives the labels a key draws.
+        axis_name: None, or the mesh axis the batch is split over when the step runs inside
+            ``jax.shard_map`` (each device sees its b = B/n samples). The per-sample gradients
+            ``J_r`` (b, P_l) of every leaf are all-gathered along it (``lax.all_gather``,
+            ``tiled=True``: rows in global batch order, shard r holding rows r·b … r·b + b − 1)
+            before the products, so every device returns the same global (B, B) Gram
+            ``[J_r J_sᵀ]_{r,s}``; ``mean_loss`` and ``mean_grad`` are ``lax.pmean`` over the axis
+            (the global mean; shards are equal-sized under ``shard_map``); ``aux`` stays per
+            shard. With ``fisher="sampled"`` the labels are those of the unsharded step with the
+            same key (key i of the B-way split goes to global sample i). Memory: B × P per
+            device, so ``chunk_size``/``memory_budget`` are refused with it. Not needed under
+            ``jax.jit`` with a ``NamedSharding``-sharded batch (the README's "Data-parallel
+            JAX"): there the global batch is one array and XLA partitions the step itself.
 
     Returns:
         The transformed function (with ``report()`` and ``result()`` attached).
@@ -158,12 +170,21 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             raise ValueError(f"pass chunk_size or memory_budget, not both; received chunk_size="
                              f"{chunk_size!r} and memory_budget={memory_budget!r}.")
     check_fisher_options(fisher, mc_samples, seed)
+    if axis_name is not None:
+        if not isinstance(axis_name, str):
+            raise TypeError(f"axis_name must be None or a mesh axis name (str); received "
+                            f"{type(axis_name).__name__} {axis_name!r}.")
+        if chunk_size is not None or memory_budget is not None:
+            raise ValueError("axis_name gathers every shard's per-sample gradients (B × P per device) "
+                             "and takes neither chunk_size nor memory_budget; received "
+                             f"chunk_size={chunk_size!r}, memory_budget={memory_budget!r}. Drop them, "
+                             "or run the step under jax.jit with a NamedSharding-sharded batch instead")
     if fisher == "sampled":
         if keep_blocks:
             raise ValueError("fisher='sampled' does not take keep_blocks; received "
                              f"keep_blocks={keep_blocks!r}. Drop it")
         return _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, mc_samples, seed,
-                             memory_budget)
+                             memory_budget, axis_name)
     per_example = jax.value_and_grad(loss_fn, has_aux=has_aux)
     info = StepInfo()
 
@@ -174,6 +195,8 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             check_finite_if_concrete(params)
         size = batch_size(batch)
         _check_loss_shape(loss_fn, params, batch, has_aux)
+        if axis_name is not None:
+            params = _varying(params, axis_name)
         acc = accumulation_dtype(dtype, params)
         groups = leaf_groups(params)
         leaves = jax.tree_util.tree_leaves(params)
@@ -189,8 +212,12 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             chunk = _budget_chunk(memory_budget, leaves, 1, "its per-sample gradients")
         if chunk is None or chunk >= size:
             out, grads = jax.vmap(per_example, in_axes=(None,) + (0,) * len(batch))(params, *batch)
-            gram = form(grads, grads)
             mean_grad = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
+            if axis_name is not None:
+                grads = _gather(grads, axis_name)
+                mean_grad = lax.pmean(mean_grad, axis_name)
+                info.batch_size = size * lax.axis_size(axis_name)
+            gram = form(grads, grads)
         else:
             out, mean_grad, gram = _chunked(per_example, params, batch, size, chunk, acc, form)
         extra = ()
@@ -202,10 +229,11 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             extra = (blocks,)
             concrete = not any(isinstance(b, jax.core.Tracer) for b in blocks.values())
             info.blocks = blocks if concrete else None
+        mean = (lambda v: lax.pmean(jnp.mean(v), axis_name)) if axis_name is not None else jnp.mean
         if has_aux:
             losses, aux = out
-            return ((jnp.mean(losses), aux), mean_grad, gram) + extra
-        return (jnp.mean(out), mean_grad, gram) + extra
+            return ((mean(losses), aux), mean_grad, gram) + extra
+        return (mean(out), mean_grad, gram) + extra
 
     step.report = info.report
     step.result = lambda gram, blocks=None: info.result(gram, blocks, what="the step")
@@ -223,7 +251,25 @@ def _budget_chunk(budget, leaves, copies, what):
     return int(budget // (2 * per_sample))
 
 
-def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed, memory_budget=None):
+def _varying(params, axis_name):
+    """Mark replicated parameters as varying over ``axis_name`` inside ``shard_map``: otherwise the
+    gradient of an invariant input is summed over the axis (its transpose is a ``psum``), which
+    would add every shard's sample k into row k of each shard's per-sample gradients."""
+    def cast(p):
+        if axis_name in getattr(jax.typeof(p), "vma", frozenset()):
+            return p
+        return lax.pcast(p, axis_name, to="varying")
+    return jax.tree_util.tree_map(cast, params)
+
+
+def _gather(tree, axis_name):
+    """Every shard's rows, in global batch order (``tiled``: (n·b, …) from (b, …) per shard)."""
+    return jax.tree_util.tree_map(
+        lambda g: lax.all_gather(g, axis_name, axis=0, tiled=True, to="invarying"), tree)
+
+
+def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed, memory_budget=None,
+                  axis_name=None):
     if not isinstance(loss_fn, OutputLoss):
         raise TypeError(
             "fisher='sampled' needs the model output and the likelihood to draw labels from; "
@@ -254,7 +300,15 @@ def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed, me
             check_finite_if_concrete(params)
         size = batch_size((x, y))
         acc = accumulation_dtype(dtype, params)
-        keys = jax.random.split(jax.random.key(seed) if key is None else key, size)
+        if axis_name is not None:
+            params = _varying(params, axis_name)
+        base = jax.random.key(seed) if key is None else key
+        if axis_name is None:
+            keys = jax.random.split(base, size)
+        else:                   # this shard's slice of the global B-way split
+            n = lax.axis_size(axis_name)
+            keys = lax.dynamic_slice_in_dim(jax.random.split(base, size * n),
+                                            lax.axis_index(axis_name) * size, size)
         acc_of[0] = acc
         if memory_budget is not None:
             chunk = _budget_chunk(memory_budget, jax.tree_util.tree_leaves(params), K,
@@ -267,9 +321,14 @@ def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed, me
             lambda xi, yi, ki: sampled_grads(loss_fn, params, xi, yi, ki, K))(x, y, keys)
         # sampled leaves are (B, K, …): Gram of draw k, averaged over k
         per_draw = jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 1, 0), sampled)
-        gram = jax.vmap(lambda g: _leaf_gram(g, g, acc))(per_draw).mean(axis=0)
         mean_grad = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
-        return jnp.mean(values), mean_grad, gram
+        mean_loss = jnp.mean(values)
+        if axis_name is not None:
+            per_draw = jax.tree_util.tree_map(     # (K, b, …) -> (K, B, …)
+                lambda g: lax.all_gather(g, axis_name, axis=1, tiled=True, to="invarying"), per_draw)
+            mean_grad, mean_loss = lax.pmean((mean_grad, mean_loss), axis_name)
+        gram = jax.vmap(lambda g: _leaf_gram(g, g, acc))(per_draw).mean(axis=0)
+        return mean_loss, mean_grad, gram
 
     return step
 
