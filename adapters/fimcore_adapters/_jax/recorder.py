@@ -63,6 +63,13 @@ class FlaxGram:
     before its Gram is formed. After a call, ``report()`` lists the path each parameterised
     module took (a :class:`fimcore.layers.Report`, paths of ``fimcore.layers.PATHS``).
 
+    Data-parallel: jitted with the batch sharded over a mesh axis (``NamedSharding``) and the
+    variables replicated, the step returns the global batch's Gram (rows in global order, sharded
+    by rows unless ``out_shardings`` replicates it), the unsharded gradient and, for BatchNorm in
+    train mode, the global batch statistics (the batch is one array; XLA inserts the reductions).
+    There is no ``axis_name``: inside ``shard_map`` the loss mean and the batch statistics would be
+    the shard's own, so use the ``jit`` route. Tested on CPU with 4 host devices.
+
     With ``keep_blocks=True`` the call returns one more output, last: the per-layer blocks
     ``{module path: (B, B) block}`` (``"Dense_0"``, ``"block/Conv_0"``), whose sum is the Gram
     exactly. ``result(gram, blocks=None)`` turns a step's outputs into a
