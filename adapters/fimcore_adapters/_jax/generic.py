@@ -387,7 +387,8 @@ def _chunked(per_example, params, batch, size, chunk, acc, form, mean=lambda g: 
 
 
 def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dtype=None,
-                    memory_budget=None, fisher="empirical", mc_samples=1, seed=0, key=None):
+                    memory_budget=None, fisher="empirical", mc_samples=1, seed=0, key=None,
+                    axis_name=None):
     """Gram ``G = J Jᵀ`` (B×B) of the per-sample gradients ``J_i = ∇_θ loss_fn(params, *example_i)``.
 
     One-off form of :func:`value_grad_and_gram` (same arguments and errors; ``key`` goes to
@@ -402,7 +403,7 @@ def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dty
     """
     step = value_grad_and_gram(loss_fn, has_aux=has_aux, chunk_size=chunk_size, dtype=dtype,
                                memory_budget=memory_budget, fisher=fisher, mc_samples=mc_samples,
-                               seed=seed)
+                               seed=seed, axis_name=axis_name)
     if fisher == "sampled":
         return step(params, *batch, key=key)[2]
     return step(params, *batch)[2]
