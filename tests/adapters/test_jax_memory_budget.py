@@ -150,3 +150,24 @@ def test_flaxgram_budget_below_one_sample_is_refused_naming_the_layer():
         FlaxGram(Net(), ce_batch, memory_budget=900)(variables, inputs, y)
     with pytest.raises(ValueError, match="memory_budget must be None or a positive number of bytes"):
         FlaxGram(Net(), ce_batch, memory_budget=0)
+
+
+class Scaled(nn.Module):
+    """A parameterised module without a rule: FlaxGram's fallback forms all B rows at once."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x * self.param("w", nn.initializers.ones, (x.shape[-1],), jnp.float64)
+
+
+def test_flaxgram_budget_must_hold_the_whole_batch_rows_of_a_fallback_module():
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(B, 3)))
+    variables = Scaled().init(jax.random.key(0), x)
+    loss = lambda out: jnp.sum(out ** 2, axis=1)               # noqa: E731
+    want = 2 * x * x                                             # ∂ℓ_i/∂w at w = 1
+    gram = FlaxGram(Scaled(), loss, memory_budget=B * 3 * 8)(variables, x)[2]
+    np.testing.assert_allclose(np.asarray(gram), np.asarray(want @ want.T), rtol=1e-12)
+    with pytest.raises(ValueError, match=rf"per-sample gradients of all B = {B} samples of layer "
+                                         rf"'<root>' \(Scaled\) at once \(the fallback.*{B * 3 * 8} "
+                                         "bytes"):
+        FlaxGram(Scaled(), loss, memory_budget=B * 3 * 8 - 1)(variables, x)

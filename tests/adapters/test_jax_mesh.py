@@ -26,6 +26,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import import_backend
+
+jax = import_backend("jax")
+
+from fimcore_adapters.jax import value_grad_and_gram  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r'''
@@ -238,3 +246,12 @@ def test_global_gram_and_gradient_under_a_4_device_data_mesh():
     bad = {k: v for k, v in errors.items() if not v <= 1e-12}
     assert not bad, bad
     assert len(errors) >= 40, sorted(errors)
+
+
+def test_axis_name_options_are_checked():
+    loss = lambda p, x: (p * x).sum()          # noqa: E731
+    with pytest.raises(TypeError, match="axis_name must be None or a mesh axis name"):
+        value_grad_and_gram(loss, axis_name=0)
+    with pytest.raises(ValueError, match="takes neither chunk_size nor memory_budget; received "
+                                         "chunk_size=2"):
+        value_grad_and_gram(loss, axis_name="data", chunk_size=2)
