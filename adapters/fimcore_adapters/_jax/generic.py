@@ -138,11 +138,13 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
         The transformed function (with ``report()`` and ``result()`` attached).
 
     Raises:
-        TypeError: integer (non-float) parameter leaves; ``has_aux`` mismatch; non-float dtype.
+        TypeError: integer (non-float) parameter leaves; ``has_aux`` mismatch; non-float dtype;
+            a non-string ``axis_name``.
         ValueError: non-scalar per-example loss, batch leaves with different leading sizes,
             non-positive ``chunk_size`` or ``memory_budget``, both given, a ``memory_budget``
-            smaller than two samples' gradients (the error gives the bytes needed), float64 requested with x64 off, non-finite parameters
-            (outside ``jit``).
+            smaller than two samples' gradients (the error gives the bytes needed), float64
+            requested with x64 off, non-finite parameters (outside ``jit``), ``axis_name`` with
+            ``chunk_size`` or ``memory_budget``.
 
     Example:
         >>> import jax, jax.numpy as jnp

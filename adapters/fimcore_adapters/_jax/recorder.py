@@ -15,12 +15,10 @@ from .._compat import LegacyReportDict, deprecated
 from ._checks import (accumulation_dtype, batch_size, check_finite_if_concrete, check_params,
                       gradient_dtype)
 from .capture import Recorder
-from .convps import conv_kernel_per_sample
 from .cost import choose_dense_form, choose_embed_form
 from .dense import budget_chunk, chunked_gram, dense_block, materialised_block
 from .embedding import embed_block
-from .fallback import fallback_rows
-from .norm import norm_rows
+from .rows import call_rows, dense_operands, per_sample
 from .report import StepInfo
 
 #: ``strategy`` value -> the dense/embedding form it forces
@@ -331,20 +329,20 @@ class FlaxGram:
 
         if len({c.kind for c, _, _ in items}) > 1:   # parameters used through several methods
             whole_batch("a layer used through several methods")
-            per_sample, forms = {}, set()
+            summed, forms = {}, set()
             for c, captured, d in items:
-                ps, form = _call_rows(c, captured, d, size)
+                ps, form = call_rows(c, captured, d, size)
                 forms.add(form or c.kind)
                 for k, v in ps.items():
-                    per_sample[k] = v if k not in per_sample else per_sample[k] + v
-            block, grads = materialised_block(per_sample, acc)
+                    summed[k] = v if k not in summed else summed[k] + v
+            block, grads = materialised_block(summed, acc)
             methods = sorted({c.method for c, _, _ in items})
             return block, grads, ("tied: materialised per-sample gradients summed over the calls "
                                   f"through {', '.join(methods)} ({'; '.join(sorted(forms))})")
         if kind in ("dense", "dense_general"):
             a_parts, g_parts = [], []
             for c, x, (d,) in items:
-                x2, d2 = _dense_operands(c, x, d, size)
+                x2, d2 = dense_operands(c, x, d, size)
                 a_parts.append(x2)
                 g_parts.append(d2)
             a, g = jnp.concatenate(a_parts, 1), jnp.concatenate(g_parts, 1)
@@ -378,7 +376,7 @@ class FlaxGram:
             def rows(ops):
                 total = None
                 for (c, _, _), (captured, d) in zip(items, ops):
-                    ps, form = _per_sample(c, captured, d, chunk)
+                    ps, form = per_sample(c, captured, d, chunk)
                     forms.add(form)
                     total = ps if total is None else jax.tree_util.tree_map(jnp.add, total, ps)
                 return total
@@ -392,12 +390,12 @@ class FlaxGram:
                 return block, grads, ("conv: materialised per-sample kernel gradients by "
                                       + " and ".join(sorted(forms)) + note)
             return block, grads, "norm: per-sample affine" + note
-        per_sample, forms = None, set()
+        summed, forms = None, set()
         for c, captured, d in items:
-            ps, form = _per_sample(c, captured, d, size)
+            ps, form = per_sample(c, captured, d, size)
             forms.add(form)
-            per_sample = ps if per_sample is None else jax.tree_util.tree_map(jnp.add, per_sample, ps)
-        block, grads = materialised_block(per_sample, acc)
+            summed = ps if summed is None else jax.tree_util.tree_map(jnp.add, summed, ps)
+        block, grads = materialised_block(summed, acc)
         if kind == "conv":
             return block, grads, "conv: materialised per-sample kernel gradients by " + " and ".join(sorted(forms))
         if kind == "user":
@@ -425,99 +423,10 @@ def _path_of(how: str) -> str:
     return "materialize"
 
 
-def _call_rows(call, captured, deltas, size):
-    """Per-sample gradients ``{name: (B, *shape)}`` of any one recorded call, and how."""
-    if call.kind in ("dense", "dense_general"):
-        a, g = _dense_operands(call, captured, deltas[0], size)
-        out = {"kernel": jnp.einsum("bti,bto->bio", a, g)}
-        if call.module.use_bias:
-            out["bias"] = jnp.sum(g, axis=1)
-        kernel = nn.meta.unbox(call.module.variables["params"]["kernel"])
-        out["kernel"] = out["kernel"].reshape((size,) + kernel.shape)
-        return out, "dense per-sample outer products"
-    if call.kind == "embed":
-        module = call.module
-        ids = captured.reshape(size, -1)
-        ids = jnp.where(ids < 0, ids + module.num_embeddings, ids)
-        g = deltas[0].reshape(size, -1, module.features)
-        onehot = jax.nn.one_hot(ids, module.num_embeddings, dtype=g.dtype)
-        return {"embedding": jnp.einsum("btv,btd->bvd", onehot, g)}, "embed one-hot rows"
-    return _per_sample(call, captured, deltas, size)
-
-
 def _to_dict(tree):
     if isinstance(tree, dict) or hasattr(tree, "items"):
         return {k: _to_dict(v) for k, v in tree.items()}
     return tree
-
-
-def _dense_operands(call, x, d, size):
-    """Inputs as (B, T, d_in) and cotangents as (B, T, d_out) of a Dense/DenseGeneral call."""
-    module = call.module
-    if call.kind == "dense":
-        return x.reshape(size, -1, x.shape[-1]), d.reshape(size, -1, d.shape[-1])
-    features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
-    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-    axis = tuple(ax % x.ndim for ax in axis)
-    rest = [ax for ax in range(x.ndim) if ax not in axis]
-    d_in = 1
-    for ax in axis:
-        d_in *= x.shape[ax]
-    d_out = 1
-    for f in features:
-        d_out *= f
-    a = jnp.transpose(x, rest + list(axis)).reshape(size, -1, d_in)
-    return a, d.reshape(size, -1, d_out)
-
-
-def _per_sample(call, captured, deltas, size):
-    """Per-sample gradients (leading axis B) of one conv / norm / fallback call, and how."""
-    module = call.module
-    if call.kind == "user":
-        return _user_rows(call, captured, deltas, size), None
-    if call.kind == "norm":
-        return norm_rows(module, captured, deltas[0], call.static["feature_axes"]), None
-    if call.kind == "conv":
-        (d,) = deltas
-        kernel = nn.meta.unbox(module.variables["params"]["kernel"])
-        per_sample = conv_kernel_per_sample(module, captured, d)
-        form = "patches (lax.map)"
-        if per_sample is None:
-            form = "vmap of the convolution VJP"
-            plain = module.clone(parent=None, use_bias=False)
-
-            def one(x_i, d_i):
-                f = lambda k: plain.apply({"params": {"kernel": k}}, x_i[None])
-                return jax.vjp(f, kernel)[1](d_i[None])[0]
-
-            per_sample = jax.vmap(one)(captured, d)
-        out = {"kernel": per_sample.astype(kernel.dtype)}
-        if module.use_bias:
-            out["bias"] = jnp.sum(d, axis=tuple(range(1, d.ndim - 1)))
-        return out, form
-    return fallback_rows(call, captured, deltas, size)
-
-
-def _user_rows(call, captured, deltas, size):
-    """Per-sample gradients of a call with a registered :class:`LayerRule`, checked against the
-    module's own parameters."""
-    rule, module = call.static["rule"], call.module
-    own = {k: nn.meta.unbox(v) for k, v in module.variables.get("params", {}).items()
-           if not hasattr(v, "items")}
-    where = f"module {'/'.join(call.path) or '<root>'} ({type(module).__name__})"
-    out = rule.per_sample(module, captured, list(deltas))
-    if not hasattr(out, "items") or set(out) != set(own):
-        got = sorted(out) if hasattr(out, "items") else type(out).__name__
-        raise ValueError(
-            f"layer rule {rule.name!r} for {where} must return per-sample gradients "
-            f"{{name: (B, *shape)}} for exactly the parameters the module owns, {sorted(own)}; "
-            f"received {got}")
-    for k, v in out.items():
-        if tuple(jnp.shape(v)) != (size, *jnp.shape(own[k])):
-            raise ValueError(
-                f"layer rule {rule.name!r} for {where}: the per-sample gradient of {k!r} must have "
-                f"shape (B, *shape) = {(size, *jnp.shape(own[k]))}; received {tuple(jnp.shape(v))}")
-    return {k: out[k] for k in own}
 
 
 def flax_value_grad_and_gram(model, loss_fn, **options):
