@@ -30,7 +30,16 @@ Sampled-label ("true") Fisher: build the loss as :func:`output_loss` ``(predict,
 loss-Hessian-weighted form.
 
 Everything runs inside the traced computation (no host round-trips), on whatever device JAX
-places it. Dtype: with ``jax_enable_x64`` on, the Gram is accumulated in float64 by default
+places it.
+
+Data-parallel: under ``jax.jit`` with the batch sharded over a mesh axis (``NamedSharding(mesh,
+P("data"))``) and the parameters replicated, both transforms return the Gram of the GLOBAL batch
+(rows in global batch order, sharded by rows over the axis unless ``out_shardings`` replicates it)
+and the unsharded gradient; in ``FlaxGram`` BatchNorm in train mode uses the global batch
+statistics. Inside ``jax.shard_map``, pass ``axis_name=`` to :func:`value_grad_and_gram`: each
+shard's per-sample gradients are all-gathered along the axis before the products. Tested on CPU
+with 4 host devices, untested on GPU/TPU; see the README section "Data-parallel JAX" (including
+the JAX 0.10.2 fault with sharded ``vmap(grad)`` of convolutions under ``jit``). Dtype: with ``jax_enable_x64`` on, the Gram is accumulated in float64 by default
 (per-sample gradients are cast before the products); with x64 off it is float32 (JAX cannot hold
 float64 arrays) and asking for ``dtype=float64`` raises. Pass :func:`gradient_dtype` of the
 parameters as ``grad_dtype`` to ``fimcore.MeasureTracker.update`` so its default
@@ -58,8 +67,8 @@ import jax  # noqa: F401  (the framework import is the opt-in)
 
 from ._jax._checks import gradient_dtype
 from ._jax.diagonal import diagonal_fisher
-from ._jax.flax_gram import FlaxGram, flax_per_sample_gram, flax_value_grad_and_gram
-from ._jax.flax_rules import LayerRule, register_layer_rule
+from ._jax.recorder import FlaxGram, flax_per_sample_gram, flax_value_grad_and_gram
+from ._jax.registry import LayerRule, register_layer_rule
 from ._jax.generic import per_sample_gram, value_grad_and_gram
 from ._jax.mbf import MBFState, MBFTransformation, mbf, mbf_partition
 from ._jax.sampled import OutputLoss, output_jacobian_gram, output_loss, sample_labels

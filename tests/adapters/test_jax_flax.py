@@ -208,7 +208,7 @@ def test_every_conv_option_matches_the_loop(options):
 @pytest.mark.parametrize("over_samples", ["map", "vmap"])
 def test_per_sample_conv_kernels_both_loop_forms_match_the_vjp(over_samples):
     """The patches form, looped (CPU) or batched (accelerators), against jax.vjp per sample."""
-    from fimcore_adapters._jax.flax_layers import conv_kernel_per_sample
+    from fimcore_adapters._jax.convps import conv_kernel_per_sample
 
     conv = nn.Conv(6, (3, 2), strides=(2, 1), padding="SAME", feature_group_count=2, **F64)
     rng = np.random.default_rng(4)

@@ -28,7 +28,7 @@ from ._checks import (
     check_params,
     gradient_dtype,
 )
-from .result import StepInfo, leaf_groups
+from .report import StepInfo, leaf_groups
 
 __all__ = ["per_sample_gram", "value_grad_and_gram"]
 
@@ -73,7 +73,7 @@ def _check_loss_shape(per_example, params, batch, has_aux):
 
 def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, check_finite=True,
                         keep_blocks=False, memory_budget=None, fisher="empirical", mc_samples=1,
-                        seed=0):
+                        seed=0, axis_name=None):
     """Transform a per-example loss into ``(params, *batch) -> (mean loss, mean gradient, Gram)``.
 
     ``loss_fn(params, *example)`` is the loss ℓ_i of ONE example (the
@@ -105,9 +105,11 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             gradients' dtype (float32). Per-sample gradients are cast to it before the products.
         check_finite: outside ``jit``, raise if a parameter is NaN/Inf (one host sync).
         keep_blocks: also return ``{layer: (B, B) block}`` summing to the Gram.
-        memory_budget: None or bytes for the per-sample gradients alive at once: sets
-            ``chunk_size = max(1, memory_budget // (2·P·itemsize))`` (two chunks of P-sized
-            gradients are alive for an off-diagonal block); exclusive with ``chunk_size``.
+        memory_budget: None or bytes for the per-sample gradients alive at once (the PyTorch
+            ``GramRecorder`` option): sets ``chunk_size = memory_budget // (2·P·itemsize)`` (two
+            chunks of P-sized gradients are alive for an off-diagonal block; with
+            ``fisher="sampled"`` each sample holds K of them, ``// (2·K·P·itemsize)``); a budget
+            below two samples' gradients is refused. Exclusive with ``chunk_size``.
         fisher: ``"empirical"`` (rows at the data labels) or ``"sampled"``: the Gram's rows are
             ``∇_θ ℓ(h_i, ŷ_i)`` at labels drawn from the model (ŷ ~ softmax(h) or the Gaussian of
             the MSE), the Monte-Carlo ("true") Fisher's Gram; loss, gradient stay the data-label
@@ -119,15 +121,30 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
         seed: with ``fisher="sampled"``, the step takes a keyword ``key=`` (a ``jax.random`` key;
             pass a fresh one every step); without it ``jax.random.key(seed)`` is used.
             :func:`sample_labels` gives the labels a key draws.
+        axis_name: None, or the mesh axis the batch is split over when the step runs inside
+            ``jax.shard_map`` (each device sees its b = B/n samples). The per-sample gradients
+            ``J_r`` (b, P_l) of every leaf are all-gathered along it (``lax.all_gather``,
+            ``tiled=True``: rows in global batch order, shard r holding rows r·b … r·b + b − 1)
+            before the products, so every device returns the same global (B, B) Gram
+            ``[J_r J_sᵀ]_{r,s}``; ``mean_loss`` and ``mean_grad`` are ``lax.pmean`` over the axis
+            (the global mean; shards are equal-sized under ``shard_map``); ``aux`` stays per
+            shard. With ``fisher="sampled"`` the labels are those of the unsharded step with the
+            same key (key i of the B-way split goes to global sample i). Memory: B × P per
+            device, so ``chunk_size``/``memory_budget`` are refused with it. Not needed under
+            ``jax.jit`` with a ``NamedSharding``-sharded batch (the README's "Data-parallel
+            JAX"): there the global batch is one array and XLA partitions the step itself.
 
     Returns:
         The transformed function (with ``report()`` and ``result()`` attached).
 
     Raises:
-        TypeError: integer (non-float) parameter leaves; ``has_aux`` mismatch; non-float dtype.
+        TypeError: integer (non-float) parameter leaves; ``has_aux`` mismatch; non-float dtype;
+            a non-string ``axis_name``.
         ValueError: non-scalar per-example loss, batch leaves with different leading sizes,
-            non-positive ``chunk_size`` or ``memory_budget``, both given, float64 requested with x64 off, non-finite parameters
-            (outside ``jit``).
+            non-positive ``chunk_size`` or ``memory_budget``, both given, a ``memory_budget``
+            smaller than two samples' gradients (the error gives the bytes needed), float64
+            requested with x64 off, non-finite parameters (outside ``jit``), ``axis_name`` with
+            ``chunk_size`` or ``memory_budget``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -155,11 +172,21 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             raise ValueError(f"pass chunk_size or memory_budget, not both; received chunk_size="
                              f"{chunk_size!r} and memory_budget={memory_budget!r}.")
     check_fisher_options(fisher, mc_samples, seed)
+    if axis_name is not None:
+        if not isinstance(axis_name, str):
+            raise TypeError(f"axis_name must be None or a mesh axis name (str); received "
+                            f"{type(axis_name).__name__} {axis_name!r}.")
+        if chunk_size is not None or memory_budget is not None:
+            raise ValueError("axis_name gathers every shard's per-sample gradients (B × P per device) "
+                             "and takes neither chunk_size nor memory_budget; received "
+                             f"chunk_size={chunk_size!r}, memory_budget={memory_budget!r}. Drop them, "
+                             "or run the step under jax.jit with a NamedSharding-sharded batch instead")
     if fisher == "sampled":
-        if keep_blocks or memory_budget is not None:
-            raise ValueError("fisher='sampled' takes neither keep_blocks nor memory_budget; received "
-                             f"keep_blocks={keep_blocks!r}, memory_budget={memory_budget!r}. Drop them")
-        return _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, mc_samples, seed)
+        if keep_blocks:
+            raise ValueError("fisher='sampled' does not take keep_blocks; received "
+                             f"keep_blocks={keep_blocks!r}. Drop it")
+        return _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, mc_samples, seed,
+                             memory_budget, axis_name)
     per_example = jax.value_and_grad(loss_fn, has_aux=has_aux)
     info = StepInfo()
 
@@ -170,6 +197,8 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             check_finite_if_concrete(params)
         size = batch_size(batch)
         _check_loss_shape(loss_fn, params, batch, has_aux)
+        if axis_name is not None:
+            params = _varying(params, axis_name)
         acc = accumulation_dtype(dtype, params)
         groups = leaf_groups(params)
         leaves = jax.tree_util.tree_leaves(params)
@@ -182,12 +211,15 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             lambda a, b: _leaf_gram(a, b, acc))
         chunk = chunk_size
         if memory_budget is not None:
-            per_sample = sum(int(np.size(x)) * jnp.dtype(jnp.result_type(x)).itemsize for x in leaves)
-            chunk = max(1, memory_budget // (2 * per_sample))
+            chunk = _budget_chunk(memory_budget, leaves, 1, "its per-sample gradients")
         if chunk is None or chunk >= size:
             out, grads = jax.vmap(per_example, in_axes=(None,) + (0,) * len(batch))(params, *batch)
-            gram = form(grads, grads)
             mean_grad = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
+            if axis_name is not None:
+                grads = _gather(grads, axis_name)
+                mean_grad = lax.pmean(mean_grad, axis_name)
+                info.batch_size = size * lax.axis_size(axis_name)
+            gram = form(grads, grads)
         else:
             out, mean_grad, gram = _chunked(per_example, params, batch, size, chunk, acc, form)
         extra = ()
@@ -199,17 +231,47 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
             extra = (blocks,)
             concrete = not any(isinstance(b, jax.core.Tracer) for b in blocks.values())
             info.blocks = blocks if concrete else None
+        mean = (lambda v: lax.pmean(jnp.mean(v), axis_name)) if axis_name is not None else jnp.mean
         if has_aux:
             losses, aux = out
-            return ((jnp.mean(losses), aux), mean_grad, gram) + extra
-        return (jnp.mean(out), mean_grad, gram) + extra
+            return ((mean(losses), aux), mean_grad, gram) + extra
+        return (mean(out), mean_grad, gram) + extra
 
     step.report = info.report
     step.result = lambda gram, blocks=None: info.result(gram, blocks, what="the step")
     return step
 
 
-def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed):
+def _budget_chunk(budget, leaves, copies, what):
+    """Samples per chunk under ``memory_budget``: two chunks of ``copies`` P-sized gradients each."""
+    per_sample = copies * sum(int(np.size(x)) * jnp.dtype(jnp.result_type(x)).itemsize for x in leaves)
+    if 2 * per_sample > budget:
+        raise ValueError(
+            f"memory_budget must hold two samples' worth of {what} (two chunks are alive for an "
+            f"off-diagonal block): 2 × {per_sample} = {2 * per_sample} bytes; received "
+            f"memory_budget={budget!r}. Raise memory_budget to at least {2 * per_sample}, or pass None")
+    return int(budget // (2 * per_sample))
+
+
+def _varying(params, axis_name):
+    """Mark replicated parameters as varying over ``axis_name`` inside ``shard_map``: otherwise the
+    gradient of an invariant input is summed over the axis (its transpose is a ``psum``), which
+    would add every shard's sample k into row k of each shard's per-sample gradients."""
+    def cast(p):
+        if axis_name in getattr(jax.typeof(p), "vma", frozenset()):
+            return p
+        return lax.pcast(p, axis_name, to="varying")
+    return jax.tree_util.tree_map(cast, params)
+
+
+def _gather(tree, axis_name):
+    """Every shard's rows, in global batch order (``tiled``: (n·b, …) from (b, …) per shard)."""
+    return jax.tree_util.tree_map(
+        lambda g: lax.all_gather(g, axis_name, axis=0, tiled=True, to="invarying"), tree)
+
+
+def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed, memory_budget=None,
+                  axis_name=None):
     if not isinstance(loss_fn, OutputLoss):
         raise TypeError(
             "fisher='sampled' needs the model output and the likelihood to draw labels from; "
@@ -218,8 +280,21 @@ def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed):
             "output_loss(predict, 'mse') (predict(params, x) -> logits or mean of one example), "
             "or use fisher='empirical'")
     if has_aux or chunk_size is not None:
-        raise ValueError("fisher='sampled' takes neither has_aux nor chunk_size; received "
-                         f"has_aux={has_aux!r}, chunk_size={chunk_size!r}. Drop them")
+        raise ValueError("fisher='sampled' takes neither has_aux nor chunk_size (use memory_budget "
+                         f"to bound memory); received has_aux={has_aux!r}, chunk_size={chunk_size!r}. "
+                         "Drop them")
+
+    def per_example(params, xi, yi, ki):
+        value, grad, sampled = sampled_grads(loss_fn, params, xi, yi, ki, K)
+        return value, (grad, sampled)
+
+    def form(a, b):
+        # sampled leaves are (c, K, …): Gram of draw k, averaged over k
+        sa = jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 1, 0), a[1])
+        sb = jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 1, 0), b[1])
+        return jax.vmap(lambda x, y: _leaf_gram(x, y, acc_of[0]))(sa, sb).mean(axis=0)
+
+    acc_of = [None]
 
     def step(params, x, y, *, key=None):
         check_params(params)
@@ -227,19 +302,45 @@ def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed):
             check_finite_if_concrete(params)
         size = batch_size((x, y))
         acc = accumulation_dtype(dtype, params)
-        keys = jax.random.split(jax.random.key(seed) if key is None else key, size)
+        if axis_name is not None:
+            params = _varying(params, axis_name)
+        base = jax.random.key(seed) if key is None else key
+        if axis_name is None:
+            keys = jax.random.split(base, size)
+        else:                   # this shard's slice of the global B-way split
+            n = lax.axis_size(axis_name)
+            keys = lax.dynamic_slice_in_dim(jax.random.split(base, size * n),
+                                            lax.axis_index(axis_name) * size, size)
+        acc_of[0] = acc
+        if memory_budget is not None:
+            chunk = _budget_chunk(memory_budget, jax.tree_util.tree_leaves(params), K,
+                                  f"its K = {K} sampled-label gradients")
+            if chunk < size:
+                values, mean_grad, gram = _chunked(per_example, params, (x, y, keys), size, chunk,
+                                                   acc, form, mean=lambda g: g[0])
+                return jnp.mean(values), mean_grad, gram
         values, grads, sampled = jax.vmap(
             lambda xi, yi, ki: sampled_grads(loss_fn, params, xi, yi, ki, K))(x, y, keys)
         # sampled leaves are (B, K, …): Gram of draw k, averaged over k
         per_draw = jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 1, 0), sampled)
-        gram = jax.vmap(lambda g: _leaf_gram(g, g, acc))(per_draw).mean(axis=0)
         mean_grad = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
-        return jnp.mean(values), mean_grad, gram
+        mean_loss = jnp.mean(values)
+        if axis_name is not None:
+            per_draw = jax.tree_util.tree_map(     # (K, b, …) -> (K, B, …)
+                lambda g: lax.all_gather(g, axis_name, axis=1, tiled=True, to="invarying"), per_draw)
+            mean_grad, mean_loss = lax.pmean((mean_grad, mean_loss), axis_name)
+        gram = jax.vmap(lambda g: _leaf_gram(g, g, acc))(per_draw).mean(axis=0)
+        return mean_loss, mean_grad, gram
 
     return step
 
 
-def _chunked(per_example, params, batch, size, chunk, acc, form):
+def _chunked(per_example, params, batch, size, chunk, acc, form, mean=lambda g: g):
+    """Outputs, mean gradient and ``form``-Gram in chunks of ``chunk`` samples (exact).
+
+    ``per_example(params, *example) -> (out, grads)``; ``mean(grads)`` is the part averaged into
+    the mean gradient (all of it for the empirical Gram, the data-label gradient for the sampled
+    one)."""
     n = -(-size // chunk)
     padded = n * chunk
     index = jnp.minimum(jnp.arange(padded), size - 1)  # pad with copies of the last sample
@@ -259,6 +360,7 @@ def _chunked(per_example, params, batch, size, chunk, acc, form):
         return out, grads
 
     zero_grad = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.result_type(p)), params)
+    grad_shapes = jax.eval_shape(lambda k: chunk_grads(k)[1], 0)
 
     def outer(carry, a):
         gram, grad_sum = carry
@@ -274,11 +376,10 @@ def _chunked(per_example, params, batch, size, chunk, acc, form):
             return put(g, jax.tree_util.tree_map(lambda x: x.T, block), (b * chunk, a * chunk))
 
         gram = lax.fori_loop(0, a, inner, gram)
-        grad_sum = jax.tree_util.tree_map(lambda s, g: s + jnp.sum(g, axis=0), grad_sum, ja)
+        grad_sum = jax.tree_util.tree_map(lambda s, g: s + jnp.sum(g, axis=0), grad_sum, mean(ja))
         return (gram, grad_sum), out
 
-    shape = jax.eval_shape(lambda p: form(p, p), jax.tree_util.tree_map(
-        lambda p: jax.ShapeDtypeStruct((chunk,) + jnp.shape(p), jnp.result_type(p)), params))
+    shape = jax.eval_shape(lambda g: form(g, g), grad_shapes)
     zeros = jax.tree_util.tree_map(lambda _: jnp.zeros((padded, padded), acc), shape)
     init = (zeros, zero_grad)
     (gram, grad_sum), outs = lax.scan(outer, init, jnp.arange(n))
@@ -288,7 +389,8 @@ def _chunked(per_example, params, batch, size, chunk, acc, form):
 
 
 def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dtype=None,
-                    memory_budget=None, fisher="empirical", mc_samples=1, seed=0, key=None):
+                    memory_budget=None, fisher="empirical", mc_samples=1, seed=0, key=None,
+                    axis_name=None):
     """Gram ``G = J Jᵀ`` (B×B) of the per-sample gradients ``J_i = ∇_θ loss_fn(params, *example_i)``.
 
     One-off form of :func:`value_grad_and_gram` (same arguments and errors; ``key`` goes to
@@ -303,7 +405,7 @@ def per_sample_gram(loss_fn, params, *batch, has_aux=False, chunk_size=None, dty
     """
     step = value_grad_and_gram(loss_fn, has_aux=has_aux, chunk_size=chunk_size, dtype=dtype,
                                memory_budget=memory_budget, fisher=fisher, mc_samples=mc_samples,
-                               seed=seed)
+                               seed=seed, axis_name=axis_name)
     if fisher == "sampled":
         return step(params, *batch, key=key)[2]
     return step(params, *batch)[2]

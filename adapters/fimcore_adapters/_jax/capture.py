@@ -9,10 +9,10 @@ from the same (input, δ) pairs that build the Gram.
 
 Modules that own parameters but are not recognised are recorded as *fallback* calls (their
 array arguments and non-parameter collections are kept): their rows are formed afterwards by
-re-running that module alone (``flax_fallback``), per sample or, when it couples samples,
+re-running that module alone (:mod:`.fallback`), per sample or, when it couples samples,
 as the batch VJP masked to each sample.
 
-A module whose type has a user rule (``register_layer_rule``, :mod:`.flax_rules`) runs through
+A module whose type has a user rule (``register_layer_rule``, :mod:`.registry`) runs through
 that rule's ``forward``, which returns the arrays to keep; its rows come from the rule's
 ``per_sample``.
 """
@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .flax_rules import rule_for
+from .registry import rule_for
 
 __all__ = ["Call", "Recorder", "layer_kind"]
 

@@ -12,12 +12,14 @@ import numpy as np
 from fimcore.layers import LayerRecord, PerLayerSink, check_strategy
 
 from .._compat import LegacyReportDict, deprecated
-from . import flax_layers as layers
 from ._checks import (accumulation_dtype, batch_size, check_finite_if_concrete, check_params,
                       gradient_dtype)
-from .flax_capture import Recorder
-from .flax_fallback import fallback_rows
-from .result import StepInfo
+from .capture import Recorder
+from .cost import choose_dense_form, choose_embed_form
+from .dense import budget_chunk, chunked_gram, dense_block, materialised_block
+from .embedding import embed_block
+from .rows import call_rows, dense_operands, per_sample
+from .report import StepInfo
 
 #: ``strategy`` value -> the dense/embedding form it forces
 _FORMS = {"auto": "auto", "factored": "factored", "materialize": "materialised"}
@@ -59,6 +61,13 @@ class FlaxGram:
     before its Gram is formed. After a call, ``report()`` lists the path each parameterised
     module took (a :class:`fimcore.layers.Report`, paths of ``fimcore.layers.PATHS``).
 
+    Data-parallel: jitted with the batch sharded over a mesh axis (``NamedSharding``) and the
+    variables replicated, the step returns the global batch's Gram (rows in global order, sharded
+    by rows unless ``out_shardings`` replicates it), the unsharded gradient and, for BatchNorm in
+    train mode, the global batch statistics (the batch is one array; XLA inserts the reductions).
+    There is no ``axis_name``: inside ``shard_map`` the loss mean and the batch statistics would be
+    the shard's own, so use the ``jit`` route. Tested on CPU with 4 host devices.
+
     With ``keep_blocks=True`` the call returns one more output, last: the per-layer blocks
     ``{module path: (B, B) block}`` (``"Dense_0"``, ``"block/Conv_0"``), whose sum is the Gram
     exactly. ``result(gram, blocks=None)`` turns a step's outputs into a
@@ -86,6 +95,17 @@ class FlaxGram:
             of the module: per sample, or masked batch VJPs when it couples samples) or
             ``"error"``.
         check_finite: outside ``jit``, raise if a parameter is NaN/Inf.
+        memory_budget: None or bytes: the largest per-layer temporaries of the Gram (the PyTorch
+            ``GramRecorder`` option). A layer whose temporaries exceed it is processed in chunks
+            of c samples (exact): a factored dense/embedding layer builds c rows of its
+            ``A Aᵀ``/``Gₒ Gₒᵀ`` factors at a time (``2·c·B·T²`` entries of the Gram dtype), a
+            materialised one (dense, embedding, conv, norm) holds two chunks of per-sample
+            gradients (``2·c·P_l`` entries; off-diagonal chunk blocks recomputed). With
+            ``strategy="auto"`` a layer whose cheaper form cannot hold one sample within the
+            budget takes the other form if that one can. Not counted: the captured layer
+            inputs and cotangents (the forward's own memory) and the (B, B) Gram. Fallback
+            modules and registered layer rules form all B rows at once, so the budget must
+            hold ``B·P_l`` entries for them.
 
     Raises:
         TypeError: integer parameters; non-float ``dtype``.
@@ -93,7 +113,8 @@ class FlaxGram:
             leading sizes; a layer not receiving the batch on axis 0, or an unrecognised
             module returning an output without it that the loss uses; non-finite parameters
             (outside ``jit``); bad ``strategy``/``fallback``; a ``strategy`` dict naming no
-            parameterised module.
+            parameterised module; a ``memory_budget`` that cannot hold one sample's temporaries
+            of some layer (the error names the layer and the bytes it needs).
         NotImplementedError: unrecognised parameterised module with ``fallback="error"``, or
             one that draws random numbers; with ``fallback="error"``, a recognised layer used
             through another method (tied embeddings).
@@ -114,7 +135,7 @@ class FlaxGram:
 
     def __init__(self, model, loss_fn, *, mutable=False, apply_kwargs=None, dtype=None,
                  strategy="auto", keep_blocks=False, params=None, fallback="vmap",
-                 check_finite=True, dense_form=None):
+                 check_finite=True, dense_form=None, memory_budget=None):
         if dense_form is not None:
             deprecated("FlaxGram(dense_form=...)", "FlaxGram(strategy=...) with 'auto', "
                        "'factored' or 'materialize'")
@@ -127,6 +148,11 @@ class FlaxGram:
                                  f"strategy={strategy!r} and dense_form={dense_form!r}.")
             strategy = {"materialised": "materialize"}.get(dense_form, dense_form)
         self._default, self._strategies = check_strategy(strategy)
+        if memory_budget is not None and (isinstance(memory_budget, bool)
+                                          or not isinstance(memory_budget, int) or memory_budget <= 0):
+            raise ValueError(f"memory_budget must be None or a positive number of bytes; received "
+                             f"{memory_budget!r}")
+        self.memory_budget = memory_budget
         if not isinstance(keep_blocks, bool):
             raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}.")
         if params is not None:
@@ -280,42 +306,96 @@ class FlaxGram:
         call = items[0][0]
         module, kind = call.module, call.kind
         form_of = _FORMS.get(strategy, "auto")
+        label = "/".join(call.path) or "<root>"
+        where = f"layer {label!r} ({type(module).__name__})"
+        budget, itemsize = self.memory_budget, jnp.dtype(acc).itemsize
+        n_params = sum(int(np.size(nn.meta.unbox(v))) for v in
+                       module.variables.get("params", {}).values() if not hasattr(v, "items"))
+
+        def pick(form, need, auto):
+            """The form to take under the budget and the samples per chunk (None: all at once)."""
+            other = {"factored": "materialised", "materialised": "factored"}[form]
+            if auto and budget is not None and need[form] > budget and need[other] <= budget:
+                form = other
+            return form, budget_chunk(budget, need[form], size, f"{where} on the {form} form")
+
+        def whole_batch(what):
+            need = size * n_params * itemsize
+            if budget is not None and need > budget:
+                raise ValueError(
+                    f"memory_budget must hold the per-sample gradients of all B = {size} samples of "
+                    f"{where} at once ({what} forms them for the whole batch): {need} bytes; received "
+                    f"memory_budget={budget!r}. Raise memory_budget to at least {need}, or pass None")
+
         if len({c.kind for c, _, _ in items}) > 1:   # parameters used through several methods
-            per_sample, forms = {}, set()
+            whole_batch("a layer used through several methods")
+            summed, forms = {}, set()
             for c, captured, d in items:
-                ps, form = _call_rows(c, captured, d, size)
+                ps, form = call_rows(c, captured, d, size)
                 forms.add(form or c.kind)
                 for k, v in ps.items():
-                    per_sample[k] = v if k not in per_sample else per_sample[k] + v
-            block, grads = layers.materialised_block(per_sample, acc)
+                    summed[k] = v if k not in summed else summed[k] + v
+            block, grads = materialised_block(summed, acc)
             methods = sorted({c.method for c, _, _ in items})
             return block, grads, ("tied: materialised per-sample gradients summed over the calls "
                                   f"through {', '.join(methods)} ({'; '.join(sorted(forms))})")
         if kind in ("dense", "dense_general"):
             a_parts, g_parts = [], []
             for c, x, (d,) in items:
-                x2, d2 = _dense_operands(c, x, d, size)
+                x2, d2 = dense_operands(c, x, d, size)
                 a_parts.append(x2)
                 g_parts.append(d2)
             a, g = jnp.concatenate(a_parts, 1), jnp.concatenate(g_parts, 1)
-            form = layers.choose_dense_form(size, a.shape[1], a.shape[2], g.shape[2], form_of)
-            block, grads = layers.dense_block(a, g, has_bias=module.use_bias, form=form, dtype=acc)
-            return block, grads, f"{kind.split('_')[0] if kind == 'dense' else kind}: {form} (T={a.shape[1]})"
+            t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+            form = choose_dense_form(size, t, d_in, d_out, form_of)
+            need = {"factored": (2 * size * t * t + size) * itemsize,
+                    "materialised": 2 * (d_in * d_out + d_out) * itemsize}
+            form, chunk = pick(form, need, form_of == "auto")
+            block, grads = dense_block(a, g, has_bias=module.use_bias, form=form, dtype=acc, chunk=chunk)
+            return block, grads, (f"{kind.split('_')[0] if kind == 'dense' else kind}: {form} (T={t})"
+                                  + _chunked_note(chunk))
         if kind == "embed":
             ids = jnp.concatenate([x.reshape(size, -1) for _, x, _ in items], 1)
             g = jnp.concatenate([d.reshape(size, -1, module.features) for _, _, (d,) in items], 1)
             t, v, f = ids.shape[1], module.num_embeddings, module.features
-            form = form_of if form_of != "auto" else (
-                "factored" if size * t * t * (f + 1) <= t * v * f + size * v * f else "materialised")
-            block, grads = layers.embed_block(ids, g, num_embeddings=v, form=form, dtype=acc,
-                                              param_dtype=module.param_dtype)
-            return block, grads, f"embed: {form} (T={t})"
-        per_sample, forms = None, set()
+            form = choose_embed_form(size, t, v, f, form_of)
+            need = {"factored": 2 * size * t * t * itemsize, "materialised": 2 * v * f * itemsize}
+            form, chunk = pick(form, need, form_of == "auto")
+            block, grads = embed_block(ids, g, num_embeddings=v, form=form, dtype=acc,
+                                       param_dtype=module.param_dtype, chunk=chunk)
+            return block, grads, f"embed: {form} (T={t})" + _chunked_note(chunk)
+        chunk = None
+        if kind in ("conv", "norm"):
+            chunk = budget_chunk(budget, 2 * n_params * itemsize, size,
+                                 f"{where} (two samples' per-sample gradients)")
+        else:
+            whole_batch("the registered layer rule" if kind == "user" else "the fallback")
+        if chunk is not None:
+            forms = set()
+
+            def rows(ops):
+                total = None
+                for (c, _, _), (captured, d) in zip(items, ops):
+                    ps, form = per_sample(c, captured, d, chunk)
+                    forms.add(form)
+                    total = ps if total is None else jax.tree_util.tree_map(jnp.add, total, ps)
+                return total
+
+            block, grads = chunked_gram(rows, [(captured, d) for _, captured, d in items], size,
+                                        chunk, acc)
+            note = _chunked_note(chunk)
+            if kind == "conv":
+                grads = {k: v.astype(nn.meta.unbox(module.variables["params"][k]).dtype)
+                         for k, v in grads.items()}
+                return block, grads, ("conv: materialised per-sample kernel gradients by "
+                                      + " and ".join(sorted(forms)) + note)
+            return block, grads, "norm: per-sample affine" + note
+        summed, forms = None, set()
         for c, captured, d in items:
-            ps, form = _per_sample(c, captured, d, size)
+            ps, form = per_sample(c, captured, d, size)
             forms.add(form)
-            per_sample = ps if per_sample is None else jax.tree_util.tree_map(jnp.add, per_sample, ps)
-        block, grads = layers.materialised_block(per_sample, acc)
+            summed = ps if summed is None else jax.tree_util.tree_map(jnp.add, summed, ps)
+        block, grads = materialised_block(summed, acc)
         if kind == "conv":
             return block, grads, "conv: materialised per-sample kernel gradients by " + " and ".join(sorted(forms))
         if kind == "user":
@@ -323,6 +403,10 @@ class FlaxGram:
         if kind == "fallback":
             return block, grads, "; ".join(sorted(forms))
         return block, grads, "norm: per-sample affine"
+
+
+def _chunked_note(chunk) -> str:
+    return "" if chunk is None else f", in chunks of {chunk} sample(s) (memory_budget)"
 
 
 def _path_of(how: str) -> str:
@@ -339,107 +423,10 @@ def _path_of(how: str) -> str:
     return "materialize"
 
 
-def _call_rows(call, captured, deltas, size):
-    """Per-sample gradients ``{name: (B, *shape)}`` of any one recorded call, and how."""
-    if call.kind in ("dense", "dense_general"):
-        a, g = _dense_operands(call, captured, deltas[0], size)
-        out = {"kernel": jnp.einsum("bti,bto->bio", a, g)}
-        if call.module.use_bias:
-            out["bias"] = jnp.sum(g, axis=1)
-        kernel = nn.meta.unbox(call.module.variables["params"]["kernel"])
-        out["kernel"] = out["kernel"].reshape((size,) + kernel.shape)
-        return out, "dense per-sample outer products"
-    if call.kind == "embed":
-        module = call.module
-        ids = captured.reshape(size, -1)
-        ids = jnp.where(ids < 0, ids + module.num_embeddings, ids)
-        g = deltas[0].reshape(size, -1, module.features)
-        onehot = jax.nn.one_hot(ids, module.num_embeddings, dtype=g.dtype)
-        return {"embedding": jnp.einsum("btv,btd->bvd", onehot, g)}, "embed one-hot rows"
-    return _per_sample(call, captured, deltas, size)
-
-
 def _to_dict(tree):
     if isinstance(tree, dict) or hasattr(tree, "items"):
         return {k: _to_dict(v) for k, v in tree.items()}
     return tree
-
-
-def _dense_operands(call, x, d, size):
-    """Inputs as (B, T, d_in) and cotangents as (B, T, d_out) of a Dense/DenseGeneral call."""
-    module = call.module
-    if call.kind == "dense":
-        return x.reshape(size, -1, x.shape[-1]), d.reshape(size, -1, d.shape[-1])
-    features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
-    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-    axis = tuple(ax % x.ndim for ax in axis)
-    rest = [ax for ax in range(x.ndim) if ax not in axis]
-    d_in = 1
-    for ax in axis:
-        d_in *= x.shape[ax]
-    d_out = 1
-    for f in features:
-        d_out *= f
-    a = jnp.transpose(x, rest + list(axis)).reshape(size, -1, d_in)
-    return a, d.reshape(size, -1, d_out)
-
-
-def _per_sample(call, captured, deltas, size):
-    """Per-sample gradients (leading axis B) of one conv / norm / fallback call, and how."""
-    module = call.module
-    if call.kind == "user":
-        return _user_rows(call, captured, deltas, size), None
-    if call.kind == "norm":
-        (d,) = deltas
-        axes = call.static["feature_axes"]
-        reduce = tuple(ax for ax in range(1, d.ndim) if ax not in axes)
-        out = {}
-        if module.use_scale:
-            out["scale"] = jnp.sum(captured.astype(d.dtype) * d, axis=reduce)
-        if getattr(module, "use_bias", False):
-            out["bias"] = jnp.sum(d, axis=reduce)
-        return out, None
-    if call.kind == "conv":
-        (d,) = deltas
-        kernel = nn.meta.unbox(module.variables["params"]["kernel"])
-        per_sample = layers.conv_kernel_per_sample(module, captured, d)
-        form = "patches (lax.map)"
-        if per_sample is None:
-            form = "vmap of the convolution VJP"
-            plain = module.clone(parent=None, use_bias=False)
-
-            def one(x_i, d_i):
-                f = lambda k: plain.apply({"params": {"kernel": k}}, x_i[None])
-                return jax.vjp(f, kernel)[1](d_i[None])[0]
-
-            per_sample = jax.vmap(one)(captured, d)
-        out = {"kernel": per_sample.astype(kernel.dtype)}
-        if module.use_bias:
-            out["bias"] = jnp.sum(d, axis=tuple(range(1, d.ndim - 1)))
-        return out, form
-    return fallback_rows(call, captured, deltas, size)
-
-
-def _user_rows(call, captured, deltas, size):
-    """Per-sample gradients of a call with a registered :class:`LayerRule`, checked against the
-    module's own parameters."""
-    rule, module = call.static["rule"], call.module
-    own = {k: nn.meta.unbox(v) for k, v in module.variables.get("params", {}).items()
-           if not hasattr(v, "items")}
-    where = f"module {'/'.join(call.path) or '<root>'} ({type(module).__name__})"
-    out = rule.per_sample(module, captured, list(deltas))
-    if not hasattr(out, "items") or set(out) != set(own):
-        got = sorted(out) if hasattr(out, "items") else type(out).__name__
-        raise ValueError(
-            f"layer rule {rule.name!r} for {where} must return per-sample gradients "
-            f"{{name: (B, *shape)}} for exactly the parameters the module owns, {sorted(own)}; "
-            f"received {got}")
-    for k, v in out.items():
-        if tuple(jnp.shape(v)) != (size, *jnp.shape(own[k])):
-            raise ValueError(
-                f"layer rule {rule.name!r} for {where}: the per-sample gradient of {k!r} must have "
-                f"shape (B, *shape) = {(size, *jnp.shape(own[k]))}; received {tuple(jnp.shape(v))}")
-    return {k: out[k] for k in own}
 
 
 def flax_value_grad_and_gram(model, loss_fn, **options):
