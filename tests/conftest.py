@@ -53,6 +53,10 @@ settings.load_profile(
 # --- backends -----------------------------------------------------------------------------
 
 #: array namespaces of the ``xp`` fixture: test id -> module to import
+# Scripts the tests start as child processes: they read argv and configure devices when imported,
+# so --doctest-modules must not import them.
+collect_ignore = ["adapters/_tensorflow_mirrored_child.py"]
+
 ARRAY_BACKENDS = {
     "numpy": "numpy",
     "array_api_strict": "array_api_strict",

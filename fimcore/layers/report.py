@@ -21,6 +21,11 @@ class LayerRecord:
         calls: calls in the last step (> 1: the parameters were reused, their per-sample
             gradients summed over the calls before the Gram was formed).
         trace: this layer's share of ``Tr G`` (loss-reduction scaling applied), or None.
+        gathered: in a data-parallel step that forms the global Gram, the form this layer's
+            contribution was all-gathered in (``"factors"``: inputs and output gradients;
+            ``"rows"``: per-sample gradients), else None.
+        bytes_sent: in such a step, the bytes this process contributed to the layer's
+            all-gathers, else None.
     """
 
     name: str
@@ -30,6 +35,8 @@ class LayerRecord:
     params: int = 0
     calls: int = 0
     trace: float | None = None
+    gathered: str | None = None
+    bytes_sent: int | None = None
 
     def __str__(self) -> str:
         trace = "-" if self.trace is None else f"{self.trace:.4g}"

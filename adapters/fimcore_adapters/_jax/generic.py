@@ -29,6 +29,7 @@ from ._checks import (
     gradient_dtype,
 )
 from .report import StepInfo, leaf_groups
+from .sharding import replicate_before_vmapped_conv
 
 __all__ = ["per_sample_gram", "value_grad_and_gram"]
 
@@ -199,6 +200,8 @@ def value_grad_and_gram(loss_fn, *, has_aux=False, chunk_size=None, dtype=None, 
         _check_loss_shape(loss_fn, params, batch, has_aux)
         if axis_name is not None:
             params = _varying(params, axis_name)
+        else:
+            batch = replicate_before_vmapped_conv(loss_fn, params, batch, "value_grad_and_gram")
         acc = accumulation_dtype(dtype, params)
         groups = leaf_groups(params)
         leaves = jax.tree_util.tree_leaves(params)
@@ -304,6 +307,9 @@ def _sampled_step(loss_fn, has_aux, chunk_size, dtype, check_finite, K, seed, me
         acc = accumulation_dtype(dtype, params)
         if axis_name is not None:
             params = _varying(params, axis_name)
+        else:
+            x, y = replicate_before_vmapped_conv(loss_fn, params, (x, y),
+                                                 "value_grad_and_gram(fisher='sampled')")
         base = jax.random.key(seed) if key is None else key
         if axis_name is None:
             keys = jax.random.split(base, size)

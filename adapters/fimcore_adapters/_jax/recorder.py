@@ -20,6 +20,7 @@ from .dense import budget_chunk, chunked_gram, dense_block, materialised_block
 from .embedding import embed_block
 from .rows import call_rows, dense_operands, per_sample
 from .report import StepInfo
+from .sharding import grouped_conv_in, mesh_of, replicate, warn_replicated
 
 #: ``strategy`` value -> the dense/embedding form it forces
 _FORMS = {"auto": "auto", "factored": "factored", "materialize": "materialised"}
@@ -212,6 +213,8 @@ class FlaxGram:
         return result if self.mutable else (result, None)
 
     def __call__(self, variables, inputs, *targets, rngs=None):
+        if not self._guarding:
+            inputs, targets = self._replicate_if_grouped_conv(variables, inputs, targets, rngs)
         params = variables["params"]
         check_params(params, what='variables["params"]')
         if self.check_finite:
@@ -261,6 +264,28 @@ class FlaxGram:
         info.blocks = blocks if concrete else None
         out = (mean_loss, mean_grad, gram) + ((state,) if self.mutable else ())
         return out + ((blocks,) if self.keep_blocks else ())
+
+    _guarding = False
+
+    def _replicate_if_grouped_conv(self, variables, inputs, targets, rngs):
+        """The batch replicated when it lies on a multi-device mesh and the step would contain a
+        grouped convolution (what ``vmap`` makes of a per-sample convolution gradient: fallback
+        modules, registered rules, the ``vmap`` conv route), which XLA's partitioner splits
+        wrongly with a sharded batch (see ``_jax/generic.py``); otherwise the arguments as given."""
+        mesh = mesh_of((inputs, targets))
+        if mesh is None:
+            return inputs, targets
+        self._guarding = True
+        try:
+            text = str(jax.make_jaxpr(lambda v, x, t: self(v, x, *t, rngs=rngs))(
+                variables, inputs, tuple(targets)))
+        finally:
+            self._guarding = False
+        if not grouped_conv_in(text):
+            return inputs, targets
+        warn_replicated("FlaxGram", mesh, "a grouped convolution (a vmapped per-sample "
+                        "convolution gradient, e.g. of a fallback module)")
+        return replicate((inputs, tuple(targets)), mesh)
 
     # -- per-layer Gram blocks ------------------------------------------------------------
     def _assemble(self, calls, arrays, deltas, params, size, acc):
