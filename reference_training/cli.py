@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run directory (default runs/<name>)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last checkpoint")
+    run.add_argument("--gram-scope", default=None, choices=("global", "local"),
+                     help="under torchrun: measure the Gram of the global batch (global, the "
+                          "default) or each rank's own Gram, averaging the measures (local)")
 
     grid = sub.add_parser("grid", help="the batch-size × LR grid plus dynamic-sampling runs")
     _add_common(grid, grid=True)
@@ -159,7 +163,10 @@ def _cmd_run(args) -> int:
     config = _config_from_args(args)
     config.validate()
     out = args.out or f"runs/{config.model}-{config.dataset}-{run_label(config)}-lr{config.lr:g}-seed{config.seed}"
-    summary = train(config, out, resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard)
+    summary = train(config, out, resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard,
+                    gram_scope=args.gram_scope)
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return 0                      # under torchrun only rank 0 prints the summary line
     print(json.dumps({k: summary[k] for k in ("label", "diverged", "epochs", "test_error",
                                               "train_error", "C_bar", "C_bar_jacobian", "L",
                                               "wall_time_s")}))
