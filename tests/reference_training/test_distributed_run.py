@@ -1,0 +1,244 @@
+"""``reference_training run`` data-parallel: two gloo processes on 127.0.0.1.
+
+Each test launches the ranks as the launcher would (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
+``MASTER_*`` in the environment; one test through ``torch.distributed.run`` itself), in one process
+group that a hard timeout kills as a whole.
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import import_backend
+
+ROOT = Path(__file__).resolve().parents[2]
+TIME_KEYS = {"wall_time_s", "train_time_s", "test_time_s"}
+HARD_TIMEOUT = 150
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(data_dir, out, *, batch=9, epochs=3, extra=()):
+    """A tiny run: ResNet-20 at width 4 with GroupNorm (no per-rank BatchNorm statistics), 96
+    images; batch 9 splits unevenly over 2 ranks (5 + 4, the last batch of 6 as 3 + 3)."""
+    return ["run", "--dataset", "mnist", "--data-dir", str(data_dir), "--model", "resnet20",
+            "--width", "4", "--norm", "group", "--epochs", str(epochs), "--batch-size", str(batch),
+            "--measure-every", "3", "--lr", "0.05", "--seed", "3", "--threads", "1", "--quiet",
+            "--out", str(out), *extra]
+
+
+class _Group:
+    """The ranks of one launch, in their own process group."""
+
+    def __init__(self, argv_of_rank, world, logs: Path, torchrun=False):
+        logs.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "OMP_NUM_THREADS": "1"}
+        self.logs, self.procs = logs, []
+        ranks = [None] if torchrun else range(world)
+        for r in ranks:
+            e = dict(env) if torchrun else {**env, "WORLD_SIZE": str(world), "RANK": str(r),
+                                            "LOCAL_RANK": str(r)}
+            name = "launcher" if r is None else f"rank{r}"
+            group = dict(process_group=0) if not self.procs else dict(
+                process_group=self.procs[0].pid)
+            self.procs.append(subprocess.Popen(
+                argv_of_rank, cwd=ROOT, env=e, stdout=open(logs / f"{name}.out", "w"),
+                stderr=open(logs / f"{name}.err", "w"), **group))
+        self.deadline = time.monotonic() + HARD_TIMEOUT
+
+    def kill(self):
+        try:
+            os.killpg(self.procs[0].pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for p in self.procs:
+            p.wait()
+
+    def wait(self, kill_when=None):
+        """Wait for every rank (killing the group at the timeout, or once ``kill_when()``);
+        the exit codes."""
+        while any(p.poll() is None for p in self.procs):
+            if time.monotonic() > self.deadline:
+                self.kill()
+                pytest.fail(f"the ranks did not finish in {HARD_TIMEOUT} s; logs in {self.logs}")
+            if kill_when is not None and kill_when():
+                self.kill()
+                break
+            time.sleep(0.003)
+        return [p.returncode for p in self.procs]
+
+    def text(self, name):
+        return (self.logs / name).read_text()
+
+
+def _launch(args, logs, world=2, kill_when=None):
+    g = _Group([sys.executable, "-m", "reference_training", *args], world, logs)
+    codes = g.wait(kill_when)
+    return g, codes
+
+
+def _single(args):
+    return subprocess.run([sys.executable, "-m", "reference_training", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=HARD_TIMEOUT)
+
+
+def _lines(path):
+    return [json.loads(s) for s in Path(path).read_text().splitlines() if s.strip()]
+
+
+def _strip(d):
+    return {k: v for k, v in d.items() if k not in TIME_KEYS}
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_mnist_dir, tmp_path_factory):
+    """An uninterrupted 2-rank run with --gram-scope local."""
+    base = tmp_path_factory.mktemp("ddp-local")
+    out = base / "run"
+    g, codes = _launch(_args(tiny_mnist_dir, out, extra=["--gram-scope", "local"]), base / "logs")
+    assert codes == [0, 0], g.text("rank0.err") + g.text("rank1.err")
+    return out, g
+
+
+def test_two_ranks_rank0_alone_writes_and_prints(local_run):
+    out, g = local_run
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json",
+                                                     "metrics.jsonl", "summary.json"]
+    assert g.text("rank1.out") == ""                 # only rank 0 prints the summary line
+    printed = json.loads(g.text("rank0.out"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert printed["C_bar"] == summary["C_bar"] and printed["L"] == summary["L"]
+    assert summary["distributed"] == {"world_size": 2, "gram_scope": "local", "backend": "gloo"}
+    lines = _lines(out / "metrics.jsonl")
+    measures = [r for r in lines if r["type"] == "measure"]
+    # 96 images at batch 9: 11 iterations per epoch, n = 0, 3, 6, 9 measured; each line once
+    assert [m["k"] for m in measures] == list(range(1, 13))
+    assert [m["iteration"] for m in measures] == [e * 11 + n for e in range(3) for n in (0, 3, 6, 9)]
+    assert all(m["batch_size"] == 9 for m in measures)            # the global batch
+    assert all(m["gram_batch_size"] == 4.5 for m in measures)     # the mean shard (5 and 4)
+    assert [r["epoch"] for r in lines if r["type"] == "epoch"] == [0, 1, 2]
+
+
+def _per_sample_reference(data_dir, rows):
+    """float64 per-sample loop at the first iteration: the run's initial model (seed 3) and first
+    global batch (generator seed 4: permutation, then the augmentation draws), row by row."""
+    torch = import_backend("torch")
+    import torch.nn.functional as F
+
+    from reference_training.data import augment, load_dataset, normalise
+    from reference_training.models import build_model
+
+    ds = load_dataset("mnist", str(data_dir))
+    torch.manual_seed(3)
+    gen = torch.Generator().manual_seed(4)
+    model = build_model("resnet20", in_channels=1, num_classes=10, image_size=28, width=4,
+                        norm="group").double()
+    perm = torch.randperm(len(ds.train_y), generator=gen)
+    idx = perm[:9]
+    x = augment(normalise(ds.train_x[idx], ds.mean, ds.std), flip=ds.flip, pad=ds.pad,
+                generator=gen).double()
+    y = ds.train_y[idx]
+    grads = []
+    for i in rows:
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return torch.stack(grads)
+
+
+def test_local_scope_first_measure_is_the_rank_mean_of_float64_shard_grams(local_run,
+                                                                             tiny_mnist_dir):
+    torch = import_backend("torch")
+    out, _ = local_run
+    first = _lines(out / "metrics.jsonl")[0]
+    assert first["k"] == 1 and first["iteration"] == 0
+    J = _per_sample_reference(tiny_mnist_dir, range(9))
+    shards = [J[:5], J[5:]]                        # rank 0 takes 5 rows, rank 1 takes 4
+    traces = [float((s * s).sum()) for s in shards]
+    conds = []
+    for s in shards:
+        ev = torch.linalg.eigvalsh(s @ s.T)       # full rank: 5 or 4 rows, P ≫ 5
+        conds.append(float(ev[-1] / ev[0]))
+    lr = 0.05
+    # float32 run against float64 loop: per-sample gradients agree to ~1e-6 relative here (no
+    # BatchNorm), so 1e-4 leaves room; the condition number of a 4×4 or 5×5 Gram with c_k ~ 10
+    # amplifies that by at most c_k
+    assert first["trace"] == pytest.approx(sum(traces) / 2, rel=1e-4)
+    assert first["I_k"] == pytest.approx((lr / 5 * math.sqrt(traces[0])
+                                          + lr / 4 * math.sqrt(traces[1])) / 2, rel=1e-4)
+    assert first["c_k"] == pytest.approx(sum(conds) / 2, rel=1e-3)
+    # the uneven split's loss scaling: DDP's averaged gradient is the global batch mean
+    mean_grad = J.mean(0)
+    assert first["grad_norm"] == pytest.approx(float(mean_grad.norm()), rel=1e-4)
+
+
+def test_resume_of_two_ranks_after_kill_reproduces_the_uninterrupted_run(local_run, tiny_mnist_dir,
+                                                                         tmp_path):
+    want_dir, _ = local_run
+    out = tmp_path / "killed"
+    args = _args(tiny_mnist_dir, out, extra=["--gram-scope", "local"])
+
+    def mid_epoch_1():
+        p = out / "metrics.jsonl"
+        if not (out / "checkpoint.pt").exists() or not p.exists():
+            return False
+        return '"type": "measure", "k": 6' in p.read_text()
+
+    g, codes = _launch(args, tmp_path / "logs1", kill_when=mid_epoch_1)
+    assert -signal.SIGKILL in codes, "the run ended before it could be killed"
+    assert not (out / "summary.json").exists()
+    g, codes = _launch([*args, "--resume"], tmp_path / "logs2")
+    assert codes == [0, 0], g.text("rank0.err") + g.text("rank1.err")
+    assert [_strip(r) for r in _lines(out / "metrics.jsonl")] == \
+        [_strip(r) for r in _lines(want_dir / "metrics.jsonl")]
+    assert _strip(json.loads((out / "summary.json").read_text())) == \
+        _strip(json.loads((want_dir / "summary.json").read_text()))
+
+
+def test_a_single_process_resume_of_a_two_rank_checkpoint_is_refused(local_run, tiny_mnist_dir,
+                                                                     tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(local_run[0], out)
+    (out / "summary.json").unlink()
+    proc = _single([*_args(tiny_mnist_dir, out, extra=["--gram-scope", "local"]), "--resume"])
+    assert proc.returncode == 2
+    assert "written by 2 processes, --gram-scope local" in proc.stderr
+    assert "a single process" in proc.stderr
+
+
+def test_split_of_the_global_batch_and_launcher_checks(monkeypatch):
+    from reference_training.distributed import context, shard, shard_sizes
+
+    assert shard_sizes(9, 2) == [5, 4] and shard_sizes(8, 2) == [4, 4]
+    assert shard_sizes(10, 4) == [3, 3, 2, 2]
+    assert [shard(10, r, 4) for r in range(4)] == [slice(0, 3), slice(3, 6), slice(6, 8),
+                                                  slice(8, 10)]
+    with pytest.raises(ValueError, match="batch of 1 sample.*cannot be split over 2 ranks"):
+        shard_sizes(1, 2)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert context("cpu") is None                    # no launcher: the single-process run
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert context("cpu") is None                    # torchrun --nproc_per_node 1: the same
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match=r"RANK in \[0, WORLD_SIZE=2\); received RANK='2'"):
+        context("cpu")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        context("cpu")
