@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--dynamic-lrs", type=_float_list, default=[0.1])
     grid.add_argument("--seeds", type=_int_list, default=[0])
     grid.add_argument("--jobs", type=int, default=1, help="runs side by side (--executor local)")
+    grid.add_argument("--nproc", type=int, default=1,
+                      help="processes per run: N > 1 launches each run under torchrun "
+                           "(torch.distributed.run --standalone --nproc_per_node N)")
+    grid.add_argument("--gram-scope", default=None, choices=("global", "local"),
+                      help="with --nproc > 1: the Gram each run measures (default global)")
     grid.add_argument("--executor", default="local", choices=("local", "slurm"),
                       help="local: a process pool here; slurm: a Slurm job array via submitit")
     grid.add_argument("--cluster", default="slurm", choices=("slurm", "local", "debug"),
@@ -197,7 +202,8 @@ def _cmd_grid(args) -> int:
         slurm = {"timeout_min": args.slurm_time}
     counts = run_grid(runs, jobs=args.jobs, threads=args.threads, executor=args.executor,
                       cluster=args.cluster, slurm=slurm, retry_failed=args.retry_failed,
-                      wait=args.wait or args.cluster != "slurm", root=Path(args.out))
+                      wait=args.wait or args.cluster != "slurm", root=Path(args.out),
+                      nproc=args.nproc, gram_scope=args.gram_scope)
     print(json.dumps(counts))
     return 1 if counts.get("failed") else 0
 

@@ -105,22 +105,29 @@ def _strip(d):
 
 @pytest.fixture(scope="module")
 def local_run(tiny_mnist_dir, tmp_path_factory):
-    """An uninterrupted 2-rank run with --gram-scope local."""
-    base = tmp_path_factory.mktemp("ddp-local")
-    out = base / "run"
-    g, codes = _launch(_args(tiny_mnist_dir, out, extra=["--gram-scope", "local"]), base / "logs")
-    assert codes == [0, 0], g.text("rank0.err") + g.text("rank1.err")
-    return out, g
+    """An uninterrupted 2-rank run with --gram-scope local: a grid of one run, ``--nproc 2``, so
+    torchrun (``torch.distributed.run --standalone``) itself launches the ranks."""
+    from reference_training.grid import plan_grid, run_grid
+
+    root = tmp_path_factory.mktemp("ddp-local") / "grid"
+    runs = plan_grid(root, models=["resnet20"], dataset="mnist", batch_sizes=[9], lrs=[0.05],
+                     dynamic=[], seeds=[3], data_dir=str(tiny_mnist_dir), epochs=3,
+                     measure_every=3, width=4, norm="group")
+    counts = run_grid(runs, threads=1, nproc=2, gram_scope="local", log=lambda s: None)
+    (run,) = runs
+    assert counts["done"] == 1, (run.out_dir / "run.log").read_text()
+    return run.out_dir
 
 
-def test_two_ranks_rank0_alone_writes_and_prints(local_run):
-    out, g = local_run
+def test_two_ranks_under_torchrun_rank0_alone_writes_and_prints(local_run):
+    out = local_run
+    log = (out / "run.log").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json",
-                                                     "metrics.jsonl", "summary.json"]
-    assert g.text("rank1.out") == ""                 # only rank 0 prints the summary line
-    printed = json.loads(g.text("rank0.out"))
+                                                     "metrics.jsonl", "run.log", "summary.json"]
+    printed = [json.loads(s) for s in log.splitlines() if s.startswith('{"label"')]
+    assert len(printed) == 1                         # only rank 0 prints the summary line
     summary = json.loads((out / "summary.json").read_text())
-    assert printed["C_bar"] == summary["C_bar"] and printed["L"] == summary["L"]
+    assert printed[0]["C_bar"] == summary["C_bar"] and printed[0]["L"] == summary["L"]
     assert summary["distributed"] == {"world_size": 2, "gram_scope": "local", "backend": "gloo"}
     lines = _lines(out / "metrics.jsonl")
     measures = [r for r in lines if r["type"] == "measure"]
@@ -162,7 +169,7 @@ def _per_sample_reference(data_dir, rows):
 def test_local_scope_first_measure_is_the_rank_mean_of_float64_shard_grams(local_run,
                                                                              tiny_mnist_dir):
     torch = import_backend("torch")
-    out, _ = local_run
+    out = local_run
     first = _lines(out / "metrics.jsonl")[0]
     assert first["k"] == 1 and first["iteration"] == 0
     J = _per_sample_reference(tiny_mnist_dir, range(9))
@@ -187,7 +194,7 @@ def test_local_scope_first_measure_is_the_rank_mean_of_float64_shard_grams(local
 
 def test_resume_of_two_ranks_after_kill_reproduces_the_uninterrupted_run(local_run, tiny_mnist_dir,
                                                                          tmp_path):
-    want_dir, _ = local_run
+    want_dir = local_run
     out = tmp_path / "killed"
     args = _args(tiny_mnist_dir, out, extra=["--gram-scope", "local"])
 
@@ -209,16 +216,19 @@ def test_resume_of_two_ranks_after_kill_reproduces_the_uninterrupted_run(local_r
 
 
 def test_a_single_process_resume_of_a_two_rank_checkpoint_is_refused(local_run, tiny_mnist_dir,
-                                                                     tmp_path):
+                                                                     tmp_path, capsys, one_thread):
     import shutil
 
     out = tmp_path / "copy"
-    shutil.copytree(local_run[0], out)
+    shutil.copytree(local_run, out)
     (out / "summary.json").unlink()
-    proc = _single([*_args(tiny_mnist_dir, out, extra=["--gram-scope", "local"]), "--resume"])
-    assert proc.returncode == 2
-    assert "written by 2 processes, --gram-scope local" in proc.stderr
-    assert "a single process" in proc.stderr
+    (out / "run.log").unlink()
+    from reference_training.cli import main
+
+    assert "WORLD_SIZE" not in os.environ
+    assert main([*_args(tiny_mnist_dir, out, extra=["--gram-scope", "local"]), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "written by 2 processes, --gram-scope local" in err and "a single process" in err
 
 
 def test_split_of_the_global_batch_and_launcher_checks(monkeypatch):
