@@ -161,6 +161,15 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _rank() -> int:
+    """This process's rank: of the process group a caller initialised, else torchrun's RANK."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK") or 0)
+
+
 def _cmd_run(args) -> int:
     from .train import run_label, train
 
@@ -170,8 +179,8 @@ def _cmd_run(args) -> int:
     out = args.out or f"runs/{config.model}-{config.dataset}-{run_label(config)}-lr{config.lr:g}-seed{config.seed}"
     summary = train(config, out, resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard,
                     gram_scope=args.gram_scope)
-    if os.environ.get("RANK", "0") not in ("", "0"):
-        return 0                      # under torchrun only rank 0 prints the summary line
+    if _rank() != 0:
+        return 0                      # data-parallel: only rank 0 prints the summary line
     print(json.dumps({k: summary[k] for k in ("label", "diverged", "epochs", "test_error",
                                               "train_error", "C_bar", "C_bar_jacobian", "L",
                                               "wall_time_s")}))

@@ -42,14 +42,14 @@ def _args(data_dir, out, *, batch=9, epochs=3, extra=()):
 class _Group:
     """The ranks of one launch, in their own process group."""
 
-    def __init__(self, argv_of_rank, world, logs: Path, torchrun=False):
+    def __init__(self, argv_of_rank, world, logs: Path, launcher=False):
         logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                "OMP_NUM_THREADS": "1"}
         self.logs, self.procs = logs, []
-        ranks = [None] if torchrun else range(world)
+        ranks = [None] if launcher else range(world)   # one launcher that starts the ranks
         for r in ranks:
-            e = dict(env) if torchrun else {**env, "WORLD_SIZE": str(world), "RANK": str(r),
+            e = dict(env) if launcher else {**env, "WORLD_SIZE": str(world), "RANK": str(r),
                                             "LOCAL_RANK": str(r)}
             name = "launcher" if r is None else f"rank{r}"
             group = dict(process_group=0) if not self.procs else dict(
@@ -88,6 +88,37 @@ def _launch(args, logs, world=2, kill_when=None):
     g = _Group([sys.executable, "-m", "reference_training", *args], world, logs)
     codes = g.wait(kill_when)
     return g, codes
+
+
+def _spawn_worker(rank, world, port, args):
+    """One process of ``torch.multiprocessing.spawn``: the group is initialised here, before the
+    run, which then uses it as it is."""
+    import torch.distributed as dist
+
+    from reference_training.cli import main
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        code = main(list(args))
+    finally:
+        dist.destroy_process_group()
+    if code != 0:
+        raise SystemExit(code)
+
+
+def _spawn_main(port, args_json):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_spawn_worker, args=(2, port, json.loads(args_json)), nprocs=2, join=True)
+
+
+def _spawn(args, logs):
+    """2 ranks through ``torch.multiprocessing.spawn``, its driver in our killable group."""
+    code = ("from tests.reference_training.test_distributed_run import _spawn_main; "
+            f"_spawn_main({_free_port()}, {json.dumps(json.dumps(list(args)))})")
+    g = _Group([sys.executable, "-c", code], 1, logs, launcher=True)
+    return g, g.wait()
 
 
 def _single(args):
@@ -252,3 +283,54 @@ def test_split_of_the_global_batch_and_launcher_checks(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(ValueError, match="MASTER_ADDR"):
         context("cpu")
+
+
+@pytest.fixture(scope="module")
+def global_runs(tiny_mnist_dir, tmp_path_factory):
+    """The same run in one process and on 2 ranks with the (default) global scope."""
+    base = tmp_path_factory.mktemp("ddp-global")
+    single = _single(_args(tiny_mnist_dir, base / "single"))
+    assert single.returncode == 0, single.stderr
+    g, codes = _spawn(_args(tiny_mnist_dir, base / "two"), base / "logs")
+    assert codes == [0], g.text("launcher.err")
+    printed = [ln for ln in g.text("launcher.out").splitlines() if ln.startswith('{"label"')]
+    assert len(printed) == 1                       # rank 0 alone prints, also when spawned
+    return base / "single", base / "two"
+
+
+#: fields compared between the single-process and the 2-rank run
+MEASURE_FIELDS = ("c_k", "c_k_jacobian", "I_k", "trace", "C_bar", "C_bar_jacobian", "L",
+                  "lambda_max", "grad_norm", "ones_gram_ones")
+EPOCH_FIELDS = ("train_loss", "test_loss", "C_bar", "C_bar_jacobian", "L")
+
+
+def test_global_scope_on_two_ranks_gives_the_single_process_run(global_runs):
+    one, two = (_lines(d / "metrics.jsonl") for d in global_runs)
+    assert [(r["type"], r.get("k"), r["epoch"]) for r in one] == \
+        [(r["type"], r.get("k"), r["epoch"]) for r in two]
+    for a, b in zip(one, two):
+        assert a.get("batch_size") == b.get("batch_size") and a["lr"] == b["lr"]
+        fields = MEASURE_FIELDS if a["type"] == "measure" else EPOCH_FIELDS
+        for f in fields:
+            assert b[f] == pytest.approx(a[f], rel=GLOBAL_RTOL), (a["type"], a.get("k"), f)
+        if a["type"] == "epoch":   # an error count moves only if a logit margin is ~1e-6
+            assert abs(a["test_error"] - b["test_error"]) <= 1 / 32 + 1e-12
+            assert abs(a["train_error"] - b["train_error"]) <= 1 / 96 + 1e-12
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in global_runs)
+    assert s2["distributed"] == {"world_size": 2, "gram_scope": "global", "backend": "gloo"}
+    assert s2["measurements"] == s1["measurements"] == 12
+    assert s2["C_bar"] == pytest.approx(s1["C_bar"], rel=GLOBAL_RTOL)
+    assert s2["L"] == pytest.approx(s1["L"], rel=GLOBAL_RTOL)
+
+
+def test_global_scope_first_measure_is_the_float64_gram_of_the_global_batch(global_runs,
+                                                                             tiny_mnist_dir):
+    torch = import_backend("torch")
+    first = _lines(global_runs[1] / "metrics.jsonl")[0]
+    J = _per_sample_reference(tiny_mnist_dir, range(9))
+    G = J @ J.T
+    ev = torch.linalg.eigvalsh(G)
+    assert first["batch_size"] == 9
+    assert first["trace"] == pytest.approx(float(G.trace()), rel=1e-4)
+    assert first["c_k"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-3)
+    assert first["I_k"] == pytest.approx(0.05 / 9 * math.sqrt(float(G.trace())), rel=1e-4)
