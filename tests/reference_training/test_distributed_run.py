@@ -223,11 +223,14 @@ def test_local_scope_first_measure_is_the_rank_mean_of_float64_shard_grams(local
     assert first["grad_norm"] == pytest.approx(float(mean_grad.norm()), rel=1e-4)
 
 
-def test_resume_of_two_ranks_after_kill_reproduces_the_uninterrupted_run(local_run, tiny_mnist_dir,
-                                                                         tmp_path):
-    want_dir = local_run
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_resume_of_two_ranks_after_kill_reproduces_the_uninterrupted_run(scope, tiny_mnist_dir,
+                                                                         tmp_path, request):
+    # the uninterrupted runs: launched by torchrun (local) and by torch.multiprocessing (global)
+    want_dir = (request.getfixturevalue("local_run") if scope == "local"
+                else request.getfixturevalue("global_runs")[1])
     out = tmp_path / "killed"
-    args = _args(tiny_mnist_dir, out, extra=["--gram-scope", "local"])
+    args = _args(tiny_mnist_dir, out, extra=["--gram-scope", scope])
 
     def mid_epoch_1():
         p = out / "metrics.jsonl"
