@@ -28,6 +28,7 @@ from torch import nn
 from ._torch.cost import STRATEGIES
 from ._torch.custom import LayerRule, register_layer_rule
 from ._torch.diagonal import diagonal_fisher
+from ._torch.distributed import mean_over_ranks
 from ._torch.mbf import MBF, MBFLayerRecord, MBFReport, sampled_label_loss
 from ._torch.ntk import output_jacobian_gram
 from ._torch.policy import PolicyBatchSampler
@@ -35,7 +36,7 @@ from ._torch.recorder import GramRecorder
 from ._torch.report import LayerRecord, Report
 
 __all__ = ["GramRecorder", "per_sample_gram", "LayerRecord", "LayerRule", "MBF", "MBFLayerRecord",
-           "MBFReport", "PolicyBatchSampler", "Report", "STRATEGIES", "diagonal_fisher",
+           "MBFReport", "PolicyBatchSampler", "Report", "STRATEGIES", "diagonal_fisher", "mean_over_ranks",
            "output_jacobian_gram", "register_layer_rule", "sampled_label_loss"]
 
 

@@ -119,7 +119,7 @@ class LinearUnit(Unit):
         B = x.shape[0]
         d_in, d_out = self.module.in_features, self.module.out_features
         T = math.prod(x.shape[1:-1])
-        return choose(self.strategy, B, T, d_in if self.w_sel else 0, d_out,
+        return choose(self.strategy, self.rec._cost_batch(B), T, d_in if self.w_sel else 0, d_out,
                       d_in * d_out if self.w_sel else 0)
 
     def _factored_hook(self, x, choice, go) -> None:
@@ -142,6 +142,11 @@ class LinearUnit(Unit):
             rec._add_rows(self, blocks)
             return None
         self.set_path(*choice)
+        if rec._gather is not None:      # global scope: gathered across ranks first (distributed.py)
+            B = x.shape[0]
+            rec._gather.add_factors(self, x.reshape(B, -1, self.module.in_features) if w_sel else None,
+                                    go.reshape(B, -1, self.module.out_features), bias=b_sel)
+            return None
         acc = rec._acc(go, self)
         if x.dim() == 2:                 # one position per sample: rank-one per-sample gradients
             g = go if go.dtype == acc.dtype else go.to(acc.dtype)
@@ -297,21 +302,28 @@ class ConvUnit(Unit):
         multi = rec._multi_use(self)
         d_a = spec.in_channels * spec.kernel_numel
         p_w = m.weight.numel() if w_sel else 0
-        path, reason = choose(self.strategy, B, T, d_a if w_sel else 0, spec.out_channels, p_w)
+        path, reason = choose(self.strategy, rec._cost_batch(B), T, d_a if w_sel else 0,
+                              spec.out_channels, p_w)
         if multi:
             path, reason = "materialize", _REUSED
         Sb = go.reshape(B, spec.out_channels, -1).sum(2) if (b_sel or need_b) else None
         gw = None
         if path == "factored":
             self.set_path(path, reason)
-            acc = rec._acc(go, self)
-            if w_sel:
-                A, Gg = convps.patches(x, go, spec, padding)
-                factored_sum(acc, A, Gg, rec.memory_budget)
-            if b_sel:
-                s = Sb.to(acc.dtype)
-                acc.addmm_(s, s.T)
-            rec._mark(self)
+            if rec._gather is not None:  # global scope: gathered across ranks first (distributed.py)
+                if w_sel:
+                    rec._gather.add_factors(self, *convps.patches(x, go, spec, padding), bias=False)
+                if b_sel:
+                    rec._gather.add_rows(self, Sb)
+            else:
+                acc = rec._acc(go, self)
+                if w_sel:
+                    A, Gg = convps.patches(x, go, spec, padding)
+                    factored_sum(acc, A, Gg, rec.memory_budget)
+                if b_sel:
+                    s = Sb.to(acc.dtype)
+                    acc.addmm_(s, s.T)
+                rec._mark(self)
             if need_w:
                 gw = torch.ops.aten.convolution_backward(
                     go, x, m.weight, None, spec.stride, padding, spec.dilation, False,

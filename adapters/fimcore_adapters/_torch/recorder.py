@@ -9,6 +9,7 @@ from torch import nn
 
 from .._fisher import check_fisher_options
 from .cost import STRATEGIES
+from .distributed import GlobalGather, resolve_scope, unwrap_ddp
 from .sampled import make_generator, output_cotangents, resolve_likelihood
 from .select import select_parameters
 from .uses import GradientTotal, UseTracker
@@ -132,10 +133,40 @@ class GramRecorder:
             non-zero eigenvalues of Ĝ/B are those of the B-row estimate F̂ = ĴᵀĴ/B).
         seed: seeds the label draws (a CPU ``torch.Generator``, advanced every step, so a seed
             fixes the whole sequence); None seeds it from torch's global RNG.
+        scope: data-parallel training (``torch.distributed``; README "Data-parallel training
+            (PyTorch DDP)"). ``"global"``: :meth:`gram` is the exact (N, N) Gram of the global
+            batch (N = Σ_r B_r over the W ranks, rows ordered by rank, then local index) on
+            every rank, each layer's factors or per-sample rows all-gathered on a dedicated
+            process group (module ``_torch.distributed``). Rows are scaled to the gradient DDP
+            averages: ``J_i = N/(W·B_r)·∇ℓ_i`` for a mean loss (``∇ℓ_i`` itself when every rank
+            has the same B), ``∇ℓ_i/W`` for a sum, so ``1ᵀG1 = N²‖∇L‖²`` (``‖∇L‖²``) with ∇L
+            the averaged ``.grad``. ``"local"``: each rank's own (B_r, B_r) Gram, exactly as
+            without DDP; average the measures with :func:`mean_over_ranks`. None (default):
+            ``"global"`` when ``model`` is a ``DistributedDataParallel`` (the only scope whose G
+            belongs to the gradient the optimiser applies), ``"local"`` otherwise — also for a
+            plain module with torch.distributed initialised (pass ``scope="global"`` to gather
+            over its ranks; rows are then scaled as under DDP). A DDP model is unwrapped: hooks
+            go on ``model.module``, and names (``params``, ``strategy``, :meth:`report`,
+            :meth:`blocks`) are those of ``model.module``, without the ``"module."`` prefix.
+            Building a global recorder is a collective call (``dist.new_group``): every rank
+            constructs it, in the same order, and every rank must run the same measured steps.
+            Under ``no_sync()`` DDP does not all-reduce; a global recorder still gathers and
+            returns the global Gram of that micro-batch (rows scaled as for a synchronised step)
+            and leaves ``.grad`` to DDP (local). ``.grad`` is always DDP's own: the recorder's
+            batch weight gradients are returned through autograd, whose accumulation DDP hooks.
+            Written for gloo (tested) and NCCL (untested). SyncBatchNorm (CUDA only) makes a
+            sample's row couple with the whole global batch; per-rank BatchNorm couples it only
+            with its own rank's samples.
+        process_group: with ``scope="global"``, the ranks whose batches form the global batch
+            (default: the DDP model's group, else the world); the gathers run on a new group
+            over the same ranks.
+        timeout: seconds a global-scope gather waits for the other ranks before it raises a
+            ``RuntimeError`` (None: the backend's default, 30 min for gloo).
 
     Raises:
         ValueError: no trainable parameter selected, an unknown ``params`` entry, a bad option,
-            or a module owning parameters beside parameterised submodules.
+            a module owning parameters beside parameterised submodules, ``scope="global"``
+            without an initialised process group, or with ``fisher="sampled"``.
 
     Example:
         >>> import torch
@@ -157,7 +188,8 @@ class GramRecorder:
     def __init__(self, model: nn.Module, *, loss_reduction: str = "mean", params=None,
                  strategy="auto", dtype: torch.dtype | None = None, memory_budget: int | None = None,
                  conv_method: str = "auto", check_uses: str = "first", keep_blocks: bool = False,
-                 fisher: str = "empirical", loss=None, mc_samples: int = 1, seed: int | None = None):
+                 fisher: str = "empirical", loss=None, mc_samples: int = 1, seed: int | None = None,
+                 scope: str | None = None, process_group=None, timeout: float | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; received {type(model).__name__}")
         if loss_reduction not in _REDUCTIONS:
@@ -183,6 +215,16 @@ class GramRecorder:
         if not isinstance(keep_blocks, bool):
             raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}")
         check_fisher_options(fisher, mc_samples, seed)
+        model, self.ddp = unwrap_ddp(model)
+        if self.ddp is not None and process_group is None:
+            process_group = self.ddp.process_group
+        self.scope = resolve_scope(scope, self.ddp, process_group)
+        if self.scope == "global" and fisher == "sampled":
+            raise ValueError("fisher='sampled' is not supported with scope='global' (its extra "
+                             "backward passes are not gathered across ranks); received both. Use "
+                             "scope='local' with mean_over_ranks, or fisher='empirical'")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"timeout must be None or a positive number of seconds; received {timeout!r}")
         self.fisher = fisher
         self.mc_samples = mc_samples
         self.likelihood = resolve_likelihood(loss) if fisher == "sampled" else None
@@ -204,6 +246,12 @@ class GramRecorder:
         for n, p in model.named_parameters(remove_duplicate=False):
             self._param_names.setdefault(id(p), n)
         self._units = build_units(model, set(selected), default, self._strategy_map)
+        self._gather = None
+        if self.scope == "global":
+            for u in self._units:
+                if u.kind == "embedding":     # its factored form needs the token ids: gather rows
+                    u.strategy = "materialize"
+            self._gather = GlobalGather(process_group, timeout=timeout)
         unknown = set(self._strategy_map) - {u.name for u in self._units}
         if unknown:
             raise ValueError(f"strategy names modules that hold no selected parameter: {sorted(unknown)}; "
@@ -235,6 +283,8 @@ class GramRecorder:
         self._step = _Step()
         if self.keep_blocks:
             self._step.blocks = {}
+        if self._gather is not None:
+            self._gather.begin(self, synced=getattr(self.ddp, "require_backward_grad_sync", True))
         self._active = True
         try:
             for u in self._units:
@@ -337,6 +387,9 @@ class GramRecorder:
             self._flush_pending(step, entry)
         step.pending.clear()
         step.stack.clear()
+        local = None
+        if self._gather is not None and step.backward_started:
+            local = self._gather.finish(step)   # the global Gram into step; this rank's block
         if step.blocks:                     # unscaled sum first: the use check reads it
             step.acc = self._sum_blocks(step)
         for u in self._units:
@@ -347,7 +400,7 @@ class GramRecorder:
         self._measured = step.backward_started
         if self._measured and step.total is not None and step.acc is not None:
             try:
-                step.total.check(step.acc, step.grad_dtype)
+                step.total.check(step.acc if local is None else local, step.grad_dtype)
             except RuntimeError:
                 self._measured = False
                 raise
@@ -498,9 +551,14 @@ class GramRecorder:
             for (u, _), v in zip(step.marks, vals):
                 shares[id(u)] = shares.get(id(u), 0.0) + (v - prev) * self._scale(step)
                 prev = v
+        comm = self._gather.report() if self._gather is not None and step is not None else None
         for u in self._units:
             u.record.trace = shares.get(id(u)) if u.calls else None
+            layer = comm["layers"].get(u.name or "<model>") if comm else None
+            u.record.gathered = layer["form"] if layer else None
+            u.record.bytes_sent = layer["bytes"] if layer else None
             rep.append(u.record)
+        rep.communication = comm
         return rep
 
     # ------------------------------------------------------------------ used by the units
@@ -525,6 +583,8 @@ class GramRecorder:
         if step.batch is None:
             step.batch = int(batch)
             step.batch_src = (unit, source)
+            if self._gather is not None and torch.is_grad_enabled():
+                self._gather.exchange_sizes(step.batch, unit.params[0][1].device)
         elif int(batch) != step.batch:
             first, first_src = step.batch_src
             raise ValueError(
@@ -576,6 +636,12 @@ class GramRecorder:
         step.backward_started = True
         return step
 
+    def _cost_batch(self, batch: int) -> int:
+        """The B a layer's cost model uses: the local one, or the global N under global scope
+        (so that every rank picks the same path and hands over the same form)."""
+        g = self._gather
+        return batch if g is None or g.sizes is None else g.total
+
     def _multi_use(self, unit) -> bool:
         """True if a selected parameter of ``unit`` is used more than once in this step."""
         step = self._step
@@ -593,6 +659,11 @@ class GramRecorder:
         step = self._step
         if step.grad_dtype is None:
             step.grad_dtype = like.dtype
+        if self._gather is not None:
+            raise RuntimeError(
+                f"{_where(unit) if unit is not None else 'a layer'} added a local Gram contribution "
+                "that scope='global' cannot gather across ranks; use scope='local' for this model, "
+                "or strategy={'<that module>': 'materialize'}")
         if step.blocks is not None:
             if unit is None:
                 raise RuntimeError("internal: a contribution reached the Gram without its layer")
@@ -620,6 +691,11 @@ class GramRecorder:
                 continue
             if multi and sum(u.calls for u in self._param_units[id(p)]) > 1:
                 self._pend(step, p, J)
+                continue
+            if self._gather is not None:
+                if step.grad_dtype is None:
+                    step.grad_dtype = J.dtype
+                self._gather.add_rows(unit, J)
                 continue
             acc = self._acc(J, unit)
             J = J.reshape(J.shape[0], -1)
@@ -655,6 +731,9 @@ class GramRecorder:
     def _flush_pending(self, step: _Step, entry) -> None:
         J, _, _, p = entry
         owner = self._param_units[id(p)][0]
+        if self._gather is not None:
+            self._gather.add_rows(owner, J)
+            return
         acc = self._acc(J, owner)
         J = J if J.dtype == acc.dtype else J.to(acc.dtype)
         acc.addmm_(J, J.T)

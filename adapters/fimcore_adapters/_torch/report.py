@@ -25,6 +25,12 @@ class LayerRecord:
             per-sample gradients are summed over the calls before the Gram is formed).
         trace: this layer's share of ``Tr G`` (with the loss-reduction scaling applied), or None
             before a step ran.
+        gathered: with ``scope="global"``, the form this layer's contribution was all-gathered
+            in (``"factors"``: inputs and output gradients; ``"rows"``: per-sample gradients),
+            else None.
+        bytes_sent: with ``scope="global"``, the bytes this rank contributed to that layer's
+            all-gathers in the last step (padded to the largest local batch; each all-gather
+            delivers W−1 times that to every rank), else None.
     """
 
     name: str
@@ -34,6 +40,8 @@ class LayerRecord:
     params: int = 0
     calls: int = 0
     trace: float | None = None
+    gathered: str | None = None
+    bytes_sent: int | None = None
 
     def __str__(self) -> str:
         trace = "-" if self.trace is None else f"{self.trace:.4g}"
@@ -42,7 +50,16 @@ class LayerRecord:
 
 
 class Report(list):
-    """A list of :class:`LayerRecord`, printed as a table."""
+    """A list of :class:`LayerRecord`, printed as a table.
+
+    Attributes:
+        communication: with ``scope="global"``, the last step's Gram gathers: ``{"world_size",
+            "sizes" (each rank's B_r), "synced" (False under DDP's ``no_sync()``), "bytes" (this
+            rank's total contribution), "layers": {name: {"form", "bytes", "rows_bytes",
+            "factor_bytes"}}}``; None otherwise.
+    """
+
+    communication: dict | None = None
 
     def __str__(self) -> str:
         head = ("layer", "module", "params", "calls", "path", "trace", "reason")
@@ -58,4 +75,8 @@ class Report(list):
             lines.append("  ".join(cells).rstrip())
             if n == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  ------")
+        if self.communication is not None:
+            c = self.communication
+            lines.append(f"global scope: W = {c['world_size']}, local batches {c['sizes']}, "
+                         f"{c['bytes']} bytes gathered from this rank in the last step")
         return "\n".join(lines)
