@@ -13,8 +13,8 @@ size is the global one), and keeps its own contiguous slice: with world size W, 
 global batch are therefore those of the single-process run. A rank that would get no sample
 (B < W, e.g. a last partial batch of one sample on two ranks) is refused with a ``ValueError``.
 When W divides B each rank's loss is its own batch mean and DDP's gradient average is the mean over
-the global batch; otherwise rank r's loss is (W/B)·Σ_{i∈r} ℓ_i, so that DDP's average is again
-(1/B)·Σ_i ∇ℓ_i exactly.
+the global batch; otherwise rank r's loss is its mean times W·B_r/B, i.e. (W/B)·Σ_{i∈r} ℓ_i, so that DDP's
+average is again (1/B)·Σ_i ∇ℓ_i exactly.
 """
 
 from __future__ import annotations

@@ -493,11 +493,9 @@ def _train_epoch(run: _Run, epoch: int, metrics) -> dict[str, Any] | None:
         measured = n % config.measure_every == 0
         with run.recorder(measure=measured):  # unmeasured: a plain step, no hooks
             out_logits = run.net(x)
-            if uneven:    # DDP averages over ranks: (W/B)·Σ_shard ℓ_i gives the global mean
-                loss = F.cross_entropy(out_logits, y, reduction="sum") * (
-                    run.dist.world_size / len(idx))
-            else:
-                loss = F.cross_entropy(out_logits, y)
+            loss = F.cross_entropy(out_logits, y)
+            if uneven:    # DDP averages over ranks: (W·B_r/B)·mean_r = (W/B)·Σ_shard ℓ_i
+                loss = loss * (run.dist.world_size * len(y) / len(idx))
             loss.backward()
         loss_v = loss.detach().item()
         if run.dist is not None:

@@ -30,12 +30,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _args(data_dir, out, *, batch=9, epochs=3, extra=()):
+def _args(data_dir, out, *, batch=9, epochs=3, lr=0.05, extra=()):
     """A tiny run: ResNet-20 at width 4 with GroupNorm (no per-rank BatchNorm statistics), 96
     images; batch 9 splits unevenly over 2 ranks (5 + 4, the last batch of 6 as 3 + 3)."""
     return ["run", "--dataset", "mnist", "--data-dir", str(data_dir), "--model", "resnet20",
             "--width", "4", "--norm", "group", "--epochs", str(epochs), "--batch-size", str(batch),
-            "--measure-every", "3", "--lr", "0.05", "--seed", "3", "--threads", "1", "--quiet",
+            "--measure-every", "3", "--lr", repr(lr), "--seed", "3", "--threads", "1", "--quiet",
             "--out", str(out), *extra]
 
 
@@ -230,7 +230,8 @@ def test_resume_of_two_ranks_after_kill_reproduces_the_uninterrupted_run(scope, 
     want_dir = (request.getfixturevalue("local_run") if scope == "local"
                 else request.getfixturevalue("global_runs")[1])
     out = tmp_path / "killed"
-    args = _args(tiny_mnist_dir, out, extra=["--gram-scope", scope])
+    args = _args(tiny_mnist_dir, out, lr=0.05 if scope == "local" else GLOBAL_LR,
+                 extra=["--gram-scope", scope])
 
     def mid_epoch_1():
         p = out / "metrics.jsonl"
@@ -292,15 +293,27 @@ def test_split_of_the_global_batch_and_launcher_checks(monkeypatch):
 def global_runs(tiny_mnist_dir, tmp_path_factory):
     """The same run in one process and on 2 ranks with the (default) global scope."""
     base = tmp_path_factory.mktemp("ddp-global")
-    single = _single(_args(tiny_mnist_dir, base / "single"))
+    single = _single(_args(tiny_mnist_dir, base / "single", lr=GLOBAL_LR))
     assert single.returncode == 0, single.stderr
-    g, codes = _spawn(_args(tiny_mnist_dir, base / "two"), base / "logs")
+    g, codes = _spawn(_args(tiny_mnist_dir, base / "two", lr=GLOBAL_LR), base / "logs")
     assert codes == [0], g.text("launcher.err")
     printed = [ln for ln in g.text("launcher.out").splitlines() if ln.startswith('{"label"')]
     assert len(printed) == 1                       # rank 0 alone prints, also when spawned
     return base / "single", base / "two"
 
 
+#: The global-scope comparison runs at a base LR of 0.005: at 0.05 this tiny float32 network
+#: amplifies rounding so fast that a single process differs from itself by up to 5e-2 within 30
+#: steps when only its reduction order changes (2 threads instead of 1, or conv_method unfold).
+GLOBAL_LR = 0.005
+#: At the first measure the parameters and inputs are the same: only the reduction order of the
+#: float32 sums differs (Gram entries of B_r- instead of B-sample kernels, the gradient summed over
+#: ranks), ~1e-7 relative; 1e-5 leaves room for c_k's amplification by λ_max/λ_min.
+FIRST_RTOL = 1e-5
+#: Later, training amplifies those differences: measured on this setup, one process with 2 threads
+#: instead of 1 moves these fields by up to 7e-4 relative (the 2-rank run by the same amount); the
+#: bound is a few times that.
+GLOBAL_RTOL = 3e-3
 #: fields compared between the single-process and the 2-rank run
 MEASURE_FIELDS = ("c_k", "c_k_jacobian", "I_k", "trace", "C_bar", "C_bar_jacobian", "L",
                   "lambda_max", "grad_norm", "ones_gram_ones")
@@ -314,8 +327,9 @@ def test_global_scope_on_two_ranks_gives_the_single_process_run(global_runs):
     for a, b in zip(one, two):
         assert a.get("batch_size") == b.get("batch_size") and a["lr"] == b["lr"]
         fields = MEASURE_FIELDS if a["type"] == "measure" else EPOCH_FIELDS
+        rtol = FIRST_RTOL if a.get("k") == 1 else GLOBAL_RTOL
         for f in fields:
-            assert b[f] == pytest.approx(a[f], rel=GLOBAL_RTOL), (a["type"], a.get("k"), f)
+            assert b[f] == pytest.approx(a[f], rel=rtol), (a["type"], a.get("k"), f)
         if a["type"] == "epoch":   # an error count moves only if a logit margin is ~1e-6
             assert abs(a["test_error"] - b["test_error"]) <= 1 / 32 + 1e-12
             assert abs(a["train_error"] - b["train_error"]) <= 1 / 96 + 1e-12
@@ -336,4 +350,4 @@ def test_global_scope_first_measure_is_the_float64_gram_of_the_global_batch(glob
     assert first["batch_size"] == 9
     assert first["trace"] == pytest.approx(float(G.trace()), rel=1e-4)
     assert first["c_k"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-3)
-    assert first["I_k"] == pytest.approx(0.05 / 9 * math.sqrt(float(G.trace())), rel=1e-4)
+    assert first["I_k"] == pytest.approx(GLOBAL_LR / 9 * math.sqrt(float(G.trace())), rel=1e-4)
