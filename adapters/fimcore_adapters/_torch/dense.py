@@ -331,7 +331,7 @@ class ConvUnit(Unit):
         else:
             blocks = []
             if w_sel:
-                method = convps.pick_method(rec.conv_method, x, go, spec, padding)
+                method = rec._pick_conv(self, lambda: convps.pick_method(rec.conv_method, x, go, spec, padding))
                 self.set_path(path, f"{reason}; per-sample weights by {method}")
                 per_channel = B * (spec.in_channels // spec.groups) * spec.kernel_numel * x.element_size()
                 parts = []

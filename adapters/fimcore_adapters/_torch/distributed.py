@@ -136,6 +136,7 @@ class GlobalGather:
         self._acc: torch.Tensor | None = None
         self._marks: list = []
         self._rec = None
+        self.agreed: dict[str, str] = {}
 
     # ---------------------------------------------------------------- per step
     def begin(self, rec, synced: bool) -> None:
@@ -156,6 +157,14 @@ class GlobalGather:
         out = [torch.empty_like(t) for _ in range(self.world)]
         self._wait(dist.all_gather(out, t, group=self.group, async_op=True), "the batch sizes")
         self.sizes = [int(v) for v in torch.cat(out).tolist()]
+
+    def agree(self, choice: str, options) -> str:
+        """Rank 0's ``choice`` (one of ``options``) on every rank (blocking broadcast)."""
+        t = torch.tensor([list(options).index(choice)], dtype=torch.int64,
+                         device="cuda" if dist.get_backend(self.group) == "nccl" else "cpu")
+        self._wait(dist.broadcast(t, src=self.ranks[0], group=self.group, async_op=True),
+                   "the per-sample convolution method")
+        return list(options)[int(t.item())]
 
     @property
     def total(self) -> int:
@@ -319,12 +328,19 @@ def mean_over_ranks(values: Mapping[str, float], group=None) -> dict[str, float]
 
     With ``scope="local"`` every rank measures its own Gram; a loop averages what it logs::
 
-        res = recorder.result()
-        rec = tracker.update(res, lr=lr)                      # MeasureTracker record: c_k, I_k
-        avg = mean_over_ranks({"c_k": rec.c, "I_k": rec.I})  # the same dict on every rank
+        m = tracker.update(recorder.result(), lr=lr)          # this rank's Measurement
+        c, I = m.values["condition"]["c_k"], m.values["energy"]["I_k"]
+        avg = mean_over_ranks({"c_k": c, "I_k": I})           # the same dict on every rank
 
-    Every rank must pass the same keys (they are sorted, so the order does not matter). A NaN
-    (an undefined c_k) makes the mean NaN; pass only defined values, or count them separately.
+    Every rank must pass the same keys (they are sorted, so the order does not matter), since it
+    is one collective. A NaN makes the mean NaN: an undefined c_k (None) must be replaced by the
+    caller (e.g. ``float("nan")`` and a separate count of defined steps). Averaging c_k over
+    ranks is a mean of B_r-sample condition numbers, not the condition number of the global
+    Gram; ``scope="global"`` gives the latter.
+
+    Example:
+        >>> mean_over_ranks({"c_k": 12.5, "I_k": 0.25})      # not distributed: the identity
+        {'I_k': 0.25, 'c_k': 12.5}
 
     Raises:
         ValueError: a value that is not a real number.

@@ -216,9 +216,9 @@ class GramRecorder:
             raise ValueError(f"keep_blocks must be True or False; received {keep_blocks!r}")
         check_fisher_options(fisher, mc_samples, seed)
         model, self.ddp = unwrap_ddp(model)
-        if self.ddp is not None and process_group is None:
-            process_group = self.ddp.process_group
         self.scope = resolve_scope(scope, self.ddp, process_group)
+        if self.ddp is not None and process_group is None and self.scope == "global":
+            process_group = self.ddp.process_group
         if self.scope == "global" and fisher == "sampled":
             raise ValueError("fisher='sampled' is not supported with scope='global' (its extra "
                              "backward passes are not gathered across ranks); received both. Use "
@@ -641,6 +641,18 @@ class GramRecorder:
         (so that every rank picks the same path and hands over the same form)."""
         g = self._gather
         return batch if g is None or g.sizes is None else g.total
+
+    def _pick_conv(self, unit, pick) -> str:
+        """The per-sample convolution method of ``unit``: ``pick()``, or under global scope the
+        one rank 0 picked for it (agreed once per layer: the methods lay the rows of J out in
+        different column orders, and cross-rank products need one order)."""
+        g = self._gather
+        if g is None:
+            return pick()
+        method = g.agreed.get(unit.name)
+        if method is None:
+            method = g.agreed[unit.name] = g.agree(pick(), CONV_METHODS)
+        return method
 
     def _multi_use(self, unit) -> bool:
         """True if a selected parameter of ``unit`` is used more than once in this step."""
