@@ -90,33 +90,10 @@ def _launch(args, logs, world=2, kill_when=None):
     return g, codes
 
 
-def _spawn_worker(rank, world, port, args):
-    """One process of ``torch.multiprocessing.spawn``: the group is initialised here, before the
-    run, which then uses it as it is."""
-    import torch.distributed as dist
-
-    from reference_training.cli import main
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
-        code = main(list(args))
-    finally:
-        dist.destroy_process_group()
-    if code != 0:
-        raise SystemExit(code)
-
-
-def _spawn_main(port, args_json):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_spawn_worker, args=(2, port, json.loads(args_json)), nprocs=2, join=True)
-
-
 def _spawn(args, logs):
     """2 ranks through ``torch.multiprocessing.spawn``, its driver in our killable group."""
-    code = ("from tests.reference_training.test_distributed_run import _spawn_main; "
-            f"_spawn_main({_free_port()}, {json.dumps(json.dumps(list(args)))})")
+    code = ("from tests.reference_training._spawned_run import spawn; "
+            f"spawn({_free_port()}, {json.dumps(json.dumps(list(args)))})")
     g = _Group([sys.executable, "-c", code], 1, logs, launcher=True)
     return g, g.wait()
 
