@@ -328,3 +328,22 @@ def test_global_scope_first_measure_is_the_float64_gram_of_the_global_batch(glob
     assert first["trace"] == pytest.approx(float(G.trace()), rel=1e-4)
     assert first["c_k"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-3)
     assert first["I_k"] == pytest.approx(GLOBAL_LR / 9 * math.sqrt(float(G.trace())), rel=1e-4)
+
+
+def test_a_measure_steered_schedule_needs_the_global_scope(tiny_mnist_dir, tmp_path, monkeypatch,
+                                                           one_thread):
+    """Refused before any collective: a stand-in for rank 0 of 2 is enough."""
+    import reference_training.train as T
+    from reference_training.distributed import DistContext
+
+    class Rank0(DistContext):
+        def barrier(self):
+            pass
+
+    monkeypatch.setattr(T, "context", lambda device: Rank0(0, 2, 0, "gloo", owned=False))
+    cfg = T.RunConfig(model="resnet20", dataset="mnist", data_dir=str(tiny_mnist_dir), epochs=1,
+                      batch_size=8, batch_schedule="auto:noise_scale", width=4, norm="group")
+    with pytest.raises(ValueError, match="auto:noise_scale.*--gram-scope global"):
+        T.train(cfg, tmp_path / "run", quiet=True, gram_scope="local")
+    with pytest.raises(ValueError, match="gram_scope must be one of"):
+        T.train(cfg, tmp_path / "run2", quiet=True, gram_scope="world")
