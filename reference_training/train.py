@@ -24,6 +24,14 @@ every epoch: model, optimiser, schedule, tracker, RNG states and the byte offset
 ``metrics.jsonl``) and ``summary.json`` at the end. ``resume=True`` continues from the checkpoint,
 first cutting ``metrics.jsonl`` back to the checkpoint's offset, so a run killed at any point
 resumes to the same numbers as an uninterrupted run on CPU.
+
+Data-parallel (under ``torchrun``, or in processes whose ``torch.distributed`` group is already
+initialised; :mod:`reference_training.distributed`): the schedule's batch size is the global batch,
+split over the ranks from one shared permutation and augmentation; the model is wrapped in DDP;
+the Gram is that of the global batch (``gram_scope="global"``, the default) or each rank's own
+(``"local"``, measures averaged over ranks); evaluation is sharded over the ranks and reduced; only
+rank 0 writes files, and the checkpoint carries every rank's RNG state (and local trackers), so a
+resume is exact as well. A single process runs exactly as before.
 """
 
 from __future__ import annotations
