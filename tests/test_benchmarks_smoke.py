@@ -290,6 +290,37 @@ def test_bench_torch_runs_one_tiny_configuration_and_writes_a_table(tmp_path):
     assert rel_err < 1e-4
 
 
+# ---- the DDP benchmark: its cost model in closed form, and one tiny 2-rank run ---------------
+
+
+def test_bench_ddp_cost_model_counts_factors_and_rows_in_closed_form():
+    import_backend("torch")
+    from benchmarks import bench_ddp
+
+    res = bench_ddp.cost_model("mlp", global_batch=32, world=4)      # B_r = 8, float32
+    assert res["local_batch"] == 8
+    first = res["layers"][0]
+    assert (first["T"], first["d_a"], first["d_g"]) == (1, 784, 512)
+    assert first["factor_bytes"] == 8 * (784 + 512) * 4
+    assert first["rows_bytes"] == 8 * (784 * 512 + 512) * 4
+    assert first["form"] == "factors" and first["bytes"] == first["factor_bytes"]
+    assert res["bytes"] == 8 * 4 * ((784 + 512) + (512 + 256) + (256 + 10))
+    assert "| Linear | 1 | 3 |" in bench_ddp.cost_model_markdown(res)
+
+
+def test_bench_ddp_runs_one_tiny_two_rank_configuration():
+    import_backend("torch")
+    from benchmarks import bench_ddp
+
+    res = bench_ddp.run(2, ["mlp"], reps=1, global_batch=8, timeout=120)["mlp"]
+    assert len(res["plain"]) == len(res["measured"]) == 1
+    # rank 0 contributes its 4 samples' factors of the three Linear layers, float32
+    assert res["comm"]["bytes"] == 4 * 4 * ((784 + 512) + (512 + 256) + (256 + 10))
+    assert res["comm"]["sizes"] == [4, 4] and set(res["forms"].values()) == {"factors"}
+    row = bench_ddp._ratio_row(2, "mlp", res, 8)
+    assert row.startswith("| 2 | MLP 784-512-256-10 | 8 (4/rank) |") and "×**" in row
+
+
 # ---- the TensorFlow per-layer profile: its ablation is a valid plain step --------------------
 
 

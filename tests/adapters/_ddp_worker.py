@@ -103,7 +103,8 @@ def _case(name, rank, world):
         _loss(wrapped(xl), yl, red).backward()
     res = {"G": rec.gram().clone(), "grads": [p.grad.clone() for p in model.parameters()],
            "plain_grads": plain_grads, "scope": rec.scope, "report": rec.report().communication,
-           "gathered": {r.name: r.gathered for r in rec.report()}}
+           "gathered": {r.name: r.gathered for r in rec.report()},
+           "trace_sum": sum(r.trace for r in rec.report() if r.trace is not None)}
     if opts.get("keep_blocks"):
         res["blocks"] = {k: v.clone() for k, v in rec.blocks().items()}
     return res
@@ -141,6 +142,11 @@ def _no_sync(rank, world):
 
 
 def _worker(rank, world, port, outdir, die):
+    import warnings
+
+    # torch 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers, whose False still
+    # syncs at construction; the tests want rank-local buffers, which only broadcast_buffers gives
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -159,6 +165,12 @@ def _worker(rank, world, port, outdir, die):
         out["no_sync"] = _no_sync(rank, world)
         from fimcore_adapters.torch import GramRecorder, mean_over_ranks
         out["mean"] = mean_over_ranks({"b": 2.0 * rank, "a": 1.0})
+        try:
+            GramRecorder(nn.parallel.DistributedDataParallel(make_model("mlp")), fisher="sampled",
+                         loss="cross_entropy")
+            out["sampled"] = None
+        except ValueError as exc:
+            out["sampled"] = str(exc)
         times["rest"] = time.monotonic()
         out["times"] = times
         if die:

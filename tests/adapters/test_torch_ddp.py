@@ -83,6 +83,8 @@ def test_global_gram_equals_concatenated_batch_per_sample_loop(world_results):
             G = res[r][name]["G"]
             assert G.shape == (sum(sizes), sum(sizes)), (name, G.shape)
             assert _rel(G, G_ref) <= 1e-12, (name, r, _rel(G, G_ref))
+        # the report's per-layer shares of Tr G add up to it
+        assert abs(res[0][name]["trace_sum"] - float(G_ref.trace())) <= 1e-12 * float(G_ref.trace()), name
         if name == "plain_module":      # no DDP: .grad is the rank's own, not averaged
             continue
         # the invariant with the DDP gradient: 1ᵀG1 = N²‖∇L‖² (mean), ‖∇L‖² (sum)
@@ -191,6 +193,11 @@ def test_no_sync_micro_batch_gets_its_global_gram_and_ddp_gradients(world_result
     assert not torch.allclose(_flat(res[0]["no_sync"]["mid"]), _flat(res[1]["no_sync"]["mid"]))
 
 
+def test_sampled_fisher_is_refused_under_global_scope(world_results):
+    world, res = world_results
+    assert "fisher='sampled' is not supported with scope='global'" in res[0]["sampled"]
+
+
 def test_mean_over_ranks(world_results):
     world, res = world_results
     want = {"a": 1.0, "b": float(world - 1)}
@@ -199,8 +206,9 @@ def test_mean_over_ranks(world_results):
 
 
 @pytest.mark.parametrize("world_results", [2], indirect=True, ids=["world2"])
-def test_a_rank_dying_mid_step_fails_the_others_with_a_clear_error(world_results):
-    """The 2-process run ends with rank 1 exiting before a measured step (a 5 s timeout)."""
+def test_a_rank_that_stopped_makes_the_others_fail_with_a_clear_error_not_hang(world_results):
+    """The 2-process run ends with rank 1 exiting just before a measured step (the recorder has
+    timeout=5): rank 0 raises at its first Gram collective, naming the dedicated group."""
     world, res = world_results
     err = res[0]["error"]
     assert err is not None and "dedicated process group" in err, err
@@ -222,3 +230,7 @@ def test_global_scope_without_distributed_is_refused():
         GramRecorder(nn.Linear(2, 2), scope="global")
     with pytest.raises(ValueError, match="scope must be one of"):
         GramRecorder(nn.Linear(2, 2), scope="world")
+    with pytest.raises(ValueError, match="process_group is used by scope='global' only"):
+        GramRecorder(nn.Linear(2, 2), scope="local", process_group=object())
+    with pytest.raises(ValueError, match="timeout must be None or a positive number"):
+        GramRecorder(nn.Linear(2, 2), timeout=-1)

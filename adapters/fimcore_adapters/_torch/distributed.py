@@ -24,7 +24,11 @@ The gathers run on a dedicated process group (``dist.new_group`` over the same r
 never interleave with DDP's bucketed gradient all-reduce on the model's group; they are launched
 asynchronously as the backward reaches each layer and consumed (waited for and multiplied) when
 more than ``max_inflight_bytes`` of received data is outstanding, the rest at the end of the
-``with`` block, so communication overlaps the backward.
+``with`` block, so communication overlaps the backward. A handed-over tensor is sent as it is
+(no copy unless it needs padding): layer rules never change it in place afterwards. Every rank
+must hand over the same layers in the same order with the same per-sample shapes (the same model
+and input shapes apart from the batch); the per-rank batch sizes are exchanged once per step, at
+the first layer's forward.
 
 Rows of the global J. DDP averages the ranks' gradients, so ``.grad`` holds
 :math:`\nabla L = \frac1W \sum_r \nabla L_r`. With a mean loss (:math:`L_r = \frac1{B_r}
@@ -208,8 +212,8 @@ class GlobalGather:
         self._launch(unit, "factors", parts, p, bias=bias)
 
     def _launch(self, unit, form, parts, p_rows, bias=False) -> None:
-        if self.sizes is None:
-            raise RuntimeError(f"internal: layer {unit.name!r} handed over before the batch sizes were exchanged")
+        if self.sizes is None:        # the step's first forward ran without gradients
+            self.exchange_sizes(parts[0].shape[0], parts[0].device)
         bmax = max(self.sizes)
         sent, outs, works = 0, [], []
         for t in parts:

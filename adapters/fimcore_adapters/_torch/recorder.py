@@ -69,7 +69,9 @@ class GramRecorder:
             opt.step()
 
     ``.grad`` after the block equals that of a plain step (layers whose per-sample gradients are
-    formed anyway write their sum as the batch gradient, so autograd does not compute it twice).
+    formed anyway return their sum as the batch gradient from their autograd function, so autograd
+    does not compute it twice; it still accumulates it into ``.grad`` itself, so DDP's reducer,
+    which hooks that accumulation, all-reduces it as usual).
 
     Args:
         model: the network. The batch is dim 0 of every covered layer's input, except where a
@@ -167,6 +169,8 @@ class GramRecorder:
         ValueError: no trainable parameter selected, an unknown ``params`` entry, a bad option,
             a module owning parameters beside parameterised submodules, ``scope="global"``
             without an initialised process group, or with ``fisher="sampled"``.
+        RuntimeError: (in the ``with`` block, ``scope="global"``) a Gram gather on the dedicated
+            group failed: another rank stopped or did not reach it within ``timeout``.
 
     Example:
         >>> import torch
