@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run directory (default runs/<name>)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last checkpoint")
+    run.add_argument("--gram-scope", default=None, choices=("global", "local"),
+                     help="under torchrun: measure the Gram of the global batch (global, the "
+                          "default) or each rank's own Gram, averaging the measures (local)")
 
     grid = sub.add_parser("grid", help="the batch-size × LR grid plus dynamic-sampling runs")
     _add_common(grid, grid=True)
@@ -90,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--dynamic-lrs", type=_float_list, default=[0.1])
     grid.add_argument("--seeds", type=_int_list, default=[0])
     grid.add_argument("--jobs", type=int, default=1, help="runs side by side (--executor local)")
+    grid.add_argument("--nproc", type=int, default=1,
+                      help="processes per run: N > 1 launches each run under torchrun "
+                           "(torch.distributed.run --standalone --nproc_per_node N)")
+    grid.add_argument("--gram-scope", default=None, choices=("global", "local"),
+                      help="with --nproc > 1: the Gram each run measures (default global)")
     grid.add_argument("--executor", default="local", choices=("local", "slurm"),
                       help="local: a process pool here; slurm: a Slurm job array via submitit")
     grid.add_argument("--cluster", default="slurm", choices=("slurm", "local", "debug"),
@@ -152,6 +161,15 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _rank() -> int:
+    """This process's rank: of the process group a caller initialised, else torchrun's RANK."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK") or 0)
+
+
 def _cmd_run(args) -> int:
     from .train import run_label, train
 
@@ -159,7 +177,10 @@ def _cmd_run(args) -> int:
     config = _config_from_args(args)
     config.validate()
     out = args.out or f"runs/{config.model}-{config.dataset}-{run_label(config)}-lr{config.lr:g}-seed{config.seed}"
-    summary = train(config, out, resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard)
+    summary = train(config, out, resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard,
+                    gram_scope=args.gram_scope)
+    if _rank() != 0:
+        return 0                      # data-parallel: only rank 0 prints the summary line
     print(json.dumps({k: summary[k] for k in ("label", "diverged", "epochs", "test_error",
                                               "train_error", "C_bar", "C_bar_jacobian", "L",
                                               "wall_time_s")}))
@@ -190,7 +211,8 @@ def _cmd_grid(args) -> int:
         slurm = {"timeout_min": args.slurm_time}
     counts = run_grid(runs, jobs=args.jobs, threads=args.threads, executor=args.executor,
                       cluster=args.cluster, slurm=slurm, retry_failed=args.retry_failed,
-                      wait=args.wait or args.cluster != "slurm", root=Path(args.out))
+                      wait=args.wait or args.cluster != "slurm", root=Path(args.out),
+                      nproc=args.nproc, gram_scope=args.gram_scope)
     print(json.dumps(counts))
     return 1 if counts.get("failed") else 0
 

@@ -5,7 +5,11 @@ Every run lives in ``OUT/<model>-<dataset>/<label>_lr<lr>_seed<seed>/`` and is e
 started again with the same command: finished runs (``summary.json`` present) are skipped,
 partial ones resume from their last checkpoint, and a diverged run is recorded as such in its
 summary instead of stopping the grid. ``--jobs`` runs several subprocesses side by side (use
-``--threads`` so that jobs × threads does not exceed the cores).
+``--threads`` so that jobs × threads does not exceed the cores). ``--nproc N`` (N > 1) starts each
+run as ``python -m torch.distributed.run --standalone --nproc_per_node N -m reference_training run
+...``: a data-parallel run on one node (a free rendezvous port per run, so runs of a local pool do
+not collide), measured with ``--gram-scope`` (global by default); jobs × N × threads processes and
+threads then share the cores.
 """
 
 from __future__ import annotations
@@ -104,9 +108,13 @@ def _dynamic(spec: str, batch_sizes) -> dict:
     return dict(batch_schedule=spec)
 
 
-def _command(run: GridRun, threads: int | None) -> list[str]:
+def _command(run: GridRun, threads: int | None, nproc: int = 1,
+             gram_scope: str | None = None) -> list[str]:
     c = run.config
-    cmd = [sys.executable, "-m", "reference_training", "run", "--resume", "--quiet",
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = [*launcher, "-m", "reference_training", "run", "--resume", "--quiet",
            "--out", str(run.out_dir), "--model", c.model, "--dataset", c.dataset,
            "--epochs", str(c.epochs), "--lr", repr(c.lr), "--seed", str(c.seed),
            "--measure-every", str(c.measure_every), "--stages", str(c.stages),
@@ -121,25 +129,37 @@ def _command(run: GridRun, threads: int | None) -> list[str]:
                         ("--depth", c.depth), ("--width", c.width), ("--threads", threads)):
         if value is not None:
             cmd += [flag, str(value)]
+    if nproc > 1 and gram_scope is not None:
+        cmd += ["--gram-scope", gram_scope]
     return cmd
 
 
 def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None,
              log=print, executor: str = "local", cluster: str = "slurm",
              slurm: dict | None = None, retry_failed: bool = False,
-             wait: bool = False, root: Path | None = None) -> dict[str, int]:
+             wait: bool = False, root: Path | None = None, nproc: int = 1,
+             gram_scope: str | None = None) -> dict[str, int]:
     """Execute the runs that are not finished; returns counts of what happened.
 
     ``executor="local"`` runs ``jobs`` subprocesses side by side here; ``executor="slurm"``
     submits the unfinished runs as one Slurm job array through submitit (``cluster="local"`` or
     ``"debug"`` run the same path without a cluster; see :mod:`reference_training.executors`).
+    ``nproc`` > 1 launches every run under ``torch.distributed.run`` with that many processes
+    (one node; on GPUs give a Slurm run as many, ``slurm={"gpus_per_node": nproc}``).
     """
+    if not (isinstance(nproc, int) and nproc >= 1):
+        raise ValueError(f"nproc must be an int >= 1 (processes per run); received {nproc!r}.")
+    if gram_scope not in (None, "global", "local"):
+        raise ValueError(f"gram_scope must be None, 'global' or 'local'; received {gram_scope!r}.")
+
+    def command(r: GridRun) -> list[str]:
+        return _command(r, threads, nproc, gram_scope)
     if executor == "slurm":
         from .executors import submit_slurm
 
         if root is None:
             root = runs[0].out_dir.parent.parent if runs else Path(".")
-        return submit_slurm(runs, lambda r: _command(r, threads), root, cluster=cluster,
+        return submit_slurm(runs, command, root, cluster=cluster,
                             options=slurm, retry_failed=retry_failed, wait=wait, log=log)
     if executor != "local":
         raise ValueError(f"executor must be 'local' or 'slurm'; received {executor!r}.")
@@ -152,7 +172,7 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None,
         run.out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         with open(run.out_dir / "run.log", "a") as logf:
-            rc = subprocess.call(_command(run, threads), stdout=logf, stderr=subprocess.STDOUT)
+            rc = subprocess.call(command(run), stdout=logf, stderr=subprocess.STDOUT)
         return run, rc, time.perf_counter() - t0
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

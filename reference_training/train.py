@@ -24,6 +24,14 @@ every epoch: model, optimiser, schedule, tracker, RNG states and the byte offset
 ``metrics.jsonl``) and ``summary.json`` at the end. ``resume=True`` continues from the checkpoint,
 first cutting ``metrics.jsonl`` back to the checkpoint's offset, so a run killed at any point
 resumes to the same numbers as an uninterrupted run on CPU.
+
+Data-parallel (under ``torchrun``, or in processes whose ``torch.distributed`` group is already
+initialised; :mod:`reference_training.distributed`): the schedule's batch size is the global batch,
+split over the ranks from one shared permutation and augmentation; the model is wrapped in DDP;
+the Gram is that of the global batch (``gram_scope="global"``, the default) or each rank's own
+(``"local"``, measures averaged over ranks); evaluation is sharded over the ranks and reduced; only
+rank 0 writes files, and the checkpoint carries every rank's RNG state (and local trackers), so a
+resume is exact as well. A single process runs exactly as before.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from fimcore_adapters.torch import GramRecorder
 
 from .config import RunConfig, statistic_names
 from .data import ImageDataset, augment, load_dataset, normalise
+from .distributed import GRAM_SCOPES, DistContext, context, shard
 from .models import build_model, count_parameters
 from .schedules import lr_at, make_schedule, parse_batch_schedule, run_label
 
@@ -103,18 +112,32 @@ def _grad_norm(model: torch.nn.Module) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, ds: ImageDataset, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 error on the test set (eval mode, BN running statistics)."""
+def evaluate(model: torch.nn.Module, ds: ImageDataset, device: torch.device,
+             dist: DistContext | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 error on the test set (eval mode, BN running statistics).
+
+    Data-parallel: every rank takes rank 0's buffers (BN running statistics), evaluates the chunks
+    j of ``EVAL_BATCH`` test images with j mod W = its rank, and the sums of loss and errors are
+    all-reduced, so every rank returns the same values (the loss sum in another order than a
+    single process: equal up to float64 rounding; the error count exactly).
+    """
     was_training = model.training
     model.eval()
     loss_sum, wrong, n = 0.0, 0, len(ds.test_y)
-    for start in range(0, n, EVAL_BATCH):
+    if dist is not None:
+        dist.broadcast_buffers(model)
+    for j, start in enumerate(range(0, n, EVAL_BATCH)):
+        if dist is not None and j % dist.world_size != dist.rank:
+            continue
         x = normalise(ds.test_x[start:start + EVAL_BATCH], ds.mean, ds.std).to(device)
         y = ds.test_y[start:start + EVAL_BATCH].to(device)
         out = model(x)
         loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
         wrong += int((out.argmax(1) != y).sum())
     model.train(was_training)
+    if dist is not None:
+        loss_sum, wrong_f = dist.all_sum([loss_sum, wrong])
+        wrong = int(round(wrong_f))
     return loss_sum / n, wrong / n
 
 
@@ -141,11 +164,39 @@ def _set_rng_state(state: dict[str, Any], data_gen: torch.Generator) -> None:
     data_gen.set_state(state["data"])
 
 
-def _make_recorder(model: torch.nn.Module, config: RunConfig) -> GramRecorder:
+def _make_recorder(model: torch.nn.Module, config: RunConfig, *, ddp: Any = None,
+                   scope: str = "local") -> GramRecorder:
     # per-layer statistics read each module's block of G: keep them only when asked for
     keep = "per_layer" in statistic_names(config.stats)
-    return GramRecorder(model, loss_reduction="mean", strategy=config.gram_strategy,
-                        conv_method=config.conv_method, keep_blocks=keep)
+    kw = dict(loss_reduction="mean", strategy=config.gram_strategy,
+              conv_method=config.conv_method, keep_blocks=keep)
+    if ddp is None or scope == "local":
+        return GramRecorder(model, **kw)   # data-parallel "local": this rank's rows only
+    try:
+        return GramRecorder(ddp, scope="global", **kw)
+    except TypeError as exc:
+        raise ValueError("--gram-scope global needs GramRecorder(ddp_model, scope='global') from "
+                         "fimcore_adapters.torch, which this installation lacks "
+                         f"({exc}); use --gram-scope local.") from exc
+
+
+class _NullFile:
+    """What ranks other than 0 write metrics lines to."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return 0
+
+    def __enter__(self) -> "_NullFile":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
 
 
 # --------------------------------------------------------------------------- the run
@@ -176,6 +227,14 @@ class _Run:
     diverged: bool = False
     board: Any = None
     num_params: int | None = None
+    dist: DistContext | None = None   # data-parallel: this rank's process group
+    ddp: Any = None                   # the DistributedDataParallel wrapper of ``model``
+    scope: str = "global"             # the Gram a data-parallel run measures
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """What the training step calls: the DDP wrapper, or the model itself."""
+        return self.ddp if self.ddp is not None else self.model
 
     @property
     def paths(self) -> tuple[Path, Path, Path, Path]:
@@ -207,9 +266,17 @@ def _check_resume(config: RunConfig, out: Path, resume: bool) -> dict[str, Any] 
     return None
 
 
-def _build(config: RunConfig, out: Path, *, dataset: ImageDataset | None, log, quiet) -> _Run:
-    """Data, seeds, model, optimiser, schedule, tracker and recorder of a fresh run."""
+def _build(config: RunConfig, out: Path, *, dataset: ImageDataset | None, log, quiet,
+           dist: DistContext | None = None, scope: str = "global") -> _Run:
+    """Data, seeds, model, optimiser, schedule, tracker and recorder of a fresh run.
+
+    Data-parallel, every rank seeds the same way (so all ranks draw the same permutation and
+    augmentation, see :mod:`reference_training.distributed`) and the model is wrapped in
+    ``DistributedDataParallel``.
+    """
     device = torch.device(config.device)
+    if dist is not None and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
     ds = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
     if config.subset is not None:
         ds = ds.subset(config.subset, seed=0)  # the same samples for every seed
@@ -232,20 +299,47 @@ def _build(config: RunConfig, out: Path, *, dataset: ImageDataset | None, log, q
             extra.append(stat)
     tracker = fimcore.MeasureTracker(statistics=(*fimcore.stats.DEFAULT, *extra),
                                      keep_history=False)
+    ddp = None
+    if dist is not None:
+        if scope == "local" and hasattr(schedule, "update"):
+            raise ValueError(f"--batch-schedule {config.schedule_spec!r} is steered by the measures, "
+                             "which must be one Gram seen by every rank: use --gram-scope global "
+                             "under torchrun (local scope measures one Gram per rank).")
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     return _Run(config=config, out=out, log=log, quiet=quiet, device=device, ds=ds, model=model,
                 optimizer=optimizer, schedule=schedule, tracker=tracker,
-                recorder=_make_recorder(model, config), data_gen=data_gen,
-                num_params=count_parameters(model))
+                recorder=_make_recorder(model, config, ddp=ddp, scope=scope), data_gen=data_gen,
+                num_params=count_parameters(model), dist=dist, ddp=ddp, scope=scope)
 
 
 def _restore(run: _Run, ckpt_path: Path) -> None:
     """Continue from the last epoch checkpoint (model, optimiser, schedule, tracker, RNG)."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states stay on CPU
+    stored = ckpt.get("distributed")
+    here = None if run.dist is None else {"world_size": run.dist.world_size,
+                                           "gram_scope": run.scope}
+    there = None if stored is None else {k: stored[k] for k in ("world_size", "gram_scope")}
+    if here != there:
+        def what(d):
+            return ("a single process" if d is None else
+                    f"{d['world_size']} processes, --gram-scope {d['gram_scope']}")
+        raise ValueError(f"the checkpoint in {str(run.out)!r} was written by {what(there)}; this "
+                         f"resume runs {what(here)}. Resume with the same launch (an exact resume "
+                         "needs every rank's RNG state) or choose another --out.")
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.schedule.load_state_dict(ckpt["schedule"])
-    run.tracker.load_state_dict(ckpt["tracker"])
-    _set_rng_state(ckpt["rng"], run.data_gen)
+    if stored is not None and stored.get("tracker_per_rank") is not None:
+        run.tracker.load_state_dict(stored["tracker_per_rank"][run.dist.rank])
+    else:
+        run.tracker.load_state_dict(ckpt["tracker"])
+    if stored is not None:
+        _set_rng_state(stored["rng_per_rank"][run.dist.rank], run.data_gen)
+    else:
+        _set_rng_state(ckpt["rng"], run.data_gen)
     run.start_epoch, run.iteration = ckpt["epoch"] + 1, ckpt["iteration"]
     run.elapsed, run.train_elapsed = ckpt["wall_time_s"], ckpt["train_time_s"]
     run.epochs_log, run.offset = ckpt["epochs_log"], ckpt["metrics_offset"]
@@ -253,18 +347,75 @@ def _restore(run: _Run, ckpt_path: Path) -> None:
 
 
 def _checkpoint(run: _Run, epoch: int, metrics_offset: int) -> None:
+    """Write the checkpoint (data-parallel: rank 0 writes it, with every rank's RNG state and,
+    for the local scope, every rank's tracker; model and optimiser are the same on all ranks)."""
+    rng = _rng_state(run.data_gen)
+    extra = {}
+    if run.dist is not None:
+        rngs = run.dist.gather_objects(rng)
+        trackers = (run.dist.gather_objects(run.tracker.state_dict())
+                    if run.scope == "local" else None)
+        if not run.dist.is_writer:
+            return
+        extra = {"distributed": {"world_size": run.dist.world_size, "gram_scope": run.scope,
+                                 "rng_per_rank": rngs, "tracker_per_rank": trackers}}
     _atomic_torch_save({
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "schedule": run.schedule.state_dict(), "tracker": run.tracker.state_dict(),
-        "rng": _rng_state(run.data_gen), "epoch": epoch, "iteration": run.iteration,
+        "rng": rng, "epoch": epoch, "iteration": run.iteration,
         "wall_time_s": run.elapsed, "train_time_s": run.train_elapsed,
-        "epochs_log": run.epochs_log, "metrics_offset": metrics_offset,
+        "epochs_log": run.epochs_log, "metrics_offset": metrics_offset, **extra,
     }, run.out / CHECKPOINT_FILE)
 
 
+#: fields of a measure line that are the same on every rank (not averaged under the local scope)
+_SHARED_FIELDS = ("type", "k", "iteration", "epoch", "lr", "batch_size", "weight", "grad_norm")
+
+
+def _mean_line(run: _Run, line: dict[str, Any]) -> dict[str, Any]:
+    """Local scope: every numeric field of the measure line averaged over ranks (booleans give the
+    fraction of ranks); fields that are not numbers on every rank keep rank 0's value."""
+    lines = run.dist.gather_objects(line)
+    out = dict(line)
+    for key, v0 in line.items():
+        if key in _SHARED_FIELDS:
+            continue
+        vals = [ln.get(key) for ln in lines]
+        nums = [v for v in vals if isinstance(v, (int, float, bool, np.floating, np.integer))]
+        if len(nums) == len(vals) and nums:
+            vs = [float(_json_value(v)) for v in nums]
+            out[key] = math.fsum(vs) / len(vs)
+        elif all(v is None or isinstance(v, (int, float, np.floating, np.integer)) for v in vals):
+            finite = [float(_json_value(v)) for v in vals if v is not None]
+            out[key] = math.fsum(finite) / len(finite) if finite else None
+    return out
+
+
+def _tracker_values(run: _Run) -> dict[str, Any]:
+    """C̄_K, L_K and their companions; under the local scope the mean over ranks."""
+    t = run.tracker
+    vals = {"C_bar": t.C_bar, "C_bar_jacobian": t.C_bar_jacobian, "L": t.L,
+            "resolution_limited": t.resolution_limited, "C_bar_legacy": t.C_bar_legacy,
+            "measurements": t.steps, "skipped_measurements": t.skipped,
+            "resolution_limited_fraction": t.resolution_limited_fraction}
+    if run.dist is None or run.scope != "local":
+        return vals
+    lines = run.dist.gather_objects({k: _json_value(v) for k, v in vals.items()})
+    out = {}
+    for k in vals:
+        finite = [float(ln[k]) for ln in lines if ln[k] is not None]
+        out[k] = math.fsum(finite) / len(finite) if finite else None
+    return out
+
+
 def _measure(run: _Run, metrics, *, epoch: int, n: int, n_iters: int, batch: int,
-             lr: float) -> bool:
+             lr: float, gram_batch: int | None = None, gram_scale: float = 1.0) -> bool:
     """Feed the step's Gram to the tracker (and the policy) and write its metrics line.
+
+    Data-parallel: ``batch`` is the global batch; ``gram_batch`` the rows of this rank's Gram (the
+    local shard under the local scope) and ``gram_scale`` the factor turning its rows into
+    per-sample loss gradients (≠ 1 only for an uneven split, whose loss is not the shard mean).
+    All ranks call it together (its collectives agree on divergence and average the local lines).
 
     Returns False if the step diverged (non-finite Gram).
     """
@@ -273,12 +424,18 @@ def _measure(run: _Run, metrics, *, epoch: int, n: int, n_iters: int, batch: int
     except FloatingPointError as exc:
         gram = torch.full((1, 1), math.nan)
         run.log(f"non-finite per-sample gradients: {exc}")
-    if not bool(torch.isfinite(gram).all()):
+    if gram_scale != 1.0:
+        gram = gram * gram_scale
+    finite = bool(torch.isfinite(gram).all())
+    if run.dist is not None:
+        finite = not run.dist.any(not finite)
+    if not finite:
         run.log(f"diverged at epoch {epoch}, iteration {run.iteration}: non-finite Gram")
         return False
     weight = min(run.config.measure_every, n_iters - n)
     blocks = run.recorder.blocks() if run.recorder.keep_blocks else None
-    m = run.tracker.update(gram, lr=lr, weight=weight, batch_size=batch,
+    m = run.tracker.update(gram, lr=lr, weight=weight,
+                           batch_size=batch if gram_batch is None else gram_batch,
                            grad_dtype=run.recorder.grad_dtype, num_params=run.num_params,
                            blocks=blocks)
     line = {
@@ -294,6 +451,9 @@ def _measure(run: _Run, metrics, *, epoch: int, n: int, n_iters: int, batch: int
     for name, fields in m.values.items():
         if name not in ("condition", "energy"):
             line.update(fields)
+    if run.dist is not None and run.scope == "local":
+        line["gram_batch_size"] = gram_batch
+        line = _mean_line(run, line)
     update = getattr(run.schedule, "update", None)
     if update is not None:
         decision = update(m)
@@ -330,26 +490,52 @@ def _train_epoch(run: _Run, epoch: int, metrics) -> dict[str, Any] | None:
         n_iters = n + math.ceil((n_train - start) / b)   # this epoch's iterations at this size
         idx = perm[start:start + b]
         x = normalise(ds.train_x[idx], ds.mean, ds.std)
-        x = augment(x, flip=ds.flip, pad=ds.pad, generator=run.data_gen).to(device)
-        y = ds.train_y[idx].to(device)
+        x = augment(x, flip=ds.flip, pad=ds.pad, generator=run.data_gen)
+        y = ds.train_y[idx]
+        if run.dist is not None:
+            # the global batch's inputs as one process draws them; this rank keeps its slice
+            part = shard(len(idx), run.dist.rank, run.dist.world_size)
+            x, y = x[part], y[part]
+        x, y = x.to(device), y.to(device)
+        uneven = run.dist is not None and len(y) * run.dist.world_size != len(idx)
         measured = n % config.measure_every == 0
         with run.recorder(measure=measured):  # unmeasured: a plain step, no hooks
-            out_logits = run.model(x)
+            out_logits = run.net(x)
             loss = F.cross_entropy(out_logits, y)
+            if uneven:    # DDP averages over ranks: (W·B_r/B)·mean_r = (W/B)·Σ_shard ℓ_i
+                loss = loss * (run.dist.world_size * len(y) / len(idx))
             loss.backward()
         loss_v = loss.detach().item()
+        if run.dist is not None:
+            # the global batch's mean loss and errors; a non-finite loss on any rank stops all
+            local_sum = float(F.cross_entropy(out_logits.detach(), y, reduction="sum"))
+            local_wrong = int((out_logits.detach().argmax(1) != y).sum())
+            tot, tot_wrong, bad = run.dist.all_sum(
+                [local_sum if math.isfinite(local_sum) else 0.0, local_wrong,
+                 0.0 if math.isfinite(loss_v) and math.isfinite(local_sum) else 1.0])
+            loss_v = tot / len(idx) if bad == 0 else math.nan
         if not math.isfinite(loss_v):
             run.log(f"diverged at epoch {epoch}, iteration {run.iteration}: loss {loss_v}")
             run.diverged = True
-        elif measured and not _measure(run, metrics, epoch=epoch, n=n, n_iters=n_iters,
-                                       batch=len(idx), lr=lr):
+        elif measured and run.dist is None and not _measure(
+                run, metrics, epoch=epoch, n=n, n_iters=n_iters, batch=len(idx), lr=lr):
+            run.diverged = True
+        elif measured and run.dist is not None and not _measure(
+                run, metrics, epoch=epoch, n=n, n_iters=n_iters, batch=len(idx), lr=lr,
+                gram_batch=len(y) if run.scope == "local" else len(idx),
+                # a "mean" recorder's rows are B_r·∂loss_r/∂θ_i = (B_r·W/B)·∇ℓ_i when uneven
+                gram_scale=(len(idx) / (len(y) * run.dist.world_size)) ** 2
+                if uneven and run.scope == "local" else 1.0):
             run.diverged = True
         if run.diverged:
             break
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         loss_sum += loss_v * len(idx)
-        wrong += int((out_logits.detach().argmax(1) != y).sum())
+        if run.dist is not None:
+            wrong += int(round(tot_wrong))
+        else:
+            wrong += int((out_logits.detach().argmax(1) != y).sum())
         run.iteration += 1
         start += len(idx)
         bar.update(1)
@@ -370,10 +556,12 @@ def _train_epoch(run: _Run, epoch: int, metrics) -> dict[str, Any] | None:
     if run.diverged:
         return None
     t1 = time.perf_counter()
-    test_loss, test_error = evaluate(run.model, ds, device)
+    test_loss, test_error = evaluate(run.model, ds, device, run.dist)
     t_test = time.perf_counter() - t1
     run.elapsed += t_test
     tracker = run.tracker
+    if run.dist is not None and run.scope == "local":
+        tracker = _Values(_tracker_values(run))
     rec = {
         "type": "epoch", "epoch": epoch, "lr": lr, "batch_size": b0,
         "stage": int(run.schedule.stage(epoch)), "iterations": run.iteration,
@@ -389,6 +577,14 @@ def _train_epoch(run: _Run, epoch: int, metrics) -> dict[str, Any] | None:
     return rec
 
 
+class _Values:
+    """Attribute access to a dict of tracker values (the local scope's means over ranks)."""
+
+    def __init__(self, d: dict[str, Any]):
+        self.__dict__.update(d)
+        self.steps, self.skipped = d["measurements"], d["skipped_measurements"]
+
+
 def train(
     config: RunConfig,
     out_dir: str | os.PathLike,
@@ -399,6 +595,7 @@ def train(
     log=None,
     on_epoch_end=None,
     tensorboard: str | os.PathLike | None = None,
+    gram_scope: str | None = None,
 ) -> dict[str, Any]:
     """Train one run and write its outputs to ``out_dir``; returns the summary dict.
 
@@ -412,35 +609,64 @@ def train(
         on_epoch_end: optional callable ``(epoch, model, optimizer, record)`` run after each
             epoch's checkpoint (for tests and monitoring).
         tensorboard: a directory for TensorBoard scalars (:mod:`reference_training.board`).
+        gram_scope: data-parallel runs only (``torchrun``, see
+            :mod:`reference_training.distributed`): ``"global"`` (default) measures the Gram of
+            the global batch, the same on every rank, so C̄_K and L_K are those of the
+            single-process run with that batch size; ``"local"`` measures each rank's own
+            Gram (B/W rows) and writes the mean over ranks of every measured value. Ignored by
+            a single process.
+
+    Data-parallel, only rank 0 writes files (``config.json``, ``metrics.jsonl``, checkpoints,
+    ``summary.json``, TensorBoard) and logs; every rank reads the checkpoint on resume and every
+    rank returns the summary.
 
     Raises:
         FileExistsError: ``out_dir`` already holds a run and ``resume`` is False.
         ValueError: a bad configuration, or ``resume`` with a different configuration.
     """
     config.validate()
-    out = Path(out_dir)
+    if gram_scope is not None and gram_scope not in GRAM_SCOPES:
+        raise ValueError(f"gram_scope must be one of {GRAM_SCOPES}; received {gram_scope!r}.")
+    dist = context(config.device)
+    try:
+        return _train(config, Path(out_dir), resume=resume, quiet=quiet, dataset=dataset,
+                      log=log, on_epoch_end=on_epoch_end, tensorboard=tensorboard,
+                      dist=dist, scope=gram_scope or "global")
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _train(config: RunConfig, out: Path, *, resume, quiet, dataset, log, on_epoch_end,
+           tensorboard, dist: DistContext | None, scope: str) -> dict[str, Any]:
+    writer = dist is None or dist.is_writer
     out.mkdir(parents=True, exist_ok=True)
+    if not writer:
+        log, quiet, tensorboard = (lambda s: None), True, None
     if log is None:
         log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     finished = _check_resume(config, out, resume)
+    if dist is not None:
+        dist.barrier()          # every rank has looked at the folder before rank 0 writes to it
     if finished is not None:
         return finished
-    run = _build(config, out, dataset=dataset, log=log, quiet=quiet)
+    run = _build(config, out, dataset=dataset, log=log, quiet=quiet, dist=dist, scope=scope)
     cfg_path, met_path, sum_path, ckpt_path = run.paths
     if resume and ckpt_path.exists():
         _restore(run, ckpt_path)
-    if not cfg_path.exists() or not resume:
-        _atomic_write_text(cfg_path, json.dumps(config.to_dict(), indent=2) + "\n")
-    # Cut lines written after the last checkpoint (or everything, on a fresh start).
-    with open(met_path, "ab") as f:
-        f.truncate(run.offset)
+    if writer:
+        if not cfg_path.exists() or not resume:
+            _atomic_write_text(cfg_path, json.dumps(config.to_dict(), indent=2) + "\n")
+        # Cut lines written after the last checkpoint (or everything, on a fresh start).
+        with open(met_path, "ab") as f:
+            f.truncate(run.offset)
 
     if tensorboard is not None:
         from .board import Board
 
         run.board = Board(str(tensorboard), purge_step=run.iteration if run.iteration else None)
     run.model.train()
-    with open(met_path, "a") as metrics:
+    with (open(met_path, "a") if writer else _NullFile()) as metrics:
         for epoch in range(run.start_epoch, config.epochs):
             rec = _train_epoch(run, epoch, metrics)
             if rec is None:
@@ -450,8 +676,8 @@ def train(
             run.epochs_log.append({k: _json_value(v) for k, v in rec.items()})
             log(f"[{out.name}] epoch {epoch + 1}/{config.epochs} b={rec['batch_size']} "
                 f"lr={rec['lr']:g} train_err={rec['train_error']:.4f} "
-                f"test_err={rec['test_error']:.4f} C_bar={_fmt(run.tracker.C_bar)} "
-                f"L={_fmt(run.tracker.L)} ({rec['train_time_s'] + rec['test_time_s']:.1f}s)")
+                f"test_err={rec['test_error']:.4f} C_bar={_fmt(rec['C_bar'])} "
+                f"L={_fmt(rec['L'])} ({rec['train_time_s'] + rec['test_time_s']:.1f}s)")
             _checkpoint(run, epoch, metrics.tell())
             if run.board is not None:
                 run.board.epoch(rec)
@@ -461,7 +687,8 @@ def train(
     if run.board is not None:
         run.board.close()
     summary = _summary(run)
-    _atomic_write_text(sum_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    if writer:
+        _atomic_write_text(sum_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
 
 
@@ -471,6 +698,8 @@ def _fmt(v: float | None) -> str:
 
 def _summary(run: _Run) -> dict[str, Any]:
     config, tracker, epochs_log = run.config, run.tracker, run.epochs_log
+    if run.dist is not None and run.scope == "local":
+        tracker = _Values(_tracker_values(run))
     diverged = run.diverged
     last = epochs_log[-1] if epochs_log else {}
     test_errors = [e["test_error"] for e in epochs_log]
@@ -504,4 +733,6 @@ def _summary(run: _Run) -> dict[str, Any]:
         "train_time_s": run.train_elapsed,
         **({"decisions": [d._asdict() for d in run.schedule.policy.decisions]}
            if hasattr(run.schedule, "policy") else {}),
+        **({"distributed": {"world_size": run.dist.world_size, "gram_scope": run.scope,
+                            "backend": run.dist.backend}} if run.dist is not None else {}),
     }

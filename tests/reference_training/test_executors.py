@@ -55,3 +55,23 @@ def test_unknown_executor_and_cluster_are_refused(tiny_mnist_dir, tmp_path):
     import_backend("submitit")
     with pytest.raises(ValueError, match="cluster must be one of"):
         run_grid(runs, executor="slurm", cluster="pbs", root=tmp_path / "g")
+
+
+def test_nproc_launches_each_run_under_torchrun_and_is_checked(tiny_mnist_dir, tmp_path):
+    import sys
+
+    from reference_training.grid import _command
+
+    (run,) = _plan(tmp_path / "g", tiny_mnist_dir, lrs=(0.05,))
+    plain = _command(run, 1)
+    assert plain[:5] == [sys.executable, "-m", "reference_training", "run", "--resume"]
+    assert "--gram-scope" not in plain and "torch.distributed.run" not in plain
+    ddp = _command(run, 1, nproc=2, gram_scope="local")
+    assert ddp[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc_per_node", "2", "-m"]
+    assert ddp[7:] == plain[2:] + ["--gram-scope", "local"]
+    assert _command(run, 1, nproc=1, gram_scope="local") == plain   # one process: no DDP
+    with pytest.raises(ValueError, match="nproc must be an int >= 1.*received 0"):
+        run_grid([run], nproc=0)
+    with pytest.raises(ValueError, match="gram_scope must be"):
+        run_grid([run], nproc=2, gram_scope="world")
