@@ -62,7 +62,7 @@ def profile(model_name: str, batch: int, reps: int) -> dict:
     import keras
     import tensorflow as tf
 
-    from fimcore_adapters._tensorflow import conv, kernels
+    from fimcore_adapters._tensorflow import convps as conv, kernels
     from fimcore_adapters.tensorflow import GramModel
 
     from .bench_tensorflow import _batch, build

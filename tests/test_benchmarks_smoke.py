@@ -333,7 +333,7 @@ def test_tf_profile_stand_in_gives_the_conv_rules_batch_gradients(use_bias):
     import numpy as np
 
     from benchmarks.profile_tensorflow_layers import _batch_filter_rule
-    from fimcore_adapters._tensorflow import conv
+    from fimcore_adapters._tensorflow import convps as conv
 
     rng = np.random.default_rng(0)
     layer = keras.layers.Conv2D(5, 3, strides=2, padding="same", use_bias=use_bias)

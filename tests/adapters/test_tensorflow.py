@@ -220,7 +220,7 @@ def test_float32_convolutions_take_the_grouped_filter_gradient_and_match_the_loo
     CPU kernel exists for them, so the float64 tests above run the unfold), in one call or in
     batch chunks, and the unfold where the build has no grouped filter-gradient kernel:
     checked against the float64 loop on the same weights, within float32 rounding."""
-    from fimcore_adapters._tensorflow import conv as _conv
+    from fimcore_adapters._tensorflow import convps as _conv
 
     grouped = chunk_bytes != "no-grouped-kernel"
     if not grouped:
@@ -260,13 +260,13 @@ def test_float32_convolutions_take_the_grouped_filter_gradient_and_match_the_loo
     assert_close(gram, expected, rtol=1e-5)
 
 
-PROBE = "from fimcore_adapters._tensorflow import conv as _conv; print(_conv.grouped_filter_gradient_available())"
+PROBE = "from fimcore_adapters._tensorflow import convps as _conv; print(_conv.grouped_filter_gradient_available())"
 
 
 def test_grouped_filter_gradient_probe_follows_the_onednn_switch():
     """TensorFlow's own CPU kernel has no grouped filter gradient, oneDNN's has: the probe says so
     (this process runs with oneDNN on, see the root conftest.py; a fresh one with it off)."""
-    from fimcore_adapters._tensorflow import conv as _conv
+    from fimcore_adapters._tensorflow import convps as _conv
 
     if os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1":   # unless the caller switched it off
         assert _conv.grouped_filter_gradient_available()
@@ -282,7 +282,7 @@ def test_grouped_columns_in_uneven_chunks_equal_one_call_and_the_per_sample_loop
     sample's own kernel gradient (one tape per sample). All of it is float32 through different
     kernels: compared within the float32 rounding bound of a sum over the output positions
     (12 per sample, 60 for the batch gradient), from the same sums of |x|·|δ|."""
-    from fimcore_adapters._tensorflow import conv as _conv
+    from fimcore_adapters._tensorflow import convps as _conv
 
     if not _conv.grouped_filter_gradient_available():
         pytest.skip("this CPU's TensorFlow build has no grouped filter-gradient kernel (its oneDNN "

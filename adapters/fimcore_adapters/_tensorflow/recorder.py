@@ -21,7 +21,7 @@ from fimcore.layers import LayerRecord, PerLayerSink, Report, check_strategy
 from .._compat import LegacyReportList, deprecated
 from .._fisher import check_fisher_options
 # the rule modules register their layer types on import
-from . import (budget, conv, dense, embedding, generic, kernels, mirrored, norm,  # noqa: F401
+from . import (budget, convps, dense, embedding, generic, kernels, mirrored, norm,  # noqa: F401
                registry, sampled)
 from .budget import check_memory_budget
 from .select import resolve_params
