@@ -283,18 +283,14 @@ class ConvRule(_KernelBiasRule):
         return blocks
 
     def factored(self, layer, capture, deltas):
-        all_trainable = layer.kernel.trainable and (layer.bias is None or layer.bias.trainable)
-        if layer.groups != 1 or not all_trainable:
+        operands = self.factors(layer, capture, deltas)
+        if operands is None:
             return None
-        x, g = self._channels_last(layer, capture, deltas)
-        d_a = x.shape[-1] * math.prod(layer.kernel_size)
-        patches = self._patches(layer, x, g, capture["padding"])
-        a = tf.reshape(patches, tf.stack([tf.shape(patches)[0], -1, d_a]))
-        g = _tokens(g)
-        gram = kernels.factored_gram(a, g, bias=layer.bias is not None)
-        return gram, factor_grads(layer, a, g), "factored"
+        a, g, bias = operands
+        return kernels.factored_gram(a, g, bias=bias), factor_grads(layer, a, g), "factored"
 
     def factors(self, layer, capture, deltas):
+        """The factored operands ``(a, g, bias)`` of an ungrouped, fully trainable layer, else None."""
         all_trainable = layer.kernel.trainable and (layer.bias is None or layer.bias.trainable)
         if layer.groups != 1 or not all_trainable:
             return None
