@@ -481,7 +481,8 @@ class GramRecorder:
         return GramResult(gram=gram, grad_dtype=self.grad_dtype, batch_size=self.batch_size,
                           num_params=sum(p.numel() for p in selected.values()),
                           blocks=self.blocks() if self.keep_blocks else None,
-                          report=self.report(), loss_reduction=self.loss_reduction)
+                          report=self.report(), loss_reduction=self.loss_reduction,
+                          checked=True)  # G = Σ J Jᵀ formed here, its trace checked by gram()
 
     def report(self) -> Report:
         """Per-layer path taken in the last step and why (a list of :class:`LayerRecord`)."""
