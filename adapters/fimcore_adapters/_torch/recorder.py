@@ -9,6 +9,7 @@ from torch import nn
 
 from .._fisher import check_fisher_options
 from .cost import STRATEGIES
+from .outer import add_outer
 from .sampled import make_generator, output_cotangents, resolve_likelihood
 from .select import select_parameters
 from .uses import GradientTotal, UseTracker
@@ -626,7 +627,7 @@ class GramRecorder:
             J = J.reshape(J.shape[0], -1)
             if J.dtype != acc.dtype:
                 J = J.to(acc.dtype)
-            acc.addmm_(J, J.T)
+            add_outer(acc, J)
         self._mark(unit)
 
     def _add_gram(self, unit, K: torch.Tensor) -> None:
@@ -658,7 +659,7 @@ class GramRecorder:
         owner = self._param_units[id(p)][0]
         acc = self._acc(J, owner)
         J = J if J.dtype == acc.dtype else J.to(acc.dtype)
-        acc.addmm_(J, J.T)
+        add_outer(acc, J)
         self._mark(owner)
 
 
