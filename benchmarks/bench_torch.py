@@ -414,7 +414,8 @@ def arithmetic_floor(net, x, y) -> dict:
     count three times (forward, input gradient, weight gradient), except that the first layer
     to run needs no input gradient. Gram products of the path each layer took
     (``recorder.report()``): ``materialize`` B²·p (J Jᵀ; the per-sample gradients themselves
-    replace the weight gradient, Σ_i J_i being returned as it), ``factored``
+    replace the weight gradient, Σ_i J_i being returned as it; times (n+1)/2n where the adapter
+    forms it from n row blocks' lower triangle), ``factored``
     B²T²(d_a + d_g + 1), ``norm`` B²·p (the B × 2C affine rows). Norm layers' own arithmetic and
     the elementwise work of both steps are left out (small beside the GEMMs).
     """
@@ -458,8 +459,17 @@ def arithmetic_floor(net, x, y) -> dict:
             T, d_a, d_g = fan[rec.name]
             gram += float(B) ** 2 * T ** 2 * (d_a + d_g + 1)
         elif rec.path in ("materialize", "norm"):
-            gram += float(B) ** 2 * rec.params
+            gram += float(B) ** 2 * rec.params * _triangle_share(B, rec.params)
     return {"plain_macs": plain, "gram_macs": gram, "floor": 1.0 + gram / plain if plain else math.nan}
+
+
+def _triangle_share(batch: int, columns: int) -> float:
+    """Share of the full B²·p product that the adapter's block-triangle ``J Jᵀ`` computes."""
+    from fimcore_adapters._torch import outer
+
+    if batch < outer.MIN_BATCH or columns < outer.MIN_COLUMNS or outer.BLOCKS < 2:
+        return 1.0
+    return (outer.BLOCKS + 1) / (2 * outer.BLOCKS)
 
 
 def floor_job(model: str, batch_size: int, seed: int, threads: int | None = None) -> dict:
