@@ -55,6 +55,7 @@ def loop_reference(model, x, y):
 @pytest.mark.parametrize("chunk_bytes", [1, 2048])
 def test_chunked_per_sample_gradients_match_a_loop_over_two_steps(monkeypatch, method, chunk_bytes):
     monkeypatch.setattr(convps, "SAMPLE_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(convps, "CHUNK_ABOVE_BYTES", 0)
     torch.manual_seed(0)
     model = Net().double()
     x = torch.randn(B, 3, 8, 8, dtype=torch.float64)
@@ -78,8 +79,9 @@ def test_chunked_per_sample_gradients_match_a_loop_over_two_steps(monkeypatch, m
 
 def test_sample_chunk_bounds_and_workspace_reuse():
     spec = convps.ConvSpec(2, (3, 3), [1, 1], [1, 1], 1, 16, 16)
-    # 16 channels · 9 taps · 1024 positions · 4 bytes = 589,824 bytes per sample
+    # 16 channels · 9 taps · 1024 positions · 4 bytes = 589,824 bytes per sample: 75 MB at B = 128
     assert convps.sample_chunk(spec, 128, 1024, 4) == convps.SAMPLE_CHUNK_BYTES // 589_824
+    assert convps.sample_chunk(spec, 32, 1024, 4) == 32            # 18.9 MB: one call
     assert convps.sample_chunk(spec, 4, 1024, 4) == 4
     assert convps.sample_chunk(spec, 128, 10 ** 9, 8) == 1
     ws = convps.Workspace()

@@ -88,9 +88,20 @@ class Workspace:
         return buf[:n].view(shape)
 
 
+CHUNK_ABOVE_BYTES = 32 << 20
+"""The batch is split only when its whole patch matrix exceeds this (glibc's largest dynamic mmap
+threshold on 64-bit Linux, above which every step maps and faults in fresh pages). Below it one call
+over the batch is kept: with chunks at every size, ResNet-20 steps at B = 32 (no patch matrix above
+19 MB) measured ratios about 0.1 higher at two threads than with one call per layer (whole-step
+runs, not an isolated check)."""
+
+
 def sample_chunk(spec: ConvSpec, batch: int, positions: int, element_size: int) -> int:
-    """Samples per call whose patch matrix fits :data:`SAMPLE_CHUNK_BYTES` (at least 1, at most B)."""
+    """Samples per call: the whole batch unless its patch matrix exceeds :data:`CHUNK_ABOVE_BYTES`,
+    then as many as fit :data:`SAMPLE_CHUNK_BYTES` (at least 1)."""
     per = positions * (spec.in_channels // spec.groups) * spec.kernel_numel * element_size
+    if batch * per <= CHUNK_ABOVE_BYTES:
+        return batch
     return max(1, min(batch, SAMPLE_CHUNK_BYTES // max(per, 1)))
 
 
