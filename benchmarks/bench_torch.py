@@ -62,12 +62,14 @@ from benchmarks._torch_models import MODEL_LABELS, MODEL_NAMES
 METHOD_LABELS = {
     "fimcore": "fimcore `GramRecorder` (auto)",
     "fimcore-noeig": "fimcore `GramRecorder` (auto), G without its eigenvalues",
+    "fimcore-async": "fimcore `GramRecorder` (auto) + `MeasureTracker(asynchronous=True)` (c_k, I_k off the critical path)",
     "fimcore-factored": "fimcore (strategy=\"factored\")",
     "fimcore-materialize": "fimcore (strategy=\"materialize\")",
     "fimcore-generic": "fimcore (strategy=\"generic\")",
     "torch.func": "torch.func `vmap(grad)` + JJᵀ",
     "backpack": "BackPACK `BatchGrad` + JJᵀ",
     "opacus": "Opacus `GradSampleModule` + JJᵀ",
+    "torchjd": "TorchJD autogram `Engine` (Gramian of the per-sample losses) + second backward",
     "spectrum": "spectrum step alone (`fimcore.spectrum`)",
 }
 METHODS = tuple(METHOD_LABELS)
@@ -76,8 +78,9 @@ FORCED_STRATEGY_MODELS = ("resnet20-bn", "mlp")
 """Models on which the forced strategies run (forcing the factored form on large convolutions
 costs hours on 2 cores)."""
 
-TIME_TARGETS = {"resnet20-bn": 1.4, "resnet20-gn": 1.4, "mlp": 1.3, "cnn": 1.5}
-"""Issue 3's time targets for the adapter (auto), at B = 32 and B = 128."""
+TIME_TARGETS = {"resnet20-bn": 1.3, "resnet20-gn": 1.3, "mlp": 1.3, "cnn": 1.3}
+"""Time targets for the adapter's step with G and its eigenvalues (auto), at B = 32 and B = 128
+(earlier rounds: 1.4× on the ResNets, 1.5× on the CNN)."""
 
 MEMORY_TARGET_RATIO, MEMORY_TARGET_SMALL_MB, MEMORY_SMALL_PLAIN_MB = 1.3, 50.0, 50.0
 """Memory target: extra memory ≤ 1.3× the plain step's, or ≤ +50 MB where the plain step needs
@@ -93,7 +96,7 @@ itself is left out: as the ``-m`` main module it is re-run in each child, which 
 already imported). ``torch._dynamo`` is what a torch optimizer imports on construction (seconds).
 :func:`preload_for` adds what the chosen models and methods need."""
 _METHOD_MODULES = {"fimcore": "fimcore_adapters.torch", "torch.func": "torch.func",
-                   "backpack": "backpack", "opacus": "opacus"}
+                   "backpack": "backpack", "opacus": "opacus", "torchjd": "torchjd.autogram"}
 GRACE_SECONDS = 15.0
 """Allowance beyond the cap for a child's set-up (model construction, first-use costs)."""
 SPAWN_GRACE_SECONDS = 45.0
@@ -174,20 +177,30 @@ def _sum_of_grams(per_sample: list, scale: float = 1.0):
     return G if scale == 1.0 else G.mul_(scale)
 
 
-def _fimcore_step(model, x, y, strategy: str, notes: list, eigenvalues: bool = True):
+def _fimcore_step(model, x, y, strategy: str, notes: list, eigenvalues: bool = True,
+                  asynchronous: bool = False):
+    """The recorder's step; its eigenvalues as a user gets them by default: ``fimcore.spectrum``
+    of ``recorder.result()`` (a checked :class:`fimcore.GramResult`: the lean path). With
+    ``asynchronous``, ``MeasureTracker(asynchronous=True).update(recorder.result(), lr=...)``
+    instead (c_k and I_k on a worker thread while the next step runs)."""
     import torch.nn.functional as F
     from fimcore_adapters.torch import GramRecorder
 
+    import fimcore
+
     opt = _sgd(model)
     recorder = GramRecorder(model, loss_reduction="mean", strategy=strategy)
+    tracker = fimcore.MeasureTracker(asynchronous=True) if asynchronous else None
 
     def step():
         opt.zero_grad(set_to_none=True)
         with recorder:
             F.cross_entropy(model(x), y).backward()
         G = recorder.gram()
-        if eigenvalues:
-            _spectrum(G)
+        if tracker is not None:
+            tracker.update(recorder.result(), lr=LEARNING_RATE)
+        elif eigenvalues:
+            _spectrum(recorder.result())
         opt.step()
         if not notes and strategy == "auto" and eigenvalues:
             notes.append(str(recorder.report()))
@@ -305,6 +318,36 @@ def _opacus_step(model, x, y, notes: list):
     return step
 
 
+def _torchjd_step(model, x, y, notes: list):
+    """TorchJD's autogram ``Engine(model, batch_dim=0)``: the Gramian of the per-sample losses
+    ℓ_i (fimcore's G with ``loss_reduction="mean"``), then the second backward
+    ``losses.backward(1/B)`` that forms the mean gradient for SGD, and the eigenvalues."""
+    import torch
+    import torch.nn.functional as F
+    from torchjd.autogram import Engine
+
+    try:
+        engine = Engine(model, batch_dim=0)
+    except ValueError as err:  # BatchNorm (batch statistics) is refused with batch_dim=0
+        found = re.search(r"Found a module of type <class '([^']*)'>", str(err))
+        raise Refused(f"ValueError: {found.group(1).rsplit('.', 1)[-1] if found else str(err)[:80]} "
+                      "is incompatible with batch_dim=0") from None
+    opt = _sgd(model)
+    B = x.shape[0]
+    weights = torch.full((B,), 1.0 / B, dtype=torch.get_default_dtype())
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        G = engine.compute_gramian(losses)
+        losses.backward(weights)
+        _spectrum(G)
+        opt.step()
+        return G
+
+    return step
+
+
 def _spectrum_only(batch_size: int, seed: int):
     import torch
 
@@ -331,6 +374,10 @@ def method_step(method: str, model, x, y, *, seed: int = 0, notes: list | None =
         return plain_step(model, x, y)
     if method == "fimcore-noeig":
         return _fimcore_step(model, x, y, "auto", notes, eigenvalues=False)
+    if method == "fimcore-async":
+        return _fimcore_step(model, x, y, "auto", notes, asynchronous=True)
+    if method == "torchjd":
+        return _torchjd_step(model, x, y, notes)
     if method.startswith("fimcore"):
         return _fimcore_step(model, x, y, method.partition("-")[2] or "auto", notes)
     if method == "torch.func":
@@ -358,6 +405,77 @@ def reference_gram_job(model: str, batch_size: int, seed: int, threads: int | No
     with recorder:
         F.cross_entropy(net(x), y).backward()
     return recorder.gram().detach().double().cpu().numpy()
+
+
+def arithmetic_floor(net, x, y) -> dict:
+    """The arithmetic floor of the recorder's step: 1 + (Gram multiply-adds) / (plain step's).
+
+    Plain step: every Linear/Conv layer's forward multiply-adds F_l (output entries × fan-in)
+    count three times (forward, input gradient, weight gradient), except that the first layer
+    to run needs no input gradient. Gram products of the path each layer took
+    (``recorder.report()``): ``materialize`` B²·p (J Jᵀ; the per-sample gradients themselves
+    replace the weight gradient, Σ_i J_i being returned as it; times (n+1)/2n where the adapter
+    forms it from n row blocks' lower triangle), ``factored``
+    B²T²(d_a + d_g + 1), ``norm`` B²·p (the B × 2C affine rows). Norm layers' own arithmetic and
+    the elementwise work of both steps are left out (small beside the GEMMs).
+    """
+    import torch.nn.functional as F
+    from fimcore_adapters.torch import GramRecorder
+    from torch import nn
+
+    shapes, order = {}, []
+
+    def hook(name):
+        def record(module, args, out):
+            order.append(name)
+            shapes[name] = (module, args[0].shape, out.shape)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in net.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    recorder = GramRecorder(net, loss_reduction="mean")
+    try:
+        with recorder:
+            F.cross_entropy(net(x), y).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    B = x.shape[0]
+    plain = 0.0
+    fan = {}
+    for i, name in enumerate(dict.fromkeys(order)):
+        module, _, out_shape = shapes[name]
+        if isinstance(module, nn.Linear):
+            fan_in, d_out = module.in_features, module.out_features
+        else:
+            fan_in, d_out = module.in_channels // module.groups * math.prod(module.kernel_size), module.out_channels
+        fwd = float(math.prod(out_shape)) * fan_in
+        T = math.prod(out_shape) // (B * d_out)
+        fan[name] = (T, fan_in, d_out)
+        plain += fwd * (2 if i == 0 else 3)
+    gram = 0.0
+    for rec in recorder.report():
+        if rec.path == "factored" and rec.name in fan:
+            T, d_a, d_g = fan[rec.name]
+            gram += float(B) ** 2 * T ** 2 * (d_a + d_g + 1)
+        elif rec.path in ("materialize", "norm"):
+            gram += float(B) ** 2 * rec.params * _triangle_share(B, rec.params)
+    return {"plain_macs": plain, "gram_macs": gram, "floor": 1.0 + gram / plain if plain else math.nan}
+
+
+def _triangle_share(batch: int, columns: int) -> float:
+    """Share of the full B²·p product that the adapter's block-triangle ``J Jᵀ`` computes."""
+    from fimcore_adapters._torch import outer
+
+    if batch < outer.MIN_BATCH or columns < outer.MIN_COLUMNS or outer.BLOCKS < 2:
+        return 1.0
+    return (outer.BLOCKS + 1) / (2 * outer.BLOCKS)
+
+
+def floor_job(model: str, batch_size: int, seed: int, threads: int | None = None) -> dict:
+    """:func:`arithmetic_floor` of the benchmark model and batch (one recorded step)."""
+    net, x, y = _setup(model, batch_size, seed, threads)
+    return arithmetic_floor(net, x, y)
 
 
 def timing_job(model: str, batch_size: int, method: str, reps: int, cap_seconds: float,
@@ -433,6 +551,7 @@ class ConfigResult:
     detail: str = ""
     notes: list[str] = field(default_factory=list)
     faults: tuple = (None, None)   # median minor page faults per call: plain step, method's step
+    floor: dict | None = None      # arithmetic_floor of (model, B), on the fimcore rows
 
     @property
     def mem_ratio(self) -> float | None:
@@ -520,15 +639,26 @@ def run(models, batch_sizes, methods=METHODS, *, reps=DEFAULT_REPS, cap_seconds=
                             timeout=cap_seconds + grace, memory=True)
             plain_mem = pm.value["extra_mb"] if pm.status == "ok" else None
         plain_memory[(model, b)] = plain_mem
-        return reference, plain_mem
+        floor = None
+        if any(m.startswith("fimcore") for m in methods):
+            fl = runner.run("benchmarks.bench_torch:floor_job",
+                            dict(model=model, batch_size=b, seed=seed, threads=threads),
+                            timeout=cap_seconds + grace)
+            floor = fl.value if fl.status == "ok" else None
+            if floor is not None:
+                log(f"  {model} B={b}: arithmetic floor {floor['floor']:.3f}× "
+                    f"(Gram {floor['gram_macs']:.3g} / plain {floor['plain_macs']:.3g} MACs)")
+        return reference, plain_mem, floor
 
     def per_config(model, b, method, cell):
         nonlocal done
-        reference, plain_mem = cell
+        reference, plain_mem, floor = cell
         t0 = time.perf_counter()
         r = run_config(runner, model, b, method, reps=reps, cap_seconds=cap_seconds,
                        seed=seed, reference=reference, plain_mem=plain_mem, memory=memory,
                        threads=threads, grace=grace)
+        if method.startswith("fimcore"):
+            r.floor = floor
         done += 1
         shown = H.fmt_ratio(r.ratio) if r.status == "ok" else f"{r.status} ({r.detail})"
         log(f"[{done:3d}/{len(plan)}] {model} B={b} {method}: {shown} "
@@ -588,12 +718,18 @@ def _mem_cell(r: ConfigResult) -> str:
     return f"{r.mem_mb:.0f} MB" + (f" ({ratio:.2f}×)" if ratio is not None and r.plain_mem_mb >= 1 else "")
 
 
+def _floor_cell(r: ConfigResult) -> str:
+    if not r.floor:
+        return "–"
+    return f"{r.floor['floor']:.2f}× ({r.floor['gram_macs']:.2g} / {r.floor['plain_macs']:.2g})"
+
+
 def _err_cell(r: ConfigResult) -> str:
     return "–" if r.rel_err is None else f"{r.rel_err:.1e}"
 
 
 def _target_cell(r: ConfigResult) -> str:
-    if r.method != "fimcore" or r.model not in TIME_TARGETS:
+    if r.method not in ("fimcore", "fimcore-async") or r.model not in TIME_TARGETS:
         return ""
     return (f"time ≤ {TIME_TARGETS[r.model]}× {_time_mark(r)}; "
             f"memory {_mark(_mem_ok(r.mem_mb, r.plain_mem_mb))}")
@@ -621,21 +757,25 @@ def render(results: list[ConfigResult], plain_memory: dict, ref_notes: dict, *, 
             "(same batch, initial weights). Synthetic inputs; float32 models.", ""]
     targeted = [r for r in results if r.method == "fimcore" and r.model in TIME_TARGETS]
     if targeted:
-        out += ["## Targets of issue 3 (fimcore, strategy auto)", ""]
+        out += ["## Targets: step with G and its eigenvalues ≤ 1.3× the plain step (fimcore, strategy auto)", ""]
         rows = []
         for r in targeted:
             same = [x for x in results if (x.model, x.batch_size) == (r.model, r.batch_size)]
-            base = {x.method: _time_cell(x) for x in same if x.method in ("torch.func", "backpack", "opacus")}
+            base = {x.method: _time_cell(x) for x in same if x.method in ("torch.func", "backpack", "opacus", "torchjd")}
             g_only = next((x for x in same if x.method == "fimcore-noeig"), None)
             g_cell = "–" if g_only is None else _time_cell(g_only) + (
                 f" {_time_mark(g_only)}" if g_only.status == "ok" else "")
+            asy = next((x for x in same if x.method == "fimcore-async"), None)
+            asy_cell = "–" if asy is None else _time_cell(asy) + (
+                f" {_time_mark(asy)}" if asy.status == "ok" else "")
             rows.append([MODEL_LABELS[r.model], r.batch_size, f"≤ {TIME_TARGETS[r.model]}×", _time_cell(r),
-                         _time_mark(r), g_cell,
+                         _time_mark(r), g_cell, asy_cell, _floor_cell(r),
                          _mem_cell(r), f"{r.plain_mem_mb:.0f} MB" if r.plain_mem_mb is not None else "–",
                          _mark(_mem_ok(r.mem_mb, r.plain_mem_mb)),
                          "; ".join(f"{k} {v}" for k, v in base.items())])
         out += [H.markdown_table(["model", "B", "time target", "fimcore (auto), G + eigenvalues", "time met",
-                                  "G alone (no eigenvalues)", "extra memory",
+                                  "G alone (no eigenvalues)", "G + async MeasureTracker",
+                                  "arithmetic floor (1 + Gram MACs / plain MACs)", "extra memory",
                                   "plain step's", "memory ≤ 1.3× (or +50 MB) met", "baselines in this run"],
                                  rows), ""]
     for model in dict.fromkeys(r.model for r in results):
@@ -648,8 +788,12 @@ def render(results: list[ConfigResult], plain_memory: dict, ref_notes: dict, *, 
         out += [H.markdown_table(["B", "method", "plain (ms)", "with G (ms)", "time ratio",
                                   "page faults / step (plain / with G)", "extra memory",
                                   "rel. error of G", "target", "notes"], rows), ""]
+        floors = {x.batch_size: x.floor for x in results if x.model == model and x.floor}
         extra = [f"- B = {b}: plain step extra memory "
                  + (f"{plain_memory[(model, b)]:.0f} MB" if plain_memory.get((model, b)) is not None else "–")
+                 + (f"; arithmetic floor of the recorder's step {floors[b]['floor']:.3f}× (Gram products "
+                    f"{floors[b]['gram_macs']:.3g} MACs / plain step {floors[b]['plain_macs']:.3g} MACs)"
+                    if b in floors else "")
                  + (f"; {ref_notes[(model, b)]}" if (model, b) in ref_notes else "")
                  for (m, b) in plain_memory if m == model]
         out += extra + [""]

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("torch", "torch_sampled", "torch_large", "torch_large_densenet_b128", "jax", "jax_sampled", "tensorflow",
+ORDER = ("torch", "before_after", "torch_sampled", "torch_large", "torch_large_densenet_b128", "jax", "jax_sampled", "tensorflow",
          "tensorflow_sampled", "spectrum")
 HEADER = """# Benchmark results
 

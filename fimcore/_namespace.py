@@ -30,6 +30,7 @@ __all__ = [
     "check_positive_int",
     "check_positive_number",
     "check_real_floating",
+    "checked_symmetric",
     "compute_dtype",
     "default_int_dtype",
     "eps_of",
@@ -181,6 +182,32 @@ def validated_symmetric(
             f"diagonal entry {diag_min:.3e}. Pass the Gram G = J Jᵀ of per-sample gradients."
         )
     return sym, True
+
+
+def checked_symmetric(gram: Any, xp: Any) -> tuple[Any, bool | None]:
+    r"""The lean counterpart of :func:`validated_symmetric` for a Gram an adapter built.
+
+    An adapter forms :math:`G = \sum_l J_l J_l^\top` itself, so G is symmetric up to the
+    rounding of its products and its diagonal :math:`G_{ii} = \|J_i\|^2` is non-negative: those
+    checks are skipped. Finiteness is read off one scalar: for such a Gram
+    :math:`|G_{ij}| \le \sqrt{G_{ii}G_{jj}}` (Cauchy–Schwarz), so G is finite exactly when
+    :math:`\operatorname{Tr} G` is. The symmetric part returned is computed by the same
+    operations as in :func:`validated_symmetric`, so everything downstream gets the same numbers.
+
+    Returns:
+        ``(sym, finite)``; ``finite`` is None for a value traced by JAX.
+    """
+    sym, trace = jit_for(_symmetrised_trace, xp)(gram)
+    if not is_concrete(sym):
+        return sym, None
+    return sym, math.isfinite(host_scalar(trace))
+
+
+def _symmetrised_trace(gram: Any, *, xp: Any) -> tuple[Any, Any]:
+    """((G + Gᵀ)/2 in the compute dtype, Tr G), the symmetric part as :func:`_symmetrised_stats`
+    forms it."""
+    g = xp.astype(gram, compute_dtype(xp), copy=False)
+    return symmetrise(g, xp=xp), xp.sum(xp.linalg.diagonal(g))
 
 
 def host_scalar(value: Any) -> float:

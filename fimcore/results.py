@@ -29,6 +29,13 @@ class GramResult:
             when per-layer blocks were not kept.
         report: the per-layer :class:`fimcore.layers.Report` (path taken, why, share of Tr G).
         loss_reduction: ``"mean"`` (G scaled by :math:`B^2`) or ``"sum"``.
+        checked: True when an adapter formed G as :math:`\sum_l J_l J_l^\top` itself: G is then
+            symmetric up to rounding and has a non-negative diagonal by construction, and the core
+            skips re-validating it (:func:`fimcore.spectrum` and
+            :meth:`fimcore.MeasureTracker.update` read its finiteness off :math:`\operatorname{Tr} G`
+            alone, since :math:`|G_{ij}| \le \sqrt{G_{ii}G_{jj}}`). Leave it False for a Gram
+            assembled by other means: it is then checked in full. The numbers computed from G are
+            the same either way.
 
     Example:
         >>> import numpy as np
@@ -45,6 +52,7 @@ class GramResult:
     blocks: dict[str, Any] | None = None
     report: Any = None
     loss_reduction: str = "mean"
+    checked: bool = False
 
     def __array__(self, dtype=None, copy=None):  # numpy.asarray(result) gives the Gram
         import numpy as np

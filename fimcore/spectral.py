@@ -37,6 +37,7 @@ import array_api_compat
 
 from ._namespace import (
     check_gram,
+    checked_symmetric,
     check_nonnegative_number,
     check_positive_int,
     compute_dtype,
@@ -50,6 +51,7 @@ from ._namespace import (
 )
 
 from .rank import Resolution, legacy, resolved
+from .results import GramResult
 
 __all__ = [
     "default_rtol",
@@ -108,7 +110,10 @@ def spectrum(gram: Any, /, *, xp: Any = None) -> Any:
     r"""Eigenvalues of a Gram matrix, ascending, in float64, clamped at 0.
 
     Args:
-        gram: symmetric (B, B) Gram matrix :math:`G = J J^\top` of any array library.
+        gram: symmetric (B, B) Gram matrix :math:`G = J J^\top` of any array library, or a
+            :class:`fimcore.GramResult`. One an adapter marked ``checked`` takes the lean path:
+            no symmetry, diagonal or entry-wise finiteness pass (finiteness is read off
+            :math:`\operatorname{Tr} G`), the same eigenvalues.
         xp: array namespace; resolved from ``gram`` when None.
 
     Returns:
@@ -126,9 +131,21 @@ def spectrum(gram: Any, /, *, xp: Any = None) -> Any:
         >>> spectrum(np.array([[2.0, 1.0], [1.0, 2.0]]))
         array([1., 3.])
     """
+    checked = isinstance(gram, GramResult) and gram.checked
+    if isinstance(gram, GramResult):
+        gram = gram.gram
     xp = resolve_namespace(gram, xp=xp)
     check_gram(gram, xp)
-    sym, _ = validated_symmetric(gram, xp)
+    if checked:
+        sym, finite = checked_symmetric(gram, xp)
+        if finite is False:
+            raise ValueError(
+                "gram must be finite; received a Gram with NaN or inf entries (its trace is "
+                "not finite). Check the loss and gradients for overflow (lower the learning "
+                "rate, use float64), or skip this step's measurement."
+            )
+    else:
+        sym, _ = validated_symmetric(gram, xp)
     return jit_for(_eigs, xp)(sym)
 
 

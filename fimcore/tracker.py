@@ -37,15 +37,23 @@ from __future__ import annotations
 
 import math
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from ._namespace import host_scalar, is_concrete, jit_for, resolve_namespace, validated_symmetric
+from ._namespace import (
+    checked_symmetric,
+    host_scalar,
+    is_concrete,
+    jit_for,
+    resolve_namespace,
+    validated_symmetric,
+)
 from .measures import STEP_STATIC, check_options, resolve_statistics, update_statistics
 from .record import Measurement
 from .results import GramResult
 from .stats.base import statistic_from_config, to_host
 
-__all__ = ["MeasureTracker"]
+__all__ = ["MeasureTracker", "PendingMeasurement"]
 
 ON_NONFINITE = ("raise", "skip")
 #: state_dict formats this release reads (/1: 0.1.0; /2: before statistics were composable)
@@ -69,6 +77,16 @@ class MeasureTracker:
             ``finite=False``.
         keep_history: keep every :class:`Measurement` in ``history`` (and in
             ``state_dict()``).
+        asynchronous: compute each step's statistics (the eigen-solves) on one worker
+            thread while the caller's next training step runs. :meth:`update` then validates
+            its arguments and the Gram, hands the symmetric float64 Gram to the worker and
+            returns a :class:`PendingMeasurement`; the measurement is resolved when it is read
+            (any attribute of the returned record, or any property, ``history``,
+            ``state_dict()``, :meth:`wait`) and at the next :meth:`update`, which waits for the
+            previous step first (at most one step in flight). The numbers are those of the
+            synchronous tracker: the same operations on the same inputs, in the same order. An
+            error raised while computing a step (e.g. ``on_nonfinite="raise"`` under
+            ``jax_debug_nans``) is raised where the step is resolved.
 
     Raises:
         ValueError: on an unknown ``on_nonfinite``, an ``rtol`` outside [0, 1), or both
@@ -88,7 +106,7 @@ class MeasureTracker:
 
     def __init__(
         self, *, rtol: float | None = None, statistics: Any = None, on_nonfinite: str = "raise",
-        keep_history: bool = True,
+        keep_history: bool = True, asynchronous: bool = False,
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(
@@ -98,6 +116,9 @@ class MeasureTracker:
         self.statistics = resolve_statistics(statistics, rtol)
         self.on_nonfinite = on_nonfinite
         self.keep_history = bool(keep_history)
+        self.asynchronous = bool(asynchronous)
+        self._pending: Future | None = None
+        self._executor: ThreadPoolExecutor | None = getattr(self, "_executor", None)
         self._reset()
 
     @property
@@ -106,7 +127,17 @@ class MeasureTracker:
         cond = self._by_name.get("condition")
         return None if cond is None else cond.rtol
 
+    def wait(self) -> None:
+        """Resolve the step in flight (``asynchronous=True``); re-raise an error it raised.
+
+        A no-op for a synchronous tracker or when nothing is pending.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     def _reset(self) -> None:
+        self.wait()
         self._by_name = {s.name: s for s in self.statistics}
         self._steps = self._nonfinite = 0
         self._states = tuple(s.init() for s in self.statistics)
@@ -145,11 +176,14 @@ class MeasureTracker:
                 ``on_nonfinite="raise"`` — a Gram with NaN/inf (the message names step k).
             TypeError: on a non-floating dtype or a non-array Gram.
         """
+        self.wait()
+        checked = False
         if isinstance(gram, GramResult):
             grad_dtype = gram.grad_dtype if grad_dtype is None else grad_dtype
             batch_size = gram.batch_size if batch_size is None else batch_size
             num_params = gram.num_params if num_params is None else num_params
             blocks = gram.blocks if blocks is None else blocks
+            checked = gram.checked
             gram = gram.gram
         xp = resolve_namespace(gram)
         opts = check_options(gram, xp, lr=lr, weight=weight, batch_size=batch_size,
@@ -160,13 +194,28 @@ class MeasureTracker:
                 "MeasureTracker.update needs a concrete Gram; received a value traced by a "
                 "JAX transformation. Use measure_init/measure_update inside jax.jit."
             )
-        sym, finite = validated_symmetric(gram, xp, where=f"at step k={k}", allow_nonfinite=True)
+        if checked:   # built by an adapter: symmetric, non-negative diagonal; Tr G tells finiteness
+            sym, finite = checked_symmetric(gram, xp)
+        else:
+            sym, finite = validated_symmetric(gram, xp, where=f"at step k={k}",
+                                              allow_nonfinite=True)
         if not finite and self.on_nonfinite == "raise":
             raise ValueError(
                 f"the Gram at step k={k} must be finite; received NaN or inf entries. Check "
                 "the loss and gradients for overflow (lower the learning rate, use float64), "
                 "or construct MeasureTracker(on_nonfinite='skip') to count and skip such steps."
             )
+        args = (k, xp, sym, finite, lr, weight, blocks, opts)
+        if not self.asynchronous:
+            return self._compute(*args)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix="fimcore-MeasureTracker")
+        self._pending = self._executor.submit(self._compute, *args)
+        return PendingMeasurement(self._pending)
+
+    def _compute(self, k, xp, sym, finite, lr, weight, blocks, opts) -> Measurement:
+        """The statistics of step k from its symmetric Gram (the caller's thread or the worker)."""
         compute = jit_for(update_statistics, xp, static=STEP_STATIC)
         states, _ = compute(self._states, sym, lr, weight, blocks, statistics=self.statistics,
                             symmetric=True, **opts)
@@ -182,9 +231,11 @@ class MeasureTracker:
         return record
 
     def _field(self, statistic: str, field: str) -> Any:
+        self.wait()
         return self._last.get(statistic, {}).get(field)
 
     def _state(self, statistic: str) -> Any:
+        self.wait()
         for s, st in zip(self.statistics, self._states):
             if s.name == statistic:
                 return st
@@ -216,6 +267,7 @@ class MeasureTracker:
     @property
     def steps(self) -> int:
         """Number of updates recorded (including skipped ones)."""
+        self.wait()
         return self._steps
 
     @property
@@ -233,6 +285,7 @@ class MeasureTracker:
     @property
     def nonfinite(self) -> int:
         """Skipped steps whose Gram held NaN or inf."""
+        self.wait()
         return self._nonfinite
 
     @property
@@ -253,15 +306,18 @@ class MeasureTracker:
     @property
     def history(self) -> tuple[Measurement, ...]:
         """All records so far (empty with ``keep_history=False``)."""
+        self.wait()
         return tuple(self._history)
 
     @property
     def last(self) -> dict[str, dict[str, Any]]:
         """The last record's fields keyed by statistic (the running values before any step)."""
+        self.wait()
         return {name: dict(v) for name, v in self._last.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable snapshot (plain ints, floats, lists, dicts, None)."""
+        self.wait()
         return {
             "format": FORMAT,
             "on_nonfinite": self.on_nonfinite,
@@ -282,6 +338,7 @@ class MeasureTracker:
             ValueError: if ``state`` is not a MeasureTracker state dict, or names a statistic
                 that is not registered.
         """
+        self.wait()
         if not isinstance(state, dict) or state.get("format") not in FORMATS:
             raise ValueError(
                 "state must be a dict returned by MeasureTracker.state_dict() (format "
@@ -292,12 +349,13 @@ class MeasureTracker:
         if state["format"] == FORMAT:
             stats = [statistic_from_config(d["name"], d["config"]) for d in state["statistics"]]
             self.__init__(statistics=stats, on_nonfinite=state["on_nonfinite"],
-                          keep_history=state["keep_history"])
+                          keep_history=state["keep_history"], asynchronous=self.asynchronous)
             self._states = tuple(_state_of_json(s.init(), d["state"])
                                  for s, d in zip(self.statistics, state["statistics"]))
         else:
             self.__init__(rtol=state["rtol"], on_nonfinite=state["on_nonfinite"],
-                          keep_history=state.get("keep_history", True))
+                          keep_history=state.get("keep_history", True),
+                          asynchronous=self.asynchronous)
             self._states = _states_of_flat(self.statistics, state)
         self._steps = int(state["steps"])
         self._nonfinite = int(state["nonfinite"])
@@ -305,9 +363,39 @@ class MeasureTracker:
         self._history = [Measurement.from_dict(d) for d in state.get("history", [])]
 
     def __repr__(self) -> str:
+        self.wait()
         return (f"MeasureTracker(steps={self._steps}, C_bar={self.C_bar}, "
                 f"C_bar_jacobian={self.C_bar_jacobian}, L={self.L}, skipped={self.skipped}, "
                 f"resolution_limited={self.resolution_limited})")
+
+
+class PendingMeasurement:
+    """The :class:`Measurement` of a step an asynchronous :class:`MeasureTracker` is computing.
+
+    Reading any field (``m.c_k``, ``m.k``, ``m.to_dict()``...) waits for the step and reads it
+    from the resolved record; :meth:`result` returns that record.
+    """
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Future) -> None:
+        self._future = future
+
+    def result(self) -> Measurement:
+        """The resolved :class:`Measurement` (waits for the worker; re-raises its error)."""
+        return self._future.result()
+
+    def done(self) -> bool:
+        """Whether the step has been computed (or failed)."""
+        return self._future.done()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.result(), name)
+
+    def __repr__(self) -> str:
+        return f"PendingMeasurement({self.result()!r})" if self.done() else "PendingMeasurement(<pending>)"
 
 
 def _json_state(state: Any) -> Any:

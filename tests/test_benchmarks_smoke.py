@@ -321,6 +321,28 @@ def test_bench_ddp_runs_one_tiny_two_rank_configuration():
     assert row.startswith("| 2 | MLP 784-512-256-10 | 8 (4/rank) |") and "×**" in row
 
 
+def test_bench_torch_torchjd_and_async_rows_and_the_arithmetic_floor(tmp_path):
+    import_backend("torch")
+    from benchmarks import bench_torch
+
+    out = tmp_path / "torch.md"
+    code = bench_torch.main(["--models", "mlp", "--batch-sizes", "4", "--methods", "fimcore", "fimcore-async",
+                             "torchjd", "--reps", "1", "--cap-seconds", "60", "--threads", "1",
+                             "--no-memory", "--output", str(out)])
+    assert code == 0
+    text = out.read_text()
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in text.splitlines()
+            if line.startswith("| 4 | ")}
+    assert set(rows) == {bench_torch.METHOD_LABELS[m] for m in ("fimcore", "fimcore-async", "torchjd")}
+    # TorchJD's Gramian of the per-sample losses is fimcore's G (mean reduction) in float32
+    assert float(rows[bench_torch.METHOD_LABELS["torchjd"]][7]) < 1e-4
+    # the floor: 1 + B²(Σ widths of the three dense layers, factored) / plain step's multiply-adds
+    B, widths = 4, [(784, 512), (512, 256), (256, 10)]
+    gram = sum(B * B * (a + g + 1) for a, g in widths)
+    plain = sum(B * a * g * (2 if i == 0 else 3) for i, (a, g) in enumerate(widths))
+    assert f"arithmetic floor of the recorder's step {1 + gram / plain:.3f}×" in text
+
+
 # ---- the TensorFlow per-layer profile: its ablation is a valid plain step --------------------
 
 

@@ -39,7 +39,7 @@ def grid_headers(ratio_header: str) -> list[str]:
 def run_timing_grid(runner: "IsolatedRunner", module: str, *, model_labels: dict, method_labels: dict,
                     models: Sequence[str], methods: Sequence[str], batch_sizes: Sequence[int],
                     reps: int, cap_seconds: float, memory: bool, target: float,
-                    targeted: Callable[[str], bool] = lambda method: True, target_batch: int = 128,
+                    targeted: Callable[[str], bool] = lambda method: True, target_batch: int | None = 128,
                     timing_slack: float = 300.0, memory_timeout: float = 600.0,
                     log: Callable[[str], None] = lambda s: print(s, flush=True)) -> tuple[list, list]:
     """Memory and interleaved timing of every (model, B, method), each in its own child.
@@ -48,7 +48,8 @@ def run_timing_grid(runner: "IsolatedRunner", module: str, *, model_labels: dict
     ``{"extra_mb": …}`` and ``timing_job(model, batch_size, method, reps, cap_seconds)``
     returning ``{"plain", "step", "ratio", "reps", "capped"}``. Memory is measured for the plain
     step and every method except the ``*-noeig`` ones (same memory as their method); ratios of
-    ``targeted`` methods at ``target_batch`` are marked against ``target`` by :func:`target_mark`
+    ``targeted`` methods at ``target_batch`` (every B when None) are marked against ``target`` by
+    :func:`target_mark`
     (✓/✗ only when the interquartile range printed beside the ratio is on one side of it).
 
     Returns:
@@ -78,7 +79,7 @@ def run_timing_grid(runner: "IsolatedRunner", module: str, *, model_labels: dict
         v = r.value
         spread = fmt_spread(v.get("q1", math.nan), v.get("q3", math.nan))
         mark = (" " + target_mark(v.get("q1", math.nan), v.get("q3", math.nan), target)
-                if b == target_batch and targeted(method) else "")
+                if target_batch in (None, b) and targeted(method) else "")
         m = mem.get(method)
         rows.append([model_labels[model], b, method_labels[method], fmt_ms(v["plain"]),
                      fmt_ms(v["step"]), fmt_ratio(v["ratio"]) + spread + mark,

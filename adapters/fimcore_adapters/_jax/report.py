@@ -75,4 +75,5 @@ class StepInfo:
                              f"{[r.name for r in self.records]}; received {sorted(blocks)}.")
         return GramResult(gram=gram, grad_dtype=self.grad_dtype, batch_size=self.batch_size,
                           num_params=self.num_params, blocks=None if blocks is None else dict(blocks),
-                          report=self.report(blocks), loss_reduction="mean")
+                          report=self.report(blocks), loss_reduction="mean",
+                          checked=True)  # the adapter's Σ J Jᵀ: the core reads finiteness off Tr G

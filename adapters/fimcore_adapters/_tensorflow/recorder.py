@@ -280,7 +280,8 @@ class GramTape:
         blocks = None if last["blocks"] is None else {k: v.numpy() for k, v in last["blocks"].items()}
         return GramResult(gram=last["gram"].numpy(), grad_dtype=np.dtype(self.grad_dtype.as_numpy_dtype),
                           batch_size=int(last["gram"].shape[0]), num_params=last["num_params"],
-                          blocks=blocks, report=self.report(), loss_reduction=last["reduction"])
+                          blocks=blocks, report=self.report(), loss_reduction=last["reduction"],
+                          checked=True)  # the tape's Σ J Jᵀ: the core reads finiteness off Tr G
 
     # ----------------------------------------------------------------- recording
 

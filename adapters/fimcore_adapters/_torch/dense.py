@@ -54,6 +54,14 @@ def factored_sum(acc: torch.Tensor, A: torch.Tensor, G: torch.Tensor, budget: in
         acc[i0:i1] += KA.view(k, i1 - i0, T, B, T).sum(dim=(0, 2, 4))
 
 
+def _workspace(rec) -> convps.Workspace:
+    """The recorder's shared buffer for per-sample convolution gradients (made on first use)."""
+    ws = rec.__dict__.get("_conv_workspace")
+    if ws is None:
+        ws = rec.__dict__["_conv_workspace"] = convps.Workspace()
+    return ws
+
+
 def _batch_sum(J: torch.Tensor) -> torch.Tensor:
     """Σ_i J_i (the batch weight gradient) as a matrix-vector product (faster than ``sum(0)``)."""
     B = J.shape[0]
@@ -336,8 +344,13 @@ class ConvUnit(Unit):
                 per_channel = B * (spec.in_channels // spec.groups) * spec.kernel_numel * x.element_size()
                 parts = []
                 gw = x.new_empty(m.weight.shape) if need_w else None
+                chunk = convps.sample_chunk(spec, B, T, x.element_size())
                 for o0, o1 in convps.channel_chunks(spec, per_channel, rec.memory_budget):
-                    J = convps.per_sample(method, x, go, spec, padding, o0, o1)
+                    shape = convps.per_sample_shape(method, B, spec, o0, o1)
+                    # one recorder-wide buffer, unless the gradients are kept for a later use
+                    J = (x.new_empty(shape) if multi else
+                         _workspace(rec).take(shape, x.dtype, x.device))
+                    convps.per_sample_into(J, method, x, go, spec, padding, o0, o1, chunk)
                     if multi:
                         parts.append(convps.weight_layout(J, method, spec, o1 - o0))
                     else:

@@ -10,6 +10,7 @@ from torch import nn
 from .._fisher import check_fisher_options
 from .cost import STRATEGIES
 from .distributed import GlobalGather, resolve_scope, unwrap_ddp
+from .outer import add_outer
 from .sampled import make_generator, output_cotangents, resolve_likelihood
 from .select import select_parameters
 from .uses import GradientTotal, UseTracker
@@ -538,7 +539,8 @@ class GramRecorder:
         return GramResult(gram=gram, grad_dtype=self.grad_dtype, batch_size=self.batch_size,
                           num_params=sum(p.numel() for p in selected.values()),
                           blocks=self.blocks() if self.keep_blocks else None,
-                          report=self.report(), loss_reduction=self.loss_reduction)
+                          report=self.report(), loss_reduction=self.loss_reduction,
+                          checked=True)  # G = Σ J Jᵀ formed here, its trace checked by gram()
 
     def report(self) -> Report:
         """Per-layer path taken in the last step and why (a list of :class:`LayerRecord`)."""
@@ -717,7 +719,7 @@ class GramRecorder:
             J = J.reshape(J.shape[0], -1)
             if J.dtype != acc.dtype:
                 J = J.to(acc.dtype)
-            acc.addmm_(J, J.T)
+            add_outer(acc, J)
         self._mark(unit)
 
     def _add_gram(self, unit, K: torch.Tensor) -> None:
@@ -752,7 +754,7 @@ class GramRecorder:
             return
         acc = self._acc(J, owner)
         J = J if J.dtype == acc.dtype else J.to(acc.dtype)
-        acc.addmm_(J, J.T)
+        add_outer(acc, J)
         self._mark(owner)
 
 
