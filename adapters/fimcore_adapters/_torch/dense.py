@@ -347,8 +347,10 @@ class ConvUnit(Unit):
                 chunk = convps.sample_chunk(spec, B, T, x.element_size())
                 for o0, o1 in convps.channel_chunks(spec, per_channel, rec.memory_budget):
                     shape = convps.per_sample_shape(method, B, spec, o0, o1)
-                    # one recorder-wide buffer, unless the gradients are kept for a later use
-                    J = (x.new_empty(shape) if multi else
+                    # one recorder-wide buffer, unless the gradients are kept for a later use or
+                    # handed to the asynchronous all-gather of scope="global" (which reads them
+                    # after the next layer would have overwritten a shared buffer)
+                    J = (x.new_empty(shape) if multi or rec._gather is not None else
                          _workspace(rec).take(shape, x.dtype, x.device))
                     convps.per_sample_into(J, method, x, go, spec, padding, o0, o1, chunk)
                     if multi:
