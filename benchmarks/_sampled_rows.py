@@ -111,12 +111,7 @@ def interleaved_group(steps: dict[str, Callable[[], Any]], *, reps: int, cap_sec
     """
     if not steps:
         raise ValueError("steps must name at least one callable; received an empty dict.")
-    if reps < 1:
-        raise ValueError(f"reps must be at least 1; received {reps}. Ask for ≥ 5 for a median.")
-    if not cap_seconds > 0:
-        raise ValueError(f"cap_seconds must be positive; received {cap_seconds}.")
-    if not min_rep_seconds >= 0:
-        raise ValueError(f"min_rep_seconds must be >= 0; received {min_rep_seconds}.")
+    H.timing.check_timing_args(reps, cap_seconds, min_rep_seconds)
 
     def run(fn: Callable[[], Any], n: int) -> float:
         t0 = clock()

@@ -46,6 +46,16 @@ class PairedTimes:
         return median_ratio(self.baseline, self.candidate)
 
 
+def check_timing_args(reps: int, cap_seconds: float, min_rep_seconds: float) -> None:
+    """Refuse timing settings no measurement can honour (shared by the paired timers)."""
+    if reps < 1:
+        raise ValueError(f"reps must be at least 1; received {reps}. Ask for ≥ 5 for a median.")
+    if not cap_seconds > 0:
+        raise ValueError(f"cap_seconds must be positive; received {cap_seconds}.")
+    if not min_rep_seconds >= 0:
+        raise ValueError(f"min_rep_seconds must be >= 0; received {min_rep_seconds}.")
+
+
 def median_ratio(baseline: Sequence[float], candidate: Sequence[float]) -> float:
     """Median of the paired ratios ``candidate[i] / baseline[i]``.
 
@@ -200,12 +210,7 @@ def interleaved_times(
         >>> t.reps, t.capped
         (3, False)
     """
-    if reps < 1:
-        raise ValueError(f"reps must be at least 1; received {reps}. Ask for ≥ 5 for a median.")
-    if not cap_seconds > 0:
-        raise ValueError(f"cap_seconds must be positive; received {cap_seconds}.")
-    if not min_rep_seconds >= 0:
-        raise ValueError(f"min_rep_seconds must be >= 0; received {min_rep_seconds}.")
+    check_timing_args(reps, cap_seconds, min_rep_seconds)
     out = PairedTimes()
     start = clock()
     warm_pair = 0.0
